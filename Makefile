@@ -1,0 +1,34 @@
+# One command sets up a fresh machine and runs the tests: `make test` (CI runs exactly that).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= ort,torch,nvml,provision,dev
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-all lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
+	touch $@
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/mypy
+
+# Fast suite: everything but the `slow` (AOTInductor compile matrices) and `gpu` markers.
+test: lint
+	$(VENV)/bin/pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+# Everything this machine can run (GPU tests skip themselves without CUDA).
+test-all: lint
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench runtime
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,172 @@
+"""Streaming sha256, ``.sha256`` sidecars and atomic artifact writes.
+
+An artifact is committed as: write to a temp file in the same directory, fsync it, ``os.replace`` it to
+its final name, then the same for its sidecar, then fsync the directory. The sidecar is written last, so a
+valid sidecar implies a complete artifact; a crash in between leaves an artifact whose sidecar is missing
+or stale, which the engine gate refuses (fail-closed) and the next build replaces.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import EngineHashMismatchError, EngineSidecarMissingError
+
+SIDECAR_SUFFIX = ".sha256"
+TEMP_PREFIX = ".navcache-tmp-"
+_CHUNK = 1 << 20
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+def sha256_file(path: Path | str, chunk_size: int = _CHUNK) -> str:
+    """sha256 of a file, read in fixed-size chunks into one reused buffer (never the whole file)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as handle:
+        while True:
+            n = handle.readinto(buffer)
+            if not n:
+                break
+            digest.update(view[:n])
+    return digest.hexdigest()
+
+
+def sidecar_path(path: Path | str) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def temp_path_for(final: Path) -> Path:
+    """A unique temp path beside ``final`` that keeps its name as suffix (tools infer formats from it)."""
+    return final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}")
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _replace_durably(tmp: Path, final: Path) -> None:
+    fsync_file(tmp)
+    os.replace(tmp, final)
+
+
+def read_sidecar(path: Path | str) -> str:
+    """The digest recorded for ``path``; raises if the sidecar is missing or malformed."""
+    side = sidecar_path(path)
+    try:
+        with open(side, "rb") as handle:
+            raw = handle.read(1024)  # bounded: a sidecar is 64 hex chars
+    except FileNotFoundError:
+        raise EngineSidecarMissingError(
+            f"{Path(path).name} has no {SIDECAR_SUFFIX} sidecar, so it cannot be trusted",
+            hint="rebuild the artifact (compile_engine writes it with its sidecar)",
+            path=side,
+        ) from None
+    text = raw.decode("ascii", errors="replace").strip()
+    if not _HEX64.fullmatch(text):
+        raise EngineHashMismatchError(
+            f"sidecar {side.name} is malformed (expected 64 lowercase hex characters)",
+            hint="rebuild the artifact",
+            path=side,
+        )
+    return text
+
+
+def verify_artifact(path: Path | str) -> str:
+    """Stream-hash ``path`` and compare with its sidecar; return the digest when they match."""
+    path = Path(path)
+    expected = read_sidecar(path)
+    try:
+        actual = sha256_file(path)
+    except FileNotFoundError:
+        raise EngineHashMismatchError(f"{path.name} is missing but its sidecar exists", path=path) from None
+    if actual != expected:
+        raise EngineHashMismatchError(
+            f"{path.name} does not match its sidecar (sha256 {actual[:12]}… != {expected[:12]}…): "
+            "tampered, truncated or corrupt",
+            hint="delete it and rebuild, or re-provision the cache",
+            path=path,
+        )
+    return actual
+
+
+def commit_artifact(tmp: Path, final: Path) -> str:
+    """Hash ``tmp``, move it to ``final`` and write its sidecar, all atomically. Returns the digest."""
+    digest = sha256_file(tmp)
+    side_tmp = temp_path_for(sidecar_path(final))
+    try:
+        _replace_durably(tmp, final)
+        side_tmp.write_text(digest, encoding="ascii")
+        _replace_durably(side_tmp, sidecar_path(final))
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            side_tmp.unlink()
+    fsync_dir(final.parent)
+    return digest
+
+
+@contextlib.contextmanager
+def staged_artifact(final: Path | str) -> Iterator[Path]:
+    """Yield a temp path beside ``final``; the caller writes it; on clean exit it is committed with its
+    sidecar, on error it is removed and nothing at ``final`` changes. Use :func:`write_artifact` when
+    the bytes are already in memory.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FileNotFoundError(f"the builder wrote nothing to {tmp}")
+        commit_artifact(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_artifact(final: Path | str, data: bytes) -> str:
+    """Atomically write ``data`` to ``final`` with its sidecar; return the digest."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        return commit_artifact(tmp, final)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def atomic_write_bytes(final: Path | str, data: bytes) -> None:
+    """Atomically replace ``final`` with ``data`` (no sidecar): for caches such as TensorRT timing caches."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        _replace_durably(tmp, final)
+        fsync_dir(final.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
