@@ -26,7 +26,7 @@ RUNTIME_EXTENSION: dict[str, str] = {label: ext for ext, label in EXTENSIONS.ite
 SOURCE_DIGEST_LEN = 16
 CONFIG_DIGEST_LEN = 8
 
-_MODEL = r"[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?!_))*"
+_MODEL = r"[A-Za-z0-9](?:[A-Za-z0-9.\-]|_(?=[A-Za-z0-9.\-]))*"  # single "_" inside only
 _VERSION = r"\d+(?:\.\d+)*"
 _SLUG = r"[a-z0-9](?:[a-z0-9.\-]*[a-z0-9])?"
 # (HostFields attribute, token prefix, value pattern) in filename order.
