@@ -43,8 +43,9 @@ class TinyModel:
         return {"image": rng.standard_normal((batch, 3, self.size, self.size), dtype=np.float32)}
 
     def build_config(self, precision: str = "fp32", **kwargs: object) -> BuildConfig:
-        profile = InputProfile("image", (1, 3, self.size, self.size), (4, 3, self.size, self.size),
-                               (16, 3, self.size, self.size))
+        profile = InputProfile(
+            "image", (1, 3, self.size, self.size), (4, 3, self.size, self.size), (16, 3, self.size, self.size)
+        )
         return BuildConfig(precision=precision, input_shapes=(profile,), **kwargs)  # type: ignore[arg-type]
 
     def reference(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -69,8 +70,12 @@ def model_copy(tiny_model: TinyModel, tmp_path: Path) -> TinyModel:
     """A private copy of the model files, safe to modify in a test."""
     src = tmp_path / "src"
     src.mkdir()
-    return TinyModel(onnx=Path(shutil.copy(tiny_model.onnx, src)), pt2=Path(shutil.copy(tiny_model.pt2, src)),
-                     size=tiny_model.size, descriptor_dim=tiny_model.descriptor_dim)
+    return TinyModel(
+        onnx=Path(shutil.copy(tiny_model.onnx, src)),
+        pt2=Path(shutil.copy(tiny_model.pt2, src)),
+        size=tiny_model.size,
+        descriptor_dim=tiny_model.descriptor_dim,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,8 @@ def test_runtime_compiles_loads_and_refuses_tampering_without_the_provisioning_s
 ) -> None:
     engines = tmp_path / "engines"
     np.save(tmp_path / "x.npy", tiny_model.inputs(3)["image"])
-    result = run_json(f"""
+    result = run_json(
+        f"""
         import json, sys
         from pathlib import Path
         import numpy as np
@@ -36,14 +37,17 @@ def test_runtime_compiles_loads_and_refuses_tampering_without_the_provisioning_s
             refused = type(exc).__name__
         blocked_loaded = sorted(m for m in {list(BLOCKED)!r} if m in sys.modules)
         print(json.dumps({{"refused": refused, "blocked_loaded": blocked_loaded}}))
-    """, blocked=BLOCKED)
+    """,
+        blocked=BLOCKED,
+    )
     assert result == {"refused": "EngineHashMismatchError", "blocked_loaded": []}
     out = np.load(tmp_path / "y.npy")
     np.testing.assert_allclose(out, tiny_model.reference({"image": np.load(tmp_path / "x.npy")}), atol=1e-5)
 
 
 def test_blocking_really_blocks() -> None:
-    result = run_json("""
+    result = run_json(
+        """
         import json
         try:
             import onnx
@@ -51,6 +55,8 @@ def test_blocking_really_blocks() -> None:
         except ModuleNotFoundError:
             ok = False
         print(json.dumps({"onnx_importable": ok}))
-    """, blocked=("onnx",))
+    """,
+        blocked=("onnx",),
+    )
     assert result == {"onnx_importable": False}
     assert nr.RUNTIME_LABELS  # the parent process is unaffected

@@ -11,8 +11,9 @@ from tests.support.isolation import run_json
 
 
 def test_unknown_label_is_rejected_at_load_listing_valid_values() -> None:
-    with pytest.raises(nr.RuntimeConfigError, match="unknown runtime 'openvino'; valid values: tensorrt, onnx_trt_ep, "
-                                                    "pytorch_fp16"):
+    with pytest.raises(
+        nr.RuntimeConfigError, match="unknown runtime 'openvino'; valid values: tensorrt, onnx_trt_ep, pytorch_fp16"
+    ):
         nr.load_runtime_config({"runtime": "openvino"})
 
 
@@ -48,8 +49,9 @@ def test_factory_honours_the_configured_label(tmp_path: Path, this_host: nr.Host
 
 def test_factory_raises_when_the_strategy_library_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
     real = importlib.util.find_spec
-    monkeypatch.setattr(factory.importlib.util, "find_spec",
-                        lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    monkeypatch.setattr(
+        factory.importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a)
+    )
     with pytest.raises(nr.RuntimeNotAvailableError, match="runtime 'onnx_trt_ep' needs the 'onnxruntime'") as caught:
         nr.build_inference_runtime({"runtime": "onnx_trt_ep"})
     assert caught.value.hint is not None and "navcache[ort]" in caught.value.hint

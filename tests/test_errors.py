@@ -7,8 +7,14 @@ import navcache_runtime as nr
 
 def test_the_contract_names_nine_error_types() -> None:
     assert [e.__name__ for e in nr.CONTRACT_ERRORS] == [
-        "EngineBuildError", "EngineDeserializeError", "EngineHashMismatchError", "EngineSchemaMismatchError",
-        "EngineSidecarMissingError", "CalibrationCacheError", "InferenceError", "OutOfMemoryError",
+        "EngineBuildError",
+        "EngineDeserializeError",
+        "EngineHashMismatchError",
+        "EngineSchemaMismatchError",
+        "EngineSidecarMissingError",
+        "CalibrationCacheError",
+        "InferenceError",
+        "OutOfMemoryError",
         "TelemetryUnavailableError",
     ]
 
@@ -23,7 +29,7 @@ def test_family_base_catches_every_subtype(error_type: type[nr.InferenceRuntimeE
 
 
 def test_family_base_does_not_catch_unrelated_errors() -> None:
-    with pytest.raises(ValueError):  # noqa: PT012 - the inner handler must not swallow it
+    with pytest.raises(ValueError):  # the inner handler must not swallow it
         try:
             raise ValueError("unrelated")
         except nr.InferenceRuntimeError:  # pragma: no cover - must not happen

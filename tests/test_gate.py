@@ -52,8 +52,9 @@ def test_admitting_an_entry_checks_its_recorded_digest(engine: Path) -> None:
         (HostFields(cpu_isa="avx2"), "GPU SM 87"),
     ],
 )
-def test_an_engine_for_other_hardware_is_refused_naming_the_field(engine: Path, host: HostFields,
-                                                                   complaint: str) -> None:
+def test_an_engine_for_other_hardware_is_refused_naming_the_field(
+    engine: Path, host: HostFields, complaint: str
+) -> None:
     with pytest.raises(EngineSchemaMismatchError, match=complaint):
         EngineGate(host, "tensorrt").admit(engine)
 

@@ -34,9 +34,17 @@ def test_original_schema_parses_into_its_fields() -> None:
 
 
 def test_device_and_isa_are_slugged_and_digests_shortened() -> None:
-    name = EngineName("vpr", "fp16", "engine", HostFields(sm="90", trt="10.3", device="NVIDIA H100 80GB HBM3"),
-                      source="ab" * 32, config="cd" * 32)
-    assert name.filename == "vpr__sm90_trt10.3_fp16__dev-nvidia-h100-80gb-hbm3__src-abababababababab__cfg-cdcdcdcd.engine"
+    name = EngineName(
+        "vpr",
+        "fp16",
+        "engine",
+        HostFields(sm="90", trt="10.3", device="NVIDIA H100 80GB HBM3"),
+        source="ab" * 32,
+        config="cd" * 32,
+    )
+    assert name.filename == (
+        "vpr__sm90_trt10.3_fp16__dev-nvidia-h100-80gb-hbm3__src-abababababababab__cfg-cdcdcdcd.engine"
+    )
 
 
 @pytest.mark.parametrize(
@@ -66,16 +74,25 @@ _maybe = st.one_of(st.none(), _versions)
 
 @given(
     model=st.from_regex(r"[A-Za-z0-9]([A-Za-z0-9.\-]|_(?!_)){0,20}", fullmatch=True).filter(
-        lambda m: "__" not in m and not m.endswith("_")),
-    host=st.builds(HostFields, sm=st.one_of(st.none(), st.integers(10, 120).map(str)), jetpack=_maybe, trt=_maybe,
-                   ort=_maybe, torch=_maybe, cpu_isa=st.one_of(st.none(), st.sampled_from(["avx2", "avx512", "neon"])),
-                   device=st.one_of(st.none(), st.sampled_from(["nvidia-h100", "jetson-agx-orin"]))),
+        lambda m: "__" not in m and not m.endswith("_")
+    ),
+    host=st.builds(
+        HostFields,
+        sm=st.one_of(st.none(), st.integers(10, 120).map(str)),
+        jetpack=_maybe,
+        trt=_maybe,
+        ort=_maybe,
+        torch=_maybe,
+        cpu_isa=st.one_of(st.none(), st.sampled_from(["avx2", "avx512", "neon"])),
+        device=st.one_of(st.none(), st.sampled_from(["nvidia-h100", "jetson-agx-orin"])),
+    ),
     precision=st.sampled_from(["fp32", "fp16", "int8"]),
     ext=st.sampled_from(["engine", "onnx", "pt2"]),
     source=st.one_of(st.none(), st.text("0123456789abcdef", min_size=16, max_size=16)),
     eager=st.booleans(),
 )
-def test_any_valid_name_round_trips(model: str, host: HostFields, precision: str, ext: str, source: str | None,
-                                    eager: bool) -> None:
+def test_any_valid_name_round_trips(
+    model: str, host: HostFields, precision: str, ext: str, source: str | None, eager: bool
+) -> None:
     name = EngineName(model, precision, ext, host, source=source, eager=eager)  # type: ignore[arg-type]
     assert parse_engine_name(name.filename) == name

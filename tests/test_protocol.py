@@ -36,10 +36,14 @@ def test_the_onnxruntime_strategy_conforms(tmp_path: Path) -> None:
 
 
 def test_thermal_state_without_any_source_raises_the_typed_error(tmp_path: Path) -> None:
-    runtime = nr.build_inference_runtime({
-        "runtime": "onnx_trt_ep", "engine_dir": str(tmp_path), "thermal_sysfs_root": str(tmp_path / "no-sysfs"),
-        "thermal_poll_hz": 0,
-    })
+    runtime = nr.build_inference_runtime(
+        {
+            "runtime": "onnx_trt_ep",
+            "engine_dir": str(tmp_path),
+            "thermal_sysfs_root": str(tmp_path / "no-sysfs"),
+            "thermal_poll_hz": 0,
+        }
+    )
     pytest.importorskip("pynvml")
     try:
         import pynvml

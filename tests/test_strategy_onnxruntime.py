@@ -27,8 +27,9 @@ def compiled(tiny_model: TinyModel, tmp_path: Path) -> tuple[nr.InferenceRuntime
     return runtime, runtime.compile_engine(tiny_model.onnx, tiny_model.build_config())
 
 
-def test_compile_writes_a_cpu_tied_optimized_model_with_sidecar(compiled, tiny_model: TinyModel,
-                                                                this_host: nr.HostFields) -> None:
+def test_compile_writes_a_cpu_tied_optimized_model_with_sidecar(
+    compiled, tiny_model: TinyModel, this_host: nr.HostFields
+) -> None:
     _, entry = compiled
     name = nr.parse_engine_name(entry.path.name)
     assert name.host == nr.HostFields(ort=this_host.ort, cpu_isa=this_host.cpu_isa)
@@ -85,8 +86,11 @@ def test_float64_inputs_are_cast_and_bad_inputs_are_refused(compiled, tiny_model
     runtime, entry = compiled
     handle = runtime.deserialize_engine(entry)
     x = tiny_model.inputs(2)["image"]
-    np.testing.assert_allclose(runtime.infer(handle, {"image": x.astype(np.float64)})["descriptor"],
-                               runtime.infer(handle, {"image": x})["descriptor"], atol=1e-6)
+    np.testing.assert_allclose(
+        runtime.infer(handle, {"image": x.astype(np.float64)})["descriptor"],
+        runtime.infer(handle, {"image": x})["descriptor"],
+        atol=1e-6,
+    )
     with pytest.raises(nr.InferenceError, match=r"missing \['image'\], unknown \['img'\]"):
         runtime.infer(handle, {"img": x})
     with pytest.raises(nr.InferenceError, match="rank 3"):
@@ -115,8 +119,10 @@ def test_tampering_one_byte_makes_the_gate_refuse(compiled) -> None:
 def test_an_artifact_for_another_cpu_isa_is_refused(compiled, this_host: nr.HostFields) -> None:
     _, entry = compiled
     other_isa = "avx512" if this_host.cpu_isa != "avx512" else "avx2"
-    runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(entry.path.parent)},
-                                         host=nr.HostFields(**{**this_host.__dict__, "cpu_isa": other_isa}))
+    runtime = nr.build_inference_runtime(
+        {"runtime": "onnx_trt_ep", "engine_dir": str(entry.path.parent)},
+        host=nr.HostFields(**{**this_host.__dict__, "cpu_isa": other_isa}),
+    )
     with pytest.raises(nr.EngineSchemaMismatchError, match=f"CPU ISA {this_host.cpu_isa} in the name but {other_isa}"):
         runtime.deserialize_engine(entry)
 
@@ -126,8 +132,9 @@ def test_silent_provider_fallback_is_detected_reported_and_named_for_what_ran(
 ) -> None:
     # Pretend this ORT build lists CUDA (as onnxruntime-gpu does on a host without a usable GPU); ORT then
     # really falls back to CPU at session creation, only warning through Python's warnings module.
-    monkeypatch.setattr(ort_strategy.ort, "get_available_providers",
-                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(
+        ort_strategy.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
     runtime = _runtime(tmp_path / "engines")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)

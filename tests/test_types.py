@@ -9,8 +9,14 @@ from navcache_runtime import BuildConfig, EngineCacheEntry, HostFields, InputPro
 
 
 def _entry() -> EngineCacheEntry:
-    return EngineCacheEntry(path=Path("a.onnx"), sha256="0" * 64, model_name="a", precision="fp32",
-                            runtime_label="onnx_trt_ep", host=HostFields(ort="1.32.0"))
+    return EngineCacheEntry(
+        path=Path("a.onnx"),
+        sha256="0" * 64,
+        model_name="a",
+        precision="fp32",
+        runtime_label="onnx_trt_ep",
+        host=HostFields(ort="1.32.0"),
+    )
 
 
 @pytest.mark.parametrize(

@@ -45,10 +45,14 @@ class RuntimeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise RuntimeConfigError(f"{name} must be a non-negative integer, got {value!r}")
-        if isinstance(self.compile_failure_threshold, bool) or not isinstance(self.compile_failure_threshold, int) \
-                or self.compile_failure_threshold < 1:
+        if (
+            isinstance(self.compile_failure_threshold, bool)
+            or not isinstance(self.compile_failure_threshold, int)
+            or self.compile_failure_threshold < 1
+        ):
             raise RuntimeConfigError(
-                f"compile_failure_threshold must be a positive integer, got {self.compile_failure_threshold!r}")
+                f"compile_failure_threshold must be a positive integer, got {self.compile_failure_threshold!r}"
+            )
 
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> RuntimeConfig:

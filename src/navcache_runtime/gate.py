@@ -17,8 +17,15 @@ from .naming import EngineName, parse_engine_name
 from .types import EngineCacheEntry, HostFields, RuntimeLabel
 
 _VERSION_FIELDS = {"jetpack", "trt", "ort", "torch"}
-_LABELS = {"sm": "GPU SM", "jetpack": "JetPack", "trt": "TensorRT", "ort": "ONNX Runtime",
-           "torch": "PyTorch", "cpu_isa": "CPU ISA", "device": "device model"}
+_LABELS = {
+    "sm": "GPU SM",
+    "jetpack": "JetPack",
+    "trt": "TensorRT",
+    "ort": "ONNX Runtime",
+    "torch": "PyTorch",
+    "cpu_isa": "CPU ISA",
+    "device": "device model",
+}
 
 
 def _version_matches(pinned: str, actual: str) -> bool:
@@ -86,8 +93,9 @@ class EngineGate:
         path = entry.path if entry else Path(target)  # type: ignore[arg-type]
         self.check_name(path)
         if not path.is_file():
-            raise EngineDeserializeError(f"engine artifact {path} does not exist", path=path,
-                                         hint="re-provision the cache")
+            raise EngineDeserializeError(
+                f"engine artifact {path} does not exist", path=path, hint="re-provision the cache"
+            )
         digest = verify_artifact(path)
         if entry is None:
             return entry_from_artifact(path)

@@ -34,7 +34,13 @@ L4T_TO_JETPACK: dict[str, str] = {
     "32.7": "4.6.1",
 }
 # Jetson modules have no NVML on older JetPacks: map the device-tree model to the GPU's SM.
-JETSON_SM: tuple[tuple[str, str], ...] = (("thor", "110"), ("orin", "87"), ("xavier", "72"), ("nano", "53"), ("tx2", "62"))
+JETSON_SM: tuple[tuple[str, str], ...] = (
+    ("thor", "110"),
+    ("orin", "87"),
+    ("xavier", "72"),
+    ("nano", "53"),
+    ("tx2", "62"),
+)
 
 _DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
     "trt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt-lean", "tensorrt_lean"),

@@ -15,7 +15,7 @@ Extensions: ``.engine`` (TensorRT), ``.onnx`` (ONNX Runtime optimized / EP-conte
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from .errors import EngineSchemaMismatchError
 from .types import PRECISIONS, HostFields, Precision, RuntimeLabel
@@ -61,7 +61,7 @@ class EngineName:
     model: str
     precision: Precision
     ext: str
-    host: HostFields = HostFields()
+    host: HostFields = field(default_factory=HostFields)
     source: str | None = None
     config: str | None = None
     eager: bool = False

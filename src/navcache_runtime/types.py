@@ -105,13 +105,16 @@ class BuildConfig:
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate input names in the shape profile: {names}")
         object.__setattr__(self, "input_shapes", profiles)
-        if isinstance(self.workspace_mib, bool) or not isinstance(self.workspace_mib, int) or self.workspace_mib < 1:
+        workspace = self.workspace_mib
+        if isinstance(workspace, bool) or not isinstance(workspace, int) or workspace < 1:
             raise ValueError(f"workspace_mib must be a positive integer, got {self.workspace_mib!r}")
         options: Any = self.builder_options
         items = options.items() if isinstance(options, Mapping) else options
         normalized = tuple(sorted((str(k), v) for k, v in items))
         for key, value in normalized:
-            if not isinstance(value, (str, int, float, bool)) or (isinstance(value, float) and not math.isfinite(value)):
+            if not isinstance(value, (str, int, float, bool)) or (
+                isinstance(value, float) and not math.isfinite(value)
+            ):
                 raise ValueError(f"builder option {key!r} must be a string, integer, finite float or bool")
         object.__setattr__(self, "builder_options", normalized)
         if self.calibration_cache is not None:

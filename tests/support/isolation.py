@@ -23,14 +23,16 @@ sys.meta_path.insert(0, _Blocker())
 """
 
 
-def run_python(code: str, *, blocked: tuple[str, ...] = (), env: dict[str, str] | None = None,
-               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_python(
+    code: str, *, blocked: tuple[str, ...] = (), env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     script = _PRELUDE.format(blocked=sorted(blocked)) + textwrap.dedent(code)
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=full_env, timeout=timeout, check=False
+    )
 
 
 def run_json(code: str, **kwargs: object) -> dict:

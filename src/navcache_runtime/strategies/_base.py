@@ -60,8 +60,9 @@ class RuntimeBase:
     @staticmethod
     def source_digest(source: Path) -> str:
         if not source.is_file():
-            raise EngineBuildError(f"source model {source} does not exist", path=source,
-                                   hint="check the model path in the configuration")
+            raise EngineBuildError(
+                f"source model {source} does not exist", path=source, hint="check the model path in the configuration"
+            )
         return sha256_file(source)
 
     @staticmethod

@@ -47,16 +47,26 @@ PREFERENCE = (TRT_EP, CUDA_EP, CPU_EP)
 _ALIASES = {"tensorrt": TRT_EP, "trt": TRT_EP, "cuda": CUDA_EP, "cpu": CPU_EP}
 
 # Every exception type ORT's Python binding raises (they derive from Exception, not RuntimeError).
-ORT_ERRORS: tuple[type[BaseException], ...] = tuple(
-    cls for name in dir(ort_state)
-    if isinstance(cls := getattr(ort_state, name), type) and issubclass(cls, Exception)
-    and cls.__module__ == ort_state.__name__
-) + (RuntimeError,)
+ORT_ERRORS: tuple[type[BaseException], ...] = (
+    *(
+        cls
+        for name in dir(ort_state)
+        if isinstance(cls := getattr(ort_state, name), type)
+        and issubclass(cls, Exception)
+        and cls.__module__ == ort_state.__name__
+    ),
+    RuntimeError,
+)
 
 _NP_TYPES = {
-    "tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
-    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,
+    "tensor(uint8)": np.uint8,
+    "tensor(bool)": np.bool_,
 }
 
 
@@ -147,12 +157,16 @@ class OnnxRuntime(RuntimeBase):
             return HostFields(sm=host.sm, jetpack=host.jetpack, ort=host.ort, device=host.device)
         return HostFields(ort=host.ort, cpu_isa=host.cpu_isa)
 
-    def _check_fallback(self, asked: list[str], got: list[str], what: str, error: type[InferenceRuntimeError]) -> str | None:
+    def _check_fallback(
+        self, asked: list[str], got: list[str], what: str, error: type[InferenceRuntimeError]
+    ) -> str | None:
         """Compare the providers a session really uses with the ones asked for."""
         if asked and asked[0] in got:
             return None
-        message = (f"{what}: ONNX Runtime fell back from {asked[0]} to {got[0] if got else 'nothing'} "
-                   f"(session providers {got})")
+        message = (
+            f"{what}: ONNX Runtime fell back from {asked[0]} to {got[0] if got else 'nothing'} "
+            f"(session providers {got})"
+        )
         if self.config.strict_providers:
             raise error(message, hint="install the provider's libraries (CUDA, cuDNN, TensorRT) or allow CPU")
         log.warning("%s", message)
@@ -198,17 +212,28 @@ class OnnxRuntime(RuntimeBase):
             raise
         except ORT_ERRORS as exc:
             cls = OutOfMemoryError if _is_oom(exc) else EngineBuildError
-            raise cls(f"ONNX Runtime could not compile {onnx_path.name}: {exc}", path=onnx_path,
-                      hint="check that the file is a valid ONNX model for this opset") from exc
+            raise cls(
+                f"ONNX Runtime could not compile {onnx_path.name}: {exc}",
+                path=onnx_path,
+                hint="check that the file is a valid ONNX model for this opset",
+            ) from exc
         finally:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
         duration = time.perf_counter() - started
         log.info("compiled %s with %s in %.2fs -> %s", onnx_path.name, used[0], duration, final.name)
         return EngineCacheEntry(
-            path=final, sha256=sha, model_name=name.model, precision=build_config.precision,
-            runtime_label=self.label, host=name.host, source_digest=name.source, config_digest=name.config,
-            compile_duration_s=duration, providers=tuple(used), notes=(note,) if note else (),
+            path=final,
+            sha256=sha,
+            model_name=name.model,
+            precision=build_config.precision,
+            runtime_label=self.label,
+            host=name.host,
+            source_digest=name.source,
+            config_digest=name.config,
+            compile_duration_s=duration,
+            providers=tuple(used),
+            notes=(note,) if note else (),
         )
 
     def _load_source(self, onnx_path: Path, build_config: BuildConfig, primary: str) -> str | bytes:
@@ -219,8 +244,10 @@ class OnnxRuntime(RuntimeBase):
             import onnx
             from onnxruntime.transformers.float16 import convert_float_to_float16
         except ImportError as exc:
-            raise EngineBuildError("fp16 with the CUDA provider needs the 'onnx' package to convert the model",
-                                   hint="pip install onnx (provisioning hosts have it)") from exc
+            raise EngineBuildError(
+                "fp16 with the CUDA provider needs the 'onnx' package to convert the model",
+                hint="pip install onnx (provisioning hosts have it)",
+            ) from exc
         model = convert_float_to_float16(onnx.load(str(onnx_path)), keep_io_types=True)
         return bytes(model.SerializeToString())
 
@@ -228,7 +255,9 @@ class OnnxRuntime(RuntimeBase):
         options = self._session_options(ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
         options.optimized_model_filepath = str(tmp)
         session = ort.InferenceSession(
-            self._load_source(onnx_path, build_config, plan[0]), options, providers=plan,
+            self._load_source(onnx_path, build_config, plan[0]),
+            options,
+            providers=plan,
             provider_options=[self._provider_options(p, build_config) for p in plan],
         )
         used = list(session.get_providers())
@@ -243,8 +272,12 @@ class OnnxRuntime(RuntimeBase):
         # Embedded mode: the TensorRT engine lives inside the artifact, so one sidecar covers it.
         ort.ModelCompiler(options, str(onnx_path), embed_compiled_data_into_model=True).compile_to_file(str(tmp))
         # Open the compiled model once to learn which providers really took it.
-        check = ort.InferenceSession(str(tmp), self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
-                                     providers=plan, provider_options=[self._provider_options(p, None) for p in plan])
+        check = ort.InferenceSession(
+            str(tmp),
+            self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+            providers=plan,
+            provider_options=[self._provider_options(p, None) for p in plan],
+        )
         used = list(check.get_providers())
         del check
         return used
@@ -262,17 +295,25 @@ class OnnxRuntime(RuntimeBase):
         if asked[0] in missing:
             raise EngineDeserializeError(
                 f"{entry.path.name} was compiled for {asked[0]}, which this ONNX Runtime build does not have",
-                hint="install onnxruntime-gpu (with TensorRT for EP-context models)", path=entry.path,
+                hint="install onnxruntime-gpu (with TensorRT for EP-context models)",
+                path=entry.path,
             )
         # The artifact is already optimised (or is an EP-context model): loading must not redo that work.
         options = self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
-            session = ort.InferenceSession(str(entry.path), options, providers=asked,
-                                           provider_options=[self._provider_options(p, None) for p in asked])
+            session = ort.InferenceSession(
+                str(entry.path),
+                options,
+                providers=asked,
+                provider_options=[self._provider_options(p, None) for p in asked],
+            )
         except ORT_ERRORS as exc:
             cls = OutOfMemoryError if _is_oom(exc) else EngineDeserializeError
-            raise cls(f"ONNX Runtime could not load {entry.path.name}: {exc}", path=entry.path,
-                      hint="rebuild the engine on this host") from exc
+            raise cls(
+                f"ONNX Runtime could not load {entry.path.name}: {exc}",
+                path=entry.path,
+                hint="rebuild the engine on this host",
+            ) from exc
         used = list(session.get_providers())
         note = self._check_fallback(asked, used, f"loading {entry.path.name}", EngineDeserializeError)
         inputs = session.get_inputs()

@@ -1,0 +1,88 @@
+"""Shared benchmark plumbing: machine description, timing statistics, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+RESULTS_DIR = Path(__file__).parent / "results"
+LIBRARIES = ("numpy", "onnxruntime", "onnxruntime-gpu", "torch", "tensorrt", "faiss-cpu", "prefect")
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for lib in LIBRARIES:
+        try:
+            versions[lib] = metadata.version(lib)
+        except metadata.PackageNotFoundError:
+            continue
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu, "python": platform.python_version(), "versions": versions}
+
+
+@dataclass(frozen=True)
+class Stats:
+    n: int
+    mean_ms: float
+    p50_ms: float
+    p99_ms: float
+    min_ms: float
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> Stats:
+        ms = sorted(s * 1000 for s in seconds)
+        p99 = ms[min(len(ms) - 1, round(0.99 * (len(ms) - 1)))]
+        return cls(len(ms), statistics.fmean(ms), statistics.median(ms), p99, ms[0])
+
+
+def timed(fn: Callable[[], Any], repeat: int) -> tuple[Stats, Any]:
+    samples, result = [], None
+    for _ in range(repeat):
+        started = time.perf_counter()
+        result = fn()
+        samples.append(time.perf_counter() - started)
+    return Stats.of(samples), result
+
+
+def write_result(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
+    path.write_text(json.dumps({"benchmark": name, "at": stamp, "machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in header:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row))
+    Console().print(table)
