@@ -85,3 +85,12 @@ def test_thermal_state_reports_hottest_zone() -> None:
     state = ThermalState(zones=(ZoneReading("cpu", 41.5), ZoneReading("gpu", 63.0, 95.0)), throttled=False)
     assert state.max_temp_c == 63.0
     assert ThermalState(zones=(), throttled=False).max_temp_c is None
+
+
+def test_a_regenerated_calibration_table_changes_the_digest(tmp_path) -> None:
+    table = tmp_path / "calib.cache"
+    table.write_bytes(b"TRT-1001-EntropyCalibration2\nimage: 3c010a14\n")
+    config = BuildConfig(precision="int8", calibration_cache=table)
+    before = config.digest()
+    table.write_bytes(b"TRT-1001-EntropyCalibration2\nimage: 3c020b15\n")
+    assert config.digest() != before

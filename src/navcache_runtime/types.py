@@ -82,6 +82,16 @@ def _as_profile(name: str, spec: Any) -> InputProfile:
     return InputProfile.fixed(name, seq)
 
 
+def _calibration_identity(path: Path | None) -> str | None:
+    """A regenerated INT8 table under the same name must change the engine's identity: hash its bytes."""
+    if path is None:
+        return None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return f"unreadable:{path.name}"  # the strategy reports the missing table when it builds
+
+
 @dataclass(frozen=True)
 class BuildConfig:
     """How to compile one model. ``input_shapes`` keeps the caller's input order (it is the call order)."""
@@ -135,7 +145,7 @@ class BuildConfig:
             "inputs": [[p.name, list(p.min), list(p.opt), list(p.max)] for p in self.input_shapes],
             "workspace_mib": self.workspace_mib,
             "options": [[k, v] for k, v in self.builder_options],
-            "calibration": self.calibration_cache.name if self.calibration_cache else None,
+            "calibration": _calibration_identity(self.calibration_cache),
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
