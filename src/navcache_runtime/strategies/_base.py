@@ -94,6 +94,23 @@ class RuntimeBase:
     def artifact_path(self, name: EngineName) -> Path:
         return self.config.engine_dir / name.filename
 
+    # -- predicting the artifact without compiling (compile-or-reuse) ----------------------------
+    def resolve_source(self, source: Path) -> Path:
+        """The file this strategy really compiles for ``source`` (PyTorch: the sibling ``.pt2``)."""
+        return source
+
+    def planned_host_fields(self) -> HostFields:
+        """The host fields a fresh build on this host would pin in its filename."""
+        raise NotImplementedError
+
+    def expected_artifacts(self, source: Path, build_config: BuildConfig) -> list[Path]:
+        """Where a build of ``source`` with ``build_config`` on this host lands, best candidate first.
+        Reusing an existing file there is safe once :attr:`gate` admits it."""
+        resolved = self.resolve_source(Path(source))
+        digest = self.source_digest(resolved)
+        name = self.artifact_name(resolved, build_config, pinned=self.planned_host_fields(), source_digest=digest)
+        return [self.artifact_path(name)]
+
     @staticmethod
     def checked_handle(handle: EngineHandle, kind: type[H]) -> H:
         if not isinstance(handle, kind):

@@ -149,6 +149,9 @@ class OnnxRuntime(RuntimeBase):
                     )
         return options
 
+    def planned_host_fields(self) -> HostFields:
+        return self._pinned_for(self.provider_plan()[0])
+
     def _pinned_for(self, provider: str) -> HostFields:
         host = self.host
         if provider == TRT_EP:

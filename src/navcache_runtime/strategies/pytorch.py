@@ -48,7 +48,7 @@ from ..errors import (
 )
 from ..gate import EngineGate
 from ..integrity import read_sidecar, staged_artifact
-from ..naming import EngineName
+from ..naming import EngineName, parse_engine_name
 from ..thermal import ThermalMonitor
 from ..types import BuildConfig, EngineCacheEntry, EngineHandle, HostFields, Precision, RuntimeLabel, Shape
 from ._base import RuntimeBase
@@ -479,6 +479,18 @@ class PyTorchRuntime(RuntimeBase):
         ):
             return tuple(str(key) for key in spec.context)
         return tuple(f"output_{i}" for i in range(count))
+
+    def resolve_source(self, source: Path) -> Path:
+        return self._resolve_source(source)
+
+    def planned_host_fields(self) -> HostFields:
+        return self._pinned_host()
+
+    def expected_artifacts(self, source: Path, build_config: BuildConfig) -> list[Path]:
+        compiled = super().expected_artifacts(source, build_config)
+        # A previous build may have fallen back to eager; that artifact is valid too (flagged).
+        eager = parse_engine_name(compiled[0].name)
+        return [*compiled, self.artifact_path(dataclasses.replace(eager, eager=True))]
 
     def _pinned_host(self) -> HostFields:
         if self.device.type == "cuda":

@@ -378,6 +378,9 @@ class TensorRTRuntime(RuntimeBase):
         if self.config.device_id != 0:
             self.device_memory().activate()
 
+    def planned_host_fields(self) -> HostFields:
+        return self.pinned_host()
+
     def pinned_host(self) -> HostFields:
         host = self.host
         if host.sm is None or host.trt is None:
