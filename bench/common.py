@@ -85,4 +85,4 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
         table.add_column(column)
     for row in rows:
         table.add_row(*(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row))
-    Console().print(table)
+    Console(width=180).print(table)

@@ -52,6 +52,7 @@ def bench_onnxruntime(name: str, directory: Path, repeat: int) -> dict[str, Any]
     entry = runtime.compile_engine(onnx_path, nr.BuildConfig(input_shapes=(profile,)))
     compile_s = time.perf_counter() - started
     load, handle = timed(lambda: runtime.deserialize_engine(entry), repeat)
+    gate, _ = timed(lambda: runtime.gate.admit(entry), repeat)  # sha256 of the artifact: the cost of trust
     # Bare baseline: what a user would do without navcache — open the source ONNX (ORT optimises it).
     bare_load, session = timed(lambda: ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]), repeat)
     x = {"image": np.random.default_rng(0).standard_normal((8, 3, size, size), dtype=np.float32)}
@@ -62,6 +63,7 @@ def bench_onnxruntime(name: str, directory: Path, repeat: int) -> dict[str, Any]
         "model": name,
         "compile_s": compile_s,
         "load": load.__dict__,
+        "gate": gate.__dict__,
         "bare_session_load": bare_load.__dict__,
         "infer_b8": infer.__dict__,
         "bare_infer_b8": bare_infer.__dict__,
@@ -87,6 +89,7 @@ def bench_pytorch(name: str, directory: Path, repeat: int) -> dict[str, Any]:
     )
     compile_s = time.perf_counter() - started
     load, handle = timed(lambda: runtime.deserialize_engine(entry), repeat)
+    gate, _ = timed(lambda: runtime.gate.admit(entry), repeat)
     eager = torch.export.load(str(pt2_path)).module()
     bare_load, _ = timed(lambda: torch.export.load(str(pt2_path)).module(), repeat)
     x_np = np.random.default_rng(0).standard_normal((8, 3, size, size), dtype=np.float32)
@@ -105,6 +108,7 @@ def bench_pytorch(name: str, directory: Path, repeat: int) -> dict[str, Any]:
         "compile_s": compile_s,
         "prewarm_s": entry.prewarm_duration_s,
         "load": load.__dict__,
+        "gate": gate.__dict__,
         "bare_session_load": bare_load.__dict__,
         "infer_b8": infer.__dict__,
         "bare_infer_b8": bare_infer.__dict__,
@@ -129,7 +133,7 @@ def run(quick: bool) -> Path:
                 engines.append(bench_pytorch(model, Path(tmp) / f"torch-{model}", max(5, repeat // 4)))
     rows = []
     for e in engines:
-        load, bare = Stats(**e["load"]), Stats(**e["bare_session_load"])
+        load, bare, gate = Stats(**e["load"]), Stats(**e["bare_session_load"]), Stats(**e["gate"])
         infer, bare_infer = Stats(**e["infer_b8"]), Stats(**e["bare_infer_b8"])
         rows.append(
             [
@@ -137,6 +141,7 @@ def run(quick: bool) -> Path:
                 e["model"],
                 e["compile_s"],
                 load.p50_ms,
+                gate.p50_ms,
                 bare.p50_ms,
                 e["compile_s"] * 1000 / load.p50_ms,
                 bare_infer.p50_ms / infer.p50_ms,
@@ -144,7 +149,16 @@ def run(quick: bool) -> Path:
         )
     print_table(
         "engine load vs compile (p50; bare = the library opening the source model)",
-        ["strategy", "model", "compile s", "load ms", "bare load ms", "compile/load", "infer speed vs bare"],
+        [
+            "strategy",
+            "model",
+            "compile s",
+            "load ms",
+            "of which gate ms",
+            "bare load ms",
+            "compile/load",
+            "infer speed vs bare",
+        ],
         rows,
     )
     print(f"machine: {machine()}")
