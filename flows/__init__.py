@@ -1,0 +1,1 @@
+"""Prefect flows: DAG wiring only."""

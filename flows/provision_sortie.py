@@ -1,0 +1,243 @@
+"""provision-sortie: one flow run per sortie, from a sortie file to a verified, signed onboard cache.
+
+probe host → compile-or-reuse per backbone → plan tiles → describe shards (mapped) → FAISS index →
+coverage walk → sign manifest → verify. Everything is validated before anything is written; every
+artifact is content-addressed, so a failure at any step leaves the previous manifest — and everything it
+names — in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task, unmapped
+from prefect.artifacts import create_progress_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from navcache import progress
+from navcache.engines import BackboneBuild, EngineResult, Outcome
+from navcache.errors import CoverageError, ProvisionError, SourceError
+from navcache.imagery import open_tile_source
+from navcache.index import IndexBudget
+from navcache.lock import cache_lock
+from navcache.sortie import BackboneSpec, Sortie, load_sortie, validate_models
+from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
+from navcache.types import TileId
+from navcache_runtime import RuntimeConfig
+from navcache_tasks import reporting
+from navcache_tasks.coverage import coverage_task
+from navcache_tasks.descriptors import DescriptorJob, describe_shard_task, reset_progress
+from navcache_tasks.engines import compile_backbone
+from navcache_tasks.host import probe_host_task
+from navcache_tasks.index import build_index_task
+from navcache_tasks.manifest import sign_manifest_task, verify_task
+
+log = logging.getLogger(__name__)
+
+
+def _run_name() -> str:
+    """Flow runs are named after the sortie id (read leniently; validation happens in the run)."""
+    path = Path(str(flow_run.parameters.get("sortie", "sortie")))
+    try:
+        return str(tomllib.loads(path.read_text())["sortie_id"])
+    except (OSError, KeyError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return path.stem
+
+
+def backbone_build(spec: BackboneSpec, runtime_label: str) -> BackboneBuild:
+    config = spec.build_config()
+    if runtime_label == "pytorch_fp16":
+        import onnx  # the PyTorch engine names its outputs like the ONNX graph so checks and lookups agree
+
+        graph = onnx.load(str(spec.onnx), load_external_data=False).graph
+        options = dict(config.builder_options) | {"output_names": ",".join(o.name for o in graph.output)}
+        config = dataclasses.replace(config, builder_options=tuple(options.items()))
+    return BackboneBuild(spec.name, spec.onnx, config)
+
+
+def check_source_covers_area(sortie: Sortie) -> None:
+    from shapely.geometry import box
+
+    with open_tile_source(sortie.orthophoto.kind, sortie.orthophoto.path, sortie.tiles.size) as source:
+        bounds = source.bounds_lonlat()
+    if not box(*bounds).intersects(sortie.area):
+        raise SourceError(
+            f"the orthophoto covers lon {bounds[0]:.5f}..{bounds[2]:.5f}, lat {bounds[1]:.5f}..{bounds[3]:.5f}, "
+            "which does not overlap the sortie area",
+            where=str(sortie.orthophoto.path),
+            hint="point [orthophoto] at imagery of the flight area, or fix the area",
+        )
+
+
+@task(name="plan-tiles", cache_policy=NO_CACHE)
+def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, list[TileId], list[ShardPlan]]:
+    spec = sortie.tiles
+    grid = ChunkGrid(spec.zoom, spec.size, spec.chunk_span, spec.overlap)
+    chunks = grid.chunks_for_area(sortie.area, spec.budget)
+    storage = grid.storage_tiles_for_area(sortie.area)
+    return grid, storage, plan_shards(chunks, spec.shard_block)
+
+
+def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[EngineResult]:
+    """Sequential on purpose: a failure stops the corpus (later backbones are not attempted), and one
+    build at a time keeps GPU memory predictable."""
+    results = []
+    for spec in sortie.backbones:
+        state = compile_backbone(backbone_build(spec, sortie.runtime), runtime_config, host, return_state=True)
+        result: EngineResult = state.result()  # raises the task's error
+        if state.name == "Cached":
+            result = dataclasses.replace(
+                result,
+                outcome=Outcome.REUSED,
+                seconds=0.0,
+                reason="Prefect cache hit (engine verified in the cache key)",
+            )
+        results.append(result)
+        progress.advance("engines", 1)
+    return results
+
+
+@flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False)
+def provision_sortie(sortie: str, cache_dir: str | None = None, lock_timeout_s: float = 600.0) -> dict[str, Any]:
+    spec = load_sortie(Path(sortie), cache_dir_override=Path(cache_dir) if cache_dir else None)
+    validate_models(spec)
+    check_source_covers_area(spec)
+    cache_root = spec.cache_dir
+    with cache_lock(cache_root, lock_timeout_s):
+        host = probe_host_task(cache_root)
+        runtime_config = RuntimeConfig(runtime=spec.runtime, engine_dir=cache_root / "engines")
+        progress.advance("engines", 0, total=len(spec.backbones))
+        engines = _engines(spec, runtime_config, host)
+        reporting.engine_table(spec.sortie_id, [e.summary() for e in engines])
+        vpr_engine = next(e for e in engines if e.backbone == spec.vpr.name)
+
+        grid, storage_tiles, plans = plan_tiles(spec)
+        total_chunks = sum(len(p.chunks) for p in plans)
+        progress.advance("descriptors", 0, total=total_chunks)
+        reset_progress()
+        progress_id = create_progress_artifact(
+            0.0,
+            key=reporting.artifact_key("descriptors", spec.sortie_id),
+            description=f"Descriptor shards for {spec.sortie_id}",
+        )
+        profile = spec.vpr.profile
+        job = DescriptorJob(
+            runtime_config=runtime_config,
+            engine=vpr_engine.entry,
+            input_name=spec.vpr.input_name,
+            output_name=spec.vpr.output_name,
+            input_shape=profile.opt,
+            min_batch=profile.min[0],
+            batch_size=max(profile.min[0], min(spec.batch_size, profile.max[0])),
+            source_kind=spec.orthophoto.kind,
+            source_path=spec.orthophoto.path,
+            grid=grid,
+            out_dir=cache_root / "descriptors",
+            total_chunks=total_chunks,
+            progress_artifact=progress_id,
+        )
+        shards = [future.result() for future in describe_shard_task.map(plans, unmapped(job))]
+
+        index = build_index_task(shards, grid, cache_root / "index", IndexBudget())
+        reporting.index_report(
+            spec.sortie_id,
+            {
+                "type": index.index_type,
+                "reason": index.reason,
+                "vectors": index.n,
+                "dim": index.dim,
+                "recall@1": round(index.recall_at_1, 4),
+                "recall@10": round(index.recall_at_10, 4),
+                "size (bytes)": index.size_bytes,
+                "build (s)": round(index.build_s, 2),
+                "gpu": index.gpu,
+            },
+        )
+
+        takeoff_lonlat = (spec.takeoff[1], spec.takeoff[0])
+        coverage, coverage_path, png = coverage_task(
+            shards, grid, storage_tiles, spec.coverage_threshold, cache_root / "coverage", takeoff_lonlat
+        )
+        summary_cov = {
+            "percent": coverage.percent,
+            "threshold": coverage.threshold,
+            "covered": coverage.covered,
+            "blank": coverage.blank,
+            "missing": coverage.missing,
+            "total": coverage.total,
+            "passed": coverage.passed,
+        }
+        reporting.coverage_report(spec.sortie_id, summary_cov, png, [str(t) for t in coverage.missing_tiles])
+        if not coverage.passed:
+            raise CoverageError(
+                f"coverage {coverage.percent:.2f} % is below the threshold {coverage.threshold} % "
+                f"({coverage.missing} missing, {coverage.blank} blank of {coverage.total} tiles)",
+                where=spec.sortie_id,
+                hint="extend the orthophoto over the missing tiles or lower coverage_threshold; "
+                "the previous manifest stays in force",
+            )
+
+        artifacts = [e.entry.path for e in engines]
+        artifacts += [p for s in shards for p in (s.descriptors_path, s.table_path)]
+        artifacts += [
+            index.index_path,
+            index.table_path,
+            index.report_path,
+            coverage_path,
+            coverage_path.with_suffix(".png"),
+        ]
+        trusted = spec.trusted_keys or spec.signing_key.with_name("trusted_keys.json")
+        manifest_path, version = sign_manifest_task(
+            cache_root,
+            artifacts,
+            sortie_id=spec.sortie_id,
+            takeoff=spec.takeoff,
+            area_geojson=spec.area_geojson,
+            host=host.identity(),
+            coverage={
+                "digest": coverage.digest,
+                "total": coverage.total,
+                "covered": coverage.covered,
+                "percent_x100": round(coverage.percent * 100),
+                "path": coverage_path.relative_to(cache_root).as_posix(),
+            },
+            expires_hours=spec.expires_hours,
+            signing_key=spec.signing_key,
+            trusted_keys=trusted,
+        )
+        reporting.manifest_link(spec.sortie_id, str(manifest_path), version)
+        report = verify_task(cache_root, trusted)
+        if not report.ok:
+            raise ProvisionError("the new cache does not verify: " + "; ".join(f.message for f in report.failures))
+
+    computed = sum(s.computed for s in shards)
+    return {
+        "sortie_id": spec.sortie_id,
+        "cache_dir": str(cache_root),
+        "manifest": str(manifest_path),
+        "manifest_version": version,
+        "trusted_keys": str(trusted),
+        "runtime": spec.runtime,
+        "engines": [e.summary() for e in engines],
+        "tiles": {"storage_tiles": len(storage_tiles), "chunks": total_chunks},
+        "shards": {
+            "total": len(shards),
+            "computed": computed,
+            "reused": len(shards) - computed,
+            "inference_batches": sum(s.batches for s in shards),
+        },
+        "index": {
+            "type": index.index_type,
+            "vectors": index.n,
+            "recall_at_1": index.recall_at_1,
+            "recall_at_10": index.recall_at_10,
+            "path": str(index.index_path),
+        },
+        "coverage": summary_cov,
+        "verified": report.ok,
+    }

@@ -1,0 +1,199 @@
+"""`navcache`: provision (ground), keygen, verify (delegates to the onboard verifier), inspect.
+
+User mistakes print one clear error (what, where, how to fix) and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import progress
+from .errors import NavcacheError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Build and check onboard navigation caches for GPS-denied drones.",
+)
+err = Console(stderr=True)
+out = Console()
+log = logging.getLogger("navcache")
+
+
+def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    for name in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows"):
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def _quiet_prefect_console() -> None:
+    """Prefect logs to the console and to its API; keep the API (the UI shows every log) and silence the
+    console, where our own progress, warnings and summary speak to the crew. Errors are reported once, by us."""
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    import prefect.logging.handlers as handlers  # noqa: F401  (configures Prefect logging on import)
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for name in ("prefect", "prefect.flow_runs", "prefect.task_runs", "prefect.server", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, (PrefectConsoleHandler, logging.StreamHandler)) and not hasattr(handler, "api"):
+                handler.setLevel(logging.CRITICAL + 1)
+    for name in ("prefect.server", "uvicorn", "uvicorn.error", "docket", "prefect._internal"):
+        logging.getLogger(name).setLevel(logging.CRITICAL + 1)
+
+
+def _fail(message: str, code: int) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title=f"sortie {summary['sortie_id']}: cache {summary['cache_dir']}")
+    table.add_column("step")
+    table.add_column("result")
+    for engine in summary["engines"]:
+        extra = f", max error {engine['max_abs_error']:.2g}" if engine["max_abs_error"] is not None else ""
+        table.add_row(
+            f"engine {engine['backbone']}",
+            f"{engine['outcome']} in {engine['seconds']:.2f} s{extra}"
+            + (f" ({engine['reason']})" if engine["outcome"] == "BUILT" else ""),
+        )
+    tiles, shards, index, cov = summary["tiles"], summary["shards"], summary["index"], summary["coverage"]
+    table.add_row("tiles", f"{tiles['storage_tiles']} storage tiles, {tiles['chunks']} retrieval chunks")
+    table.add_row(
+        "shards",
+        f"{shards['computed']} computed, {shards['reused']} reused ({shards['inference_batches']} inference batches)",
+    )
+    table.add_row(
+        "index",
+        f"{index['type']}, {index['vectors']} vectors, recall@1 {index['recall_at_1']:.3f}, "
+        f"recall@10 {index['recall_at_10']:.3f}",
+    )
+    table.add_row(
+        "coverage",
+        f"{cov['percent']:.2f} % (threshold {cov['threshold']} %): {cov['covered']} covered, "
+        f"{cov['blank']} blank, {cov['missing']} missing",
+    )
+    table.add_row(
+        "manifest",
+        f"v{summary['manifest_version']} {summary['manifest']} — "
+        f"{'verified' if summary['verified'] else 'NOT VERIFIED'}",
+    )
+    return table
+
+
+@app.command()
+def provision(
+    sortie: Annotated[Path, typer.Argument(help="the sortie file (TOML)")],
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="override the sortie's cache_dir")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait for another run on the same cache")] = 600.0,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Run the provision-sortie flow (ephemeral Prefect API unless PREFECT_API_URL is set)."""
+    _setup_logging(verbose)
+    _quiet_prefect_console()
+    from navcache_runtime import InferenceRuntimeError
+
+    bars = Progress(
+        TextColumn("{task.description:>12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=json_output,
+    )
+    ids: dict[str, Any] = {}
+
+    def report(stage: str, amount: int, total: int | None) -> None:
+        if stage not in ids:
+            ids[stage] = bars.add_task(stage, total=total)
+        if total is not None:
+            bars.update(ids[stage], total=total)
+        bars.advance(ids[stage], amount)
+
+    progress.install(report)
+    try:
+        from navcache_flows.provision_sortie import provision_sortie
+
+        with bars:
+            summary = provision_sortie(str(sortie), str(cache_dir) if cache_dir else None, lock_timeout)
+    except NavcacheError as exc:
+        _fail(str(exc), exc.exit_code)
+    except InferenceRuntimeError as exc:
+        _fail(str(exc), 1)
+    finally:
+        progress.install(None)
+    if json_output:
+        print(json.dumps(summary, indent=2))
+    else:
+        out.print(_summary_table(summary))
+    raise typer.Exit(0 if summary["verified"] else 1)
+
+
+@app.command()
+def keygen(
+    directory: Annotated[Path, typer.Option("--dir", help="where to write the key pair")] = Path("keys"),
+    name: Annotated[str, typer.Option(help="key name (file stem)")] = "operator",
+    passphrase_env: Annotated[str | None, typer.Option(help="encrypt the private key with $VAR's value")] = None,
+) -> None:
+    """Write an Ed25519 key pair (private key mode 0600) and add it to trusted_keys.json."""
+    _setup_logging(False)
+    from .keys import generate_keypair
+
+    passphrase = None
+    if passphrase_env:
+        value = os.environ.get(passphrase_env)
+        if not value:
+            _fail(f"${passphrase_env} is empty or unset", 2)
+        passphrase = value.encode() if value else None
+    try:
+        paths = generate_keypair(directory, name=name, passphrase=passphrase)
+    except NavcacheError as exc:
+        _fail(str(exc), exc.exit_code)
+    out.print(
+        f"private key {paths.private_key}\npublic key  {paths.public_key}\ntrusted     {paths.trusted_keys}"
+        f"\nkeyid       {paths.keyid}"
+    )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def verify(ctx: typer.Context) -> None:
+    """Verify a cache (the onboard verifier: see `navcache verify --help`)."""
+    from navcache_runtime.cli import main as runtime_main
+
+    raise typer.Exit(runtime_main(["verify", *ctx.args]))
+
+
+@app.command()
+def inspect(
+    cache: Annotated[Path, typer.Argument(help="the cache directory")],
+    trusted_keys: Annotated[Path | None, typer.Option("--trusted-keys", help="also verify against these")] = None,
+) -> None:
+    """Show what a cache holds: sortie, manifest version and expiry, engines, index, coverage."""
+    from navcache_runtime.cli import main as runtime_main
+
+    raise typer.Exit(
+        runtime_main(["inspect", str(cache), *(["--trusted-keys", str(trusted_keys)] if trusted_keys else [])])
+    )
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; the previous cache is untouched")
+        sys.exit(130)

@@ -1,0 +1,312 @@
+"""Descriptor batching: retrieval chunks of one shard → the VPR engine → a content-addressed shard.
+
+A shard is two files in ``descriptors/``: ``{key}.desc.npy`` (float16, one row per described chunk) and
+``{key}.tiles.npy`` (every chunk of the shard with its status: described / blank / missing), each with a
+``.sha256`` sidecar. ``key`` hashes every chunk's pixel content, the engine's identity (artifact sha256)
+and the preprocessing, so a re-run computes only shards whose tiles, engine or preprocessing changed, and an
+interrupted run resumes: finished shards are complete files, unfinished ones never got a name.
+
+Two passes per shard: the first reads and hashes the chunks (cheap; decides reuse), the second — only for a
+shard that must be computed — re-reads them in a background thread that decodes and preprocesses the next
+batch while the engine runs the current one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from navcache_runtime import EngineHashMismatchError, EngineSidecarMissingError, verify_artifact, write_artifact
+
+from .errors import ProvisionError
+from .imagery import TileSource, is_blank, tile_content_hash
+from .tiles import ChunkGrid, ShardPlan
+from .types import Tile, TileId
+
+log = logging.getLogger(__name__)
+
+DESCRIBED, BLANK, MISSING = 0, 1, 2
+STATUS_NAMES = {DESCRIBED: "described", BLANK: "blank", MISSING: "missing"}
+TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1")])
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_PREFETCH_BATCHES = 2
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """RGB uint8 chunk → normalised float32 CHW at the backbone's input size."""
+
+    height: int
+    width: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    @classmethod
+    def for_input_shape(cls, shape: Sequence[int]) -> Preprocessing:
+        if len(shape) != 4 or shape[1] != 3:
+            raise ProvisionError(
+                f"the VPR backbone input must be NCHW with 3 channels, got shape {list(shape)}",
+                hint="export the model with an [N, 3, H, W] image input",
+            )
+        return cls(int(shape[2]), int(shape[3]))
+
+    def spec(self) -> str:
+        """Everything that changes the tensors the engine sees; part of every shard key."""
+        return f"v1|rgb|bilinear|{self.height}x{self.width}|mean={self.mean}|std={self.std}"
+
+    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+        if rgb.shape[:2] != (self.height, self.width):
+            rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.Resampling.BILINEAR))
+        x = rgb.astype(np.float32) * (1.0 / 255.0)
+        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+@dataclass
+class DescriptorEngine:
+    """The loaded VPR engine as descriptor batching uses it."""
+
+    runtime: Any
+    handle: Any
+    input_name: str
+    output_name: str | None
+    identity: str  # engine artifact sha256: part of every shard key
+    batch_size: int
+    min_batch: int = 1
+
+    def describe(self, batch: np.ndarray) -> np.ndarray:
+        n = len(batch)
+        if n < self.min_batch:  # fixed-batch engines: pad the last batch
+            pad = np.zeros((self.min_batch - n, *batch.shape[1:]), batch.dtype)
+            batch = np.concatenate([batch, pad])
+        outputs: Mapping[str, np.ndarray] = self.runtime.infer(self.handle, {self.input_name: batch})
+        out = outputs[self.output_name] if self.output_name in outputs else next(iter(outputs.values()))
+        return np.asarray(out[:n]).reshape(n, -1)
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    block: tuple[int, int]
+    key: str
+    descriptors_path: Path
+    table_path: Path
+    described: int
+    blank: int
+    missing: int
+    computed: bool
+    seconds: float
+    batches: int  # inference calls made for this shard (0 when reused)
+
+
+class ChunkReader:
+    """Reads retrieval chunks by mosaicking storage tiles; a small LRU keeps tiles that overlapping chunks
+    share. Thread-confined: each pass creates its own."""
+
+    def __init__(self, source: TileSource, grid: ChunkGrid, cache_tiles: int = 64) -> None:
+        self.source = source
+        self.grid = grid
+        self._cache: OrderedDict[TileId, Tile | None] = OrderedDict()
+        self._cache_tiles = cache_tiles
+
+    def _tile(self, tile: TileId) -> Tile | None:
+        if tile in self._cache:
+            self._cache.move_to_end(tile)
+            return self._cache[tile]
+        value = self.source.read_tile(tile)
+        self._cache[tile] = value
+        if len(self._cache) > self._cache_tiles:
+            self._cache.popitem(last=False)
+        return value
+
+    def read(self, chunk: TileId) -> Tile | None:
+        """The chunk's pixels, or None when the source has none of its storage tiles."""
+        tiles = self.grid.storage_tiles_of_chunk(chunk)
+        if len(tiles) == 1 and self.grid.chunk_px == self.grid.tile_size and self.grid.stride_px == self.grid.tile_size:
+            return self._tile(tiles[0])  # span 1, no overlap: the chunk is the storage tile
+        x0, y0, x1, y1 = self.grid.chunk_pixel_box(chunk)
+        size = self.grid.tile_size
+        rgb = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
+        valid = np.zeros((y1 - y0, x1 - x0), bool)
+        found = False
+        for tile in tiles:
+            data = self._tile(tile)
+            if data is None:
+                continue
+            found = True
+            tx0, ty0 = tile.x * size, tile.y * size
+            ax0, ay0 = max(x0, tx0), max(y0, ty0)
+            ax1, ay1 = min(x1, tx0 + size), min(y1, ty0 + size)
+            if ax0 >= ax1 or ay0 >= ay1:
+                continue
+            rgb[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = data.rgb[ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
+            valid[ay0 - y0 : ay1 - y0, ax0 - x0 : ax1 - x0] = data.valid[ay0 - ty0 : ay1 - ty0, ax0 - tx0 : ax1 - tx0]
+        return Tile(rgb, valid) if found else None
+
+
+def classify(tile: Tile | None) -> int:
+    if tile is None:
+        return MISSING
+    return BLANK if is_blank(tile) else DESCRIBED
+
+
+def scan_shard(plan: ShardPlan, reader: ChunkReader) -> list[tuple[TileId, int, str]]:
+    """Pass 1: (chunk, status, content hash) for every chunk of the shard."""
+    rows = []
+    for chunk in plan.chunks:
+        tile = reader.read(chunk)
+        rows.append((chunk, classify(tile), tile_content_hash(tile) if tile is not None else "-"))
+    return rows
+
+
+def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, preprocessing: Preprocessing) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"navcache-shard-v1\n{engine_identity}\n{preprocessing.spec()}\n".encode())
+    for chunk, status, content in scan:
+        digest.update(f"{chunk} {status} {content}\n".encode())
+    return digest.hexdigest()
+
+
+def shard_paths(out_dir: Path, key: str) -> tuple[Path, Path]:
+    stem = key[:32]
+    return out_dir / f"{stem}.desc.npy", out_dir / f"{stem}.tiles.npy"
+
+
+def _is_complete(desc_path: Path, table_path: Path) -> bool:
+    for path in (desc_path, table_path):
+        if not path.exists():
+            return False
+        try:
+            verify_artifact(path)
+        except (EngineSidecarMissingError, EngineHashMismatchError) as exc:
+            log.warning("shard file %s failed verification (%s); recomputing the shard", path.name, exc.message)
+            return False
+    return True
+
+
+def _batches(
+    chunks: Sequence[TileId], reader: ChunkReader, preprocessing: Preprocessing, batch_size: int
+) -> Iterator[np.ndarray]:
+    """Pass 2 producer: decoded, preprocessed batches, computed in a background thread."""
+    pending: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(maxsize=_PREFETCH_BATCHES)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for start in range(0, len(chunks), batch_size):
+                batch = []
+                for chunk in chunks[start : start + batch_size]:
+                    tile = reader.read(chunk)
+                    if tile is None:  # the source changed between the passes
+                        raise ProvisionError(f"chunk {chunk} disappeared from the orthophoto source during the run")
+                    batch.append(preprocessing(tile.rgb))
+                while not stop.is_set():
+                    try:
+                        pending.put(np.stack(batch), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            pending.put(None)
+        except BaseException as exc:  # handed to the consumer, which re-raises it
+            pending.put(exc)
+
+    worker = threading.Thread(target=produce, name="navcache-decode", daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = pending.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        worker.join(timeout=5)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def describe_shard(
+    plan: ShardPlan,
+    *,
+    source: TileSource,
+    grid: ChunkGrid,
+    engine: DescriptorEngine,
+    preprocessing: Preprocessing,
+    out_dir: Path,
+    on_batch: Callable[[int], None] | None = None,
+) -> ShardResult:
+    """Compute (or reuse) the descriptors of one shard. ``on_batch(n)`` is told about every batch."""
+    started = time.perf_counter()
+    scan = scan_shard(plan, ChunkReader(source, grid))
+    key = shard_key(scan, engine.identity, preprocessing)
+    desc_path, table_path = shard_paths(out_dir, key)
+    counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_NAMES}
+    block = (plan.block_x, plan.block_y)
+    if _is_complete(desc_path, table_path):
+        return ShardResult(
+            block,
+            key,
+            desc_path,
+            table_path,
+            counts[DESCRIBED],
+            counts[BLANK],
+            counts[MISSING],
+            computed=False,
+            seconds=time.perf_counter() - started,
+            batches=0,
+        )
+    to_describe = [chunk for chunk, status, _ in scan if status == DESCRIBED]
+    parts, batches = [], 0
+    for batch in _batches(to_describe, ChunkReader(source, grid), preprocessing, engine.batch_size):
+        parts.append(engine.describe(batch).astype(np.float16))
+        batches += 1
+        if on_batch is not None:
+            on_batch(len(batch))
+    descriptors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+    if not np.isfinite(descriptors).all():
+        raise ProvisionError(
+            f"shard {block}: the VPR engine produced non-finite descriptors",
+            hint="check the model's numerical stability at this precision (try fp32)",
+        )
+    table = np.array([(c.z, c.x, c.y, status) for c, status, _ in scan], dtype=TABLE_DTYPE)
+    # Descriptors first, table last: a table on disk means its shard is complete.
+    write_artifact(desc_path, _npy_bytes(descriptors))
+    write_artifact(table_path, _npy_bytes(table))
+    return ShardResult(
+        block,
+        key,
+        desc_path,
+        table_path,
+        counts[DESCRIBED],
+        counts[BLANK],
+        counts[MISSING],
+        computed=True,
+        seconds=time.perf_counter() - started,
+        batches=batches,
+    )
+
+
+def load_shard(result: ShardResult) -> tuple[np.ndarray, np.ndarray]:
+    """(descriptors float16 (n, D), table rows) of a finished shard; rows of status DESCRIBED align with
+    descriptor rows in order."""
+    return np.load(result.descriptors_path, allow_pickle=False), np.load(result.table_path, allow_pickle=False)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from navcache.descriptors import DESCRIBED, ShardResult, load_shard
+from navcache.errors import ProvisionError
+from navcache.index import IndexBudget, IndexResult, build_index
+from navcache.tiles import ChunkGrid
+
+
+def gather(shards: list[ShardResult], grid: ChunkGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """All described chunks of all shards: descriptors, (z, x, y) ids and geo bounds, in shard order."""
+    parts, ids = [], []
+    for shard in shards:
+        descriptors, table = load_shard(shard)
+        rows = table[table["status"] == DESCRIBED]
+        if len(rows) != len(descriptors):
+            raise ProvisionError(
+                f"shard {shard.descriptors_path.name} is inconsistent: {len(rows)} described "
+                f"chunks but {len(descriptors)} descriptors",
+                hint="delete it and re-provision",
+            )
+        if len(rows):
+            parts.append(descriptors)
+            ids.append(np.stack([rows["z"], rows["x"], rows["y"]], axis=1).astype(np.int64))
+    if not parts:
+        raise ProvisionError(
+            "no tile of the area has imagery to describe",
+            hint="check that the orthophoto covers the area and is not all nodata",
+        )
+    tile_ids = np.concatenate(ids)
+    from navcache.types import TileId
+
+    bounds = np.array([grid.chunk_bounds(TileId(int(z), int(x), int(y))) for z, x, y in tile_ids], np.float64)
+    return np.concatenate(parts), tile_ids, bounds
+
+
+@task(name="build-index", cache_policy=NO_CACHE)
+def build_index_task(shards: list[ShardResult], grid: ChunkGrid, out_dir: Path, budget: IndexBudget) -> IndexResult:
+    descriptors, tile_ids, bounds = gather(shards, grid)
+    return build_index(descriptors, tile_ids, bounds, out_dir, budget)

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+import navcache
+from navcache.manifest import build_statement, next_version, sign_manifest
+from navcache_runtime.integrity import sidecar_path
+from navcache_runtime.verify import VerificationReport, verify_cache
+
+PASSPHRASE_ENV = "NAVCACHE_KEY_PASSPHRASE"
+
+
+def with_sidecars(cache_root: Path, paths: list[Path]) -> list[Path]:
+    """Relative paths of the artifacts and their sidecars (the engine gate needs the sidecars onboard)."""
+    listed = []
+    for path in paths:
+        for file in (path, sidecar_path(path)):
+            if file.exists():
+                listed.append(file.relative_to(cache_root))
+    return sorted(set(listed))
+
+
+@task(name="sign-manifest", cache_policy=NO_CACHE)
+def sign_manifest_task(
+    cache_root: Path,
+    artifacts: list[Path],
+    *,
+    sortie_id: str,
+    takeoff: tuple[float, float],
+    area_geojson: dict[str, Any],
+    host: dict[str, str],
+    coverage: dict[str, Any],
+    expires_hours: int,
+    signing_key: Path,
+    trusted_keys: Path,
+) -> tuple[Path, int]:
+    issued = datetime.now(UTC).replace(microsecond=0)
+    version = next_version(cache_root)
+    statement = build_statement(
+        cache_root,
+        with_sidecars(cache_root, artifacts),
+        sortie_id=sortie_id,
+        takeoff=takeoff,
+        area_geojson=area_geojson,
+        host=host,
+        coverage=coverage,
+        version=version,
+        issued_at=issued,
+        expires=issued + timedelta(hours=expires_hours),
+        tool_version=navcache.__version__,
+    )
+    passphrase = os.environ.get(PASSPHRASE_ENV)
+    path = sign_manifest(
+        cache_root,
+        statement,
+        signing_key=signing_key,
+        trusted_keys=trusted_keys,
+        passphrase=passphrase.encode() if passphrase else None,
+    )
+    return path, version
+
+
+@task(name="verify-cache", cache_policy=NO_CACHE)
+def verify_task(cache_root: Path, trusted_keys: Path) -> VerificationReport:
+    return verify_cache(cache_root, trusted_keys, mode="operator")
