@@ -81,3 +81,22 @@ __all__ = [
     "write_artifact",
 ]
 __version__ = "0.1.0"
+
+# The verifier and trust store load lazily: most users of the runtime never verify in-process, and this
+# keeps `import navcache_runtime` (and so the factory's first call) light.
+_LAZY = {
+    "TrustedKeys": "trust", "TrustedKeysError": "trust", "keyid_for": "trust", "load_trusted_keys": "trust",
+    "MANIFEST_NAME": "verify", "ArtifactResult": "verify", "CacheVerificationError": "verify",
+    "CacheVerifier": "verify", "Failure": "verify", "FailureCode": "verify", "VerificationReport": "verify",
+    "VerifierConfig": "verify", "verify_cache": "verify",
+}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name: str) -> object:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'navcache_runtime' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -1,0 +1,204 @@
+"""Operator signing keys (Ed25519) and the trusted-keys allowlist that goes with them.
+
+``generate_keypair`` writes, in one directory:
+
+- ``{name}.key`` — the private key, PKCS#8 PEM, created with mode 0600 (``os.open`` with ``O_EXCL``, so an
+  existing key is never overwritten), encrypted with the passphrase when one is given;
+- ``{name}.pub`` — the public key, SubjectPublicKeyInfo PEM (what ``openssl pkeyutl -pubin`` reads);
+- ``trusted_keys.json`` — the allowlist (created, or the key appended), see
+  :mod:`navcache_runtime.trust` for the format.
+
+The **keyid** is the lowercase hex sha256 of the raw 32-byte public key
+(:func:`navcache_runtime.trust.keyid_for`). With openssl:
+``openssl pkey -pubin -in operator.pub -outform DER | tail -c 32 | sha256sum``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import (
+    BestAvailableEncryption,
+    Encoding,
+    KeySerializationEncryption,
+    NoEncryption,
+    PrivateFormat,
+    load_pem_private_key,
+    load_pem_public_key,
+)
+
+from navcache_runtime.integrity import atomic_write_bytes
+from navcache_runtime.trust import (
+    TRUSTED_KEYS_FORMAT_VERSION,
+    TrustedKeysError,
+    keyid_for,
+    load_trusted_keys,
+    public_key_pem,
+    trusted_key_entry,
+)
+
+from .errors import ManifestError
+
+logger = logging.getLogger(__name__)
+
+TRUSTED_KEYS_NAME = "trusted_keys.json"
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_MAX_KEY_FILE_BYTES = 64 << 10
+
+__all__ = [
+    "TRUSTED_KEYS_NAME",
+    "KeyPaths",
+    "add_trusted_key",
+    "generate_keypair",
+    "keyid_for",
+    "load_private_key",
+    "load_public_key",
+]
+
+
+@dataclass(frozen=True)
+class KeyPaths:
+    private_key: Path
+    public_key: Path
+    trusted_keys: Path
+    keyid: str
+
+
+def generate_keypair(directory: Path | str, name: str = "operator", passphrase: bytes | None = None) -> KeyPaths:
+    """Create an Ed25519 key pair in ``directory`` and add it to ``directory/trusted_keys.json``."""
+    directory = Path(directory)
+    if not _NAME.fullmatch(name):
+        raise ManifestError(
+            f"key name {name!r} is not a plain file name",
+            hint="use letters, digits, '.', '_' or '-' (e.g. 'operator')",
+        )
+    if passphrase is not None and (not isinstance(passphrase, bytes) or not passphrase):
+        raise ManifestError("passphrase must be non-empty bytes (or None for an unencrypted key)")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_path, public_path = directory / f"{name}.key", directory / f"{name}.pub"
+    for path in (private_path, public_path):
+        if path.exists() or path.is_symlink():
+            raise ManifestError(
+                "refusing to overwrite an existing key", where=str(path), hint="choose another name or directory"
+            )
+    key = Ed25519PrivateKey.generate()
+    encryption: KeySerializationEncryption = BestAvailableEncryption(passphrase) if passphrase else NoEncryption()
+    private_pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, encryption)
+    created: list[Path] = []
+    try:
+        _write_new_file(private_path, private_pem, 0o600)
+        created.append(private_path)
+        _write_new_file(public_path, public_key_pem(key.public_key()).encode("ascii"), 0o644)
+        created.append(public_path)
+        trusted = add_trusted_key(directory / TRUSTED_KEYS_NAME, key.public_key(), name)
+    except FileExistsError as exc:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise ManifestError("refusing to overwrite an existing key", where=str(exc.filename)) from None
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
+    keyid = keyid_for(key.public_key())
+    logger.info("generated Ed25519 key %s (keyid %s) in %s", name, keyid[:12], directory)
+    return KeyPaths(private_path, public_path, trusted, keyid)
+
+
+def _write_new_file(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` exclusively with ``mode`` from the start (no window where it is more open)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    try:
+        os.fchmod(fd, mode)  # the umask may have narrowed it; make it exactly ``mode``
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def add_trusted_key(trusted_keys: Path | str, public_key: Ed25519PublicKey, name: str) -> Path:
+    """Add ``public_key`` to the allowlist file (created with threshold 1 when missing); written atomically.
+    A key already listed is left as it is."""
+    path = Path(trusted_keys)
+    if path.exists():
+        try:
+            load_trusted_keys(path)  # validate before touching it
+            doc = json.loads(path.read_bytes())
+        except TrustedKeysError as exc:
+            raise ManifestError(str(exc), where=str(path), hint="fix or remove the trusted keys file") from None
+    else:
+        doc = {"version": TRUSTED_KEYS_FORMAT_VERSION, "threshold": 1, "keys": []}
+    entry = trusted_key_entry(public_key, name)
+    if any(existing["keyid"] == entry["keyid"] for existing in doc["keys"]):
+        return path
+    doc["keys"].append(entry)
+    atomic_write_bytes(path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
+    return path
+
+
+def load_private_key(path: Path | str, passphrase: bytes | None = None) -> Ed25519PrivateKey:
+    """Load an Ed25519 private key (PKCS#8 PEM). Refuses a key file that group or others can access."""
+    path = Path(path)
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ManifestError("signing key not found", where=str(path), hint="run generate_keypair first") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ManifestError("signing key is not a regular file", where=str(path))
+    loose = stat.S_IMODE(info.st_mode) & 0o077
+    if loose:
+        raise ManifestError(
+            f"private key is accessible to group/others (mode {stat.S_IMODE(info.st_mode):04o}); refusing to use it",
+            where=str(path),
+            hint=f"chmod 600 {path}",
+        )
+    with open(path, "rb") as handle:
+        data = handle.read(_MAX_KEY_FILE_BYTES + 1)
+    if len(data) > _MAX_KEY_FILE_BYTES:
+        raise ManifestError("file is too large to be a private key", where=str(path))
+    try:
+        key = load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:
+        if passphrase is None:
+            raise ManifestError(
+                "private key is encrypted but no passphrase was given", where=str(path), hint="pass the passphrase"
+            ) from None
+        raise ManifestError(
+            f"a passphrase was given but the private key is not encrypted ({exc})",
+            where=str(path),
+            hint="call without a passphrase",
+        ) from None
+    except ValueError:
+        if passphrase is not None:
+            raise ManifestError("wrong passphrase (or corrupt key file)", where=str(path)) from None
+        raise ManifestError("not a PEM private key (corrupt or wrong file)", where=str(path)) from None
+    except UnsupportedAlgorithm as exc:
+        raise ManifestError(f"cannot load private key: {exc}", where=str(path)) from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ManifestError(
+            f"signing key is a {type(key).__name__}, not an Ed25519 key",
+            where=str(path),
+            hint="generate one with navcache.keys.generate_keypair",
+        )
+    return key
+
+
+def load_public_key(path: Path | str) -> Ed25519PublicKey:
+    """Load an Ed25519 public key (SubjectPublicKeyInfo PEM)."""
+    path = Path(path)
+    try:
+        key = load_pem_public_key(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ManifestError(f"cannot load public key: {exc}", where=str(path)) from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ManifestError(f"public key is a {type(key).__name__}, not Ed25519", where=str(path))
+    return key

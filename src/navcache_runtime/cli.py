@@ -1,0 +1,183 @@
+"""Onboard command line: ``python -m navcache_runtime verify|inspect`` (also ``navcache verify|inspect``).
+
+Standard library only (argparse, plain text), so it runs on the drone with just the runtime package.
+Exit codes: 0 verified, 1 refused, 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import binascii
+import json
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from .errors import InferenceRuntimeError
+from .naming import parse_engine_name
+from .verify import MANIFEST_NAME, VerificationReport, loads_strict, verify_cache
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+def _print_report(report: VerificationReport) -> None:
+    rows = [[a.path, "OK" if a.ok else "FAIL", "" if a.ok else f"{a.reason}: {a.message}"] for a in report.artifacts]
+    if rows:
+        print(_table(rows, ["artifact", "status", "reason"]))
+        print()
+    for failure in report.failures:
+        print(f"FAIL  {failure}")
+    for warning in report.warnings:
+        print(f"warn  {warning}")
+    verdict = "VERIFIED" if report.ok else "REFUSED"
+    print(
+        f"{verdict}: {report.cache_root} ({report.mode}) sortie {report.sortie_id} version {report.version}, "
+        f"expires {report.expires}; {len(report.artifacts)} artifacts, {len(report.failures)} failures, "
+        f"{report.bytes_hashed / 1e6:.1f} MB hashed in {report.elapsed_s:.2f} s"
+    )
+
+
+def _parse_now(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise SystemExit(f"error: --now {text!r} is not an ISO 8601 time (e.g. 2026-11-23T08:00:00Z)") from None
+    if moment.tzinfo is None:
+        raise SystemExit("error: --now needs a time zone (e.g. 2026-11-23T08:00:00Z)")
+    return moment
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    if not args.cache.is_dir():
+        print(f"error: cache directory {args.cache} does not exist", file=sys.stderr)
+        return 2
+    try:
+        report = verify_cache(
+            args.cache,
+            args.trusted_keys,
+            mode=args.mode,
+            now=_parse_now(args.now),
+            state_path=args.state,
+            strict_extra=args.strict_extra or None,
+        )
+    except InferenceRuntimeError as exc:  # unreadable or invalid trusted-keys file
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(report.to_json())
+    else:
+        _print_report(report)
+    if "trusted_keys_invalid" in {str(code) for code in report.codes}:
+        return 2  # a configuration problem on this side, not a verdict on the cache
+    return 0 if report.ok else 1
+
+
+def _read_statement(cache: Path) -> dict[str, Any]:
+    envelope = loads_strict((cache / MANIFEST_NAME).read_bytes(), allow_floats=False)
+    return dict(loads_strict(base64.b64decode(envelope["payload"], validate=True)))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        statement = _read_statement(args.cache)
+    except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+        print(f"error: cannot read {args.cache / MANIFEST_NAME}: {exc}", file=sys.stderr)
+        return 2
+    predicate = statement.get("predicate", {})
+    status = "UNVERIFIED (give --trusted-keys to verify)"
+    code = 0
+    if args.trusted_keys is not None:
+        report = verify_cache(args.cache, args.trusted_keys, mode="operator")
+        status = "VERIFIED" if report.ok else f"REFUSED ({len(report.failures)} failures: run verify for details)"
+        code = 0 if report.ok else 1
+    subjects = [s["name"] for s in statement.get("subject", [])]
+    lengths = predicate.get("artifacts", {})
+    sizes: Counter[str] = Counter()
+    for name in subjects:
+        sizes[name.split("/")[0]] += int(lengths.get(name, {}).get("length", 0))
+    coverage = predicate.get("coverage", {})
+    print(
+        f"cache      {args.cache}\nmanifest   version {predicate.get('version')}, issued {predicate.get('issued_at')}, "
+        f"expires {predicate.get('expires')} — {status}"
+    )
+    print(
+        f"sortie     {predicate.get('sortie_id')}; coverage {coverage.get('percent_x100', 0) / 100:.2f} % "
+        f"({coverage.get('covered')} of {coverage.get('total')} tiles)"
+    )
+    print(f"artifacts  {len(subjects)}: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items())))
+    engines = []
+    for name in subjects:
+        if name.startswith("engines/") and not name.endswith(".sha256"):
+            try:
+                parsed = parse_engine_name(Path(name).name)
+            except InferenceRuntimeError:
+                continue
+            engines.append(
+                [
+                    parsed.model,
+                    parsed.runtime_label,
+                    parsed.precision,
+                    ", ".join(f"{k}={v}" for k, v in parsed.host.pinned().items()),
+                    "yes" if parsed.eager else "",
+                ]
+            )
+    if engines:
+        print()
+        print(_table(engines, ["engine", "runtime", "precision", "tied to", "eager"]))
+    for name in subjects:
+        if name.startswith("index/") and name.endswith(".json"):
+            try:
+                report_doc = json.loads((args.cache / name).read_text())
+            except (OSError, ValueError):
+                continue
+            print(
+                f"\nindex      {report_doc.get('type')} over {report_doc.get('n')} vectors of dim "
+                f"{report_doc.get('dim')}; recall@1 {report_doc.get('recall_at_1')}, "
+                f"recall@10 {report_doc.get('recall_at_10')}"
+            )
+    return code
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="navcache", description="Onboard cache verification.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    verify = sub.add_parser("verify", help="verify a cache before take-off (fail-closed)")
+    verify.add_argument("cache", type=Path, help="the cache directory")
+    verify.add_argument("--trusted-keys", type=Path, required=True, help="trusted keys file (JSON)")
+    verify.add_argument(
+        "--mode",
+        choices=("airborne", "operator"),
+        default="airborne",
+        help="operator also re-derives the coverage digest from the coverage table",
+    )
+    verify.add_argument("--now", help="verify as of this time (ISO 8601 with zone); default: now")
+    verify.add_argument("--state", type=Path, help="the device's last-accepted-version file (rollback check)")
+    verify.add_argument("--strict-extra", action="store_true", help="fail on files the manifest does not list")
+    verify.add_argument("--json", action="store_true", help="machine-readable report on stdout")
+    verify.set_defaults(handler=cmd_verify)
+    inspect = sub.add_parser("inspect", help="show what a cache holds")
+    inspect.add_argument("cache", type=Path)
+    inspect.add_argument("--trusted-keys", type=Path, help="also verify against these keys")
+    inspect.set_defaults(handler=cmd_inspect)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.handler(args))
+
+
+def console_main() -> None:
+    sys.exit(main())

@@ -1,0 +1,1313 @@
+"""Fail-closed verification of a signed navigation cache (onboard side).
+
+The cache root holds the artifacts and ``manifest.dsse.json``: a DSSE envelope around an in-toto
+Statement v1 whose predicate (type ``https://navcache.dev/manifest/v1``) describes the sortie. Nothing in
+the payload is looked at before enough trusted keys have signed the exact bytes received, and the payload
+is never re-serialised. :class:`CacheVerifier` runs these steps in order and *collects* every failure into
+a :class:`VerificationReport` (a step whose input is untrusted is skipped and named in ``skipped``):
+
+1. **envelope** — bounded read (``max_manifest_bytes``; an oversized file is refused from its size,
+   unread); JSON object with exactly ``payload``, ``payloadType``, ``signatures`` (each signature exactly
+   ``sig`` and optional ``keyid``); no duplicate keys; canonical standard base64; ``payloadType`` on the
+   allowlist.
+2. **signatures** — Ed25519 over DSSE ``PAE(payloadType, payload)``; each signature is tried against every
+   trusted key (the ``keyid`` is only a hint); the number of *distinct* keys that verified must reach the
+   threshold. A second signature by the same key does not count.
+3. **payload** — strict JSON (UTF-8, duplicate keys and any float/NaN refused) and the schema of the
+   Statement and predicate.
+4. **freshness** — ``expires`` after ``now`` (one fixed instant), ``issued_at`` not in the future beyond
+   the allowed clock skew, ``version`` not below the last version accepted on this device (state file) and
+   not reused for different content.
+5. **subjects** — relative POSIX paths only (no ``..``, absolute paths, backslashes, empty or ``.``
+   components), no duplicates, subjects == ``predicate.artifacts``; takeoff inside ``area``.
+6. **artifacts** — under the cache root (symlinks may not lead outside it), regular files; length from
+   ``fstat`` first (a wrong length is reported without hashing), then a streamed, length-bounded sha256.
+   Artifacts are hashed in parallel threads (hashlib releases the GIL on large updates).
+7. **extra files** — files under the cache root that the manifest does not list are reported (warnings;
+   failures with ``strict_extra=True``). Not reported: the manifest itself, temp files
+   ``.navcache-tmp-*``, lock files ``*.lock``, the device state file, and the ``.sha256`` sidecar of a
+   listed artifact (the manifest already pins the artifact's bytes; a bad sidecar only makes the engine
+   gate refuse, which is fail-closed).
+8. **coverage** — ``operator`` mode re-derives the coverage digest (and counts) from the signed coverage
+   table; ``airborne`` mode trusts the signed aggregate (whose internal consistency is still checked).
+
+After a fully successful verification the device state file (when given) records the accepted version,
+written atomically.
+
+Signed-data conventions (the provisioning side writes them, see ``navcache.manifest``): integers only, no
+floats anywhere; coordinates are scaled integers, degrees * 10^7 (``lat_e7``, ``lon_e7``); ``area`` is a
+GeoJSON ``Polygon`` or ``MultiPolygon`` whose positions are ``[lon_e7, lat_e7]`` (RFC 7946 order), rings
+closed, planar in lon/lat (an area must not cross the antimeridian); times are RFC 3339 UTC with seconds
+precision (``2026-11-23T12:00:00Z``).
+
+Deviation from DSSE's "consumers MUST ignore unrecognized fields": the *unsigned* envelope may carry no
+field other than the DSSE ones, and only standard (not URL-safe) canonical base64 is accepted: an unsigned
+envelope has no business carrying anything else. Unknown fields inside the signed Statement and predicate
+are ignored, as in-toto's parsing rules require.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import enum
+import errno
+import fnmatch
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import stat
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal, TypeGuard
+
+from cryptography.exceptions import InvalidSignature
+
+from .coverage import coverage_digest
+from .errors import InferenceRuntimeError
+from .integrity import SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
+from .trust import TrustedKeys, TrustedKeysError, load_trusted_keys
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.dsse.json"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PREDICATE_TYPE = "https://navcache.dev/manifest/v1"
+STATE_FORMAT_VERSION = 1
+E7 = 10_000_000
+MAX_LAT_E7 = 90 * E7
+MAX_LON_E7 = 180 * E7
+
+Mode = Literal["airborne", "operator"]
+MODES: tuple[Mode, ...] = ("airborne", "operator")
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_ENVELOPE_FIELDS = frozenset({"payload", "payloadType", "signatures"})
+_SIGNATURE_FIELDS = frozenset({"keyid", "sig"})
+_ED25519_SIG_BYTES = 64
+
+
+class FailureCode(enum.StrEnum):
+    """Typed reasons. Values are stable strings (they appear in JSON reports and logs)."""
+
+    TRUSTED_KEYS_INVALID = "trusted_keys_invalid"
+    MANIFEST_MISSING = "manifest_missing"
+    ENVELOPE_UNREADABLE = "envelope_unreadable"
+    ENVELOPE_TOO_LARGE = "envelope_too_large"
+    ENVELOPE_MALFORMED = "envelope_malformed"
+    PAYLOAD_TYPE_UNSUPPORTED = "payload_type_unsupported"
+    SIGNATURE_MALFORMED = "signature_malformed"
+    SIGNATURE_INVALID = "signature_invalid"
+    SIGNATURE_UNTRUSTED = "signature_untrusted"
+    SIGNATURE_DUPLICATE_KEY = "signature_duplicate_key"
+    KEYID_HINT_MISMATCH = "keyid_hint_mismatch"
+    THRESHOLD_NOT_MET = "threshold_not_met"
+    PAYLOAD_MALFORMED = "payload_malformed"
+    PAYLOAD_DUPLICATE_KEY = "payload_duplicate_key"
+    PAYLOAD_FLOAT = "payload_float"
+    STATEMENT_TYPE_UNSUPPORTED = "statement_type_unsupported"
+    SCHEMA_INVALID = "schema_invalid"
+    EXPIRED = "expired"
+    NOT_YET_VALID = "not_yet_valid"
+    ROLLBACK = "rollback"
+    VERSION_REUSED = "version_reused"
+    ROLLBACK_UNCHECKED = "rollback_unchecked"
+    STATE_INVALID = "state_invalid"
+    STATE_WRITE_FAILED = "state_write_failed"
+    PATH_ABSOLUTE = "path_absolute"
+    PATH_TRAVERSAL = "path_traversal"
+    PATH_INVALID = "path_invalid"
+    SUBJECT_DUPLICATE = "subject_duplicate"
+    ARTIFACT_LIST_MISMATCH = "artifact_list_mismatch"
+    AREA_INVALID = "area_invalid"
+    TAKEOFF_OUTSIDE_AREA = "takeoff_outside_area"
+    ARTIFACT_MISSING = "artifact_missing"
+    ARTIFACT_SYMLINK_ESCAPE = "artifact_symlink_escape"
+    ARTIFACT_NOT_REGULAR = "artifact_not_regular"
+    ARTIFACT_UNREADABLE = "artifact_unreadable"
+    ARTIFACT_LENGTH_MISMATCH = "artifact_length_mismatch"
+    ARTIFACT_DIGEST_MISMATCH = "artifact_digest_mismatch"
+    EXTRA_FILE = "extra_file"
+    COVERAGE_INCONSISTENT = "coverage_inconsistent"
+    COVERAGE_TABLE_INVALID = "coverage_table_invalid"
+    COVERAGE_MISMATCH = "coverage_mismatch"
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One reason to refuse (or, in ``warnings``, to look closer). ``subject`` names what it is about."""
+
+    code: FailureCode
+    subject: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"[{self.code}] {self.subject}: {self.message}"
+
+
+@dataclass(frozen=True)
+class ArtifactResult:
+    path: str
+    ok: bool
+    reason: FailureCode | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class VerifierConfig:
+    """Explicit limits and policy. Defaults suit an onboard cache of a few GB and ~10^5 artifacts."""
+
+    max_manifest_bytes: int = 16 << 20
+    max_signatures: int = 16
+    max_artifacts: int = 200_000
+    max_area_vertices: int = 100_000
+    max_coverage_table_bytes: int = 512 << 20
+    max_state_bytes: int = 64 << 10
+    allowed_payload_types: frozenset[str] = frozenset({PAYLOAD_TYPE})
+    allowed_predicate_types: frozenset[str] = frozenset({PREDICATE_TYPE})
+    clock_skew: timedelta = timedelta(minutes=5)
+    hash_workers: int | None = None  # None → os.cpu_count()
+    hash_chunk_bytes: int = 1 << 20
+    ignored_extra_patterns: tuple[str, ...] = (f"{TEMP_PREFIX}*", "*.lock")
+    max_extra_reported: int = 1000
+    strict_extra: bool = False
+
+
+@dataclass
+class VerificationReport:
+    """Everything the verifier found. ``ok`` is True only when ``failures`` is empty."""
+
+    ok: bool
+    mode: str
+    cache_root: str
+    manifest: str
+    checked_at: str
+    failures: list[Failure] = field(default_factory=list)
+    warnings: list[Failure] = field(default_factory=list)
+    artifacts: list[ArtifactResult] = field(default_factory=list)
+    extra_files: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    version: int | None = None
+    issued_at: str | None = None
+    expires: str | None = None
+    sortie_id: str | None = None
+    coverage_percent_x100: int | None = None
+    verified_keyids: list[str] = field(default_factory=list)
+    payload_sha256: str | None = None
+    bytes_hashed: int = 0
+    elapsed_s: float = 0.0
+
+    @property
+    def codes(self) -> set[FailureCode]:
+        return {failure.code for failure in self.failures}
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["failures"] = [{**asdict(f), "code": str(f.code)} for f in self.failures]
+        data["warnings"] = [{**asdict(f), "code": str(f.code)} for f in self.warnings]
+        data["artifacts"] = [{**asdict(a), "reason": a.reason and str(a.reason)} for a in self.artifacts]
+        return data
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=True)
+
+    def summary(self) -> str:
+        head = "VERIFIED" if self.ok else "REFUSED"
+        lines = [
+            f"{head}: {self.cache_root} ({self.mode}) sortie={self.sortie_id} version={self.version} "
+            f"expires={self.expires} artifacts={len(self.artifacts)} failures={len(self.failures)} "
+            f"warnings={len(self.warnings)}"
+        ]
+        lines += [f"  FAIL {failure}" for failure in self.failures]
+        lines += [f"  warn {warning}" for warning in self.warnings]
+        return "\n".join(lines)
+
+    def raise_if_failed(self) -> VerificationReport:
+        if not self.ok:
+            raise CacheVerificationError(self)
+        return self
+
+
+class CacheVerificationError(InferenceRuntimeError):
+    """A cache did not verify. ``report`` holds every failure."""
+
+    def __init__(self, report: VerificationReport) -> None:
+        first = "; ".join(str(f) for f in report.failures[:3])
+        more = f" (+{len(report.failures) - 3} more)" if len(report.failures) > 3 else ""
+        super().__init__(
+            f"cache {report.cache_root} refused: {first}{more}",
+            hint="re-provision the cache on the ground and re-sign it",
+            path=report.manifest,
+        )
+        self.report = report
+
+
+# --------------------------------------------------------------------------------------------------------
+# Pure helpers (also used by the provisioning side)
+
+
+def pae(payload_type: str, payload: bytes) -> bytes:
+    """DSSE v1 pre-authentication encoding: ``"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`` where
+    LEN is the ASCII decimal *byte* length."""
+    type_bytes = payload_type.encode("utf-8")
+    return b"DSSEv1 %d %s %d %s" % (len(type_bytes), type_bytes, len(payload), payload)
+
+
+def relpath_problem(name: object) -> tuple[FailureCode, str] | None:
+    """Why ``name`` is not an acceptable artifact path (relative POSIX, normalised), or None."""
+    if not isinstance(name, str) or not name:
+        return FailureCode.PATH_INVALID, "path must be a non-empty string"
+    if len(name.encode("utf-8", "surrogatepass")) > 4096:
+        return FailureCode.PATH_INVALID, "path is longer than 4096 bytes"
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
+        return FailureCode.PATH_INVALID, "path contains control characters"
+    if "\\" in name:
+        return FailureCode.PATH_INVALID, "path contains a backslash (POSIX separators only)"
+    if name.startswith("/") or _DRIVE.match(name):
+        return FailureCode.PATH_ABSOLUTE, "absolute path (artifacts are relative to the cache root)"
+    parts = name.split("/")
+    if ".." in parts:
+        return FailureCode.PATH_TRAVERSAL, "path contains a '..' component"
+    if any(part in ("", ".") for part in parts):
+        return FailureCode.PATH_INVALID, "path has an empty or '.' component (not normalised)"
+    if name == MANIFEST_NAME:
+        return FailureCode.PATH_INVALID, "the manifest cannot list itself"
+    return None
+
+
+def percent_x100_bounds(covered: int, total: int) -> tuple[int, int]:
+    """The acceptable ``percent_x100`` for ``covered`` of ``total``: 10000 * covered / total rounded down or
+    up (so both floor and round-to-nearest conventions are accepted); 0 for an empty area."""
+    if total <= 0:
+        return 0, 0
+    low, remainder = divmod(covered * 10_000, total)
+    return low, low + (1 if remainder else 0)
+
+
+def format_rfc3339(moment: datetime) -> str:
+    """UTC, seconds precision: ``2026-11-23T12:00:00Z`` (sub-second part truncated)."""
+    if moment.tzinfo is None:
+        raise ValueError("datetime must be timezone-aware")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_rfc3339(text: object) -> datetime | None:
+    """Parse the one accepted form (``YYYY-MM-DDTHH:MM:SSZ``); None when it is anything else."""
+    if not isinstance(text, str) or not _RFC3339_UTC.fullmatch(text):
+        return None
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def is_int(value: object) -> TypeGuard[int]:
+    """A JSON integer (bool is not one)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class _DuplicateKeyError(Exception):
+    pass
+
+
+class _FloatError(Exception):
+    pass
+
+
+def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise _DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
+def _refuse_float(text: str) -> Any:
+    raise _FloatError(text)
+
+
+def loads_strict(data: bytes, *, allow_floats: bool = False) -> Any:
+    """UTF-8 JSON with duplicate keys refused, and non-integer numbers (floats, NaN, Infinity) too unless
+    ``allow_floats`` (for unsigned-but-hashed artifacts such as the coverage table; NaN/Infinity never).
+
+    Raises ``ValueError`` with a message naming the problem; ``.code`` on the exception is the
+    :class:`FailureCode` to report."""
+    try:
+        text = data.decode("utf-8")
+        return json.loads(
+            text,
+            object_pairs_hook=_pairs_without_duplicates,
+            parse_float=float if allow_floats else _refuse_float,
+            parse_constant=_refuse_float,
+        )
+    except _DuplicateKeyError as exc:
+        raise _coded(FailureCode.PAYLOAD_DUPLICATE_KEY, f"duplicate JSON key {exc.args[0]!r}") from None
+    except _FloatError as exc:
+        raise _coded(FailureCode.PAYLOAD_FLOAT, f"non-integer number {exc.args[0]!r} (floats are refused)") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise _coded(FailureCode.PAYLOAD_MALFORMED, f"not valid JSON: {exc}") from None
+
+
+def _coded(code: FailureCode, message: str) -> ValueError:
+    error = ValueError(message)
+    error.code = code  # type: ignore[attr-defined]
+    return error
+
+
+def _b64decode_canonical(text: object) -> bytes | None:
+    """Standard base64 with padding, in its one canonical spelling; None otherwise."""
+    if not isinstance(text, str):
+        return None
+    try:
+        raw = text.encode("ascii")
+        data = base64.b64decode(raw, validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        return None
+    return data if base64.b64encode(data) == raw else None
+
+
+def _read_bounded(path: Path, limit: int) -> bytes:
+    """Read at most ``limit`` bytes; a larger file raises ``OSError(EFBIG)`` after reading ≤ limit + 1
+    bytes (its size is checked with fstat first, so a huge file is not read at all)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    with open(fd, "rb", buffering=0) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"{info.st_size} bytes exceeds the limit of {limit}")
+        chunks: list[bytes] = []
+        remaining = limit + 1
+        while remaining > 0:
+            chunk = handle.read(min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+    data = b"".join(chunks)
+    if len(data) > limit:
+        raise OSError(errno.EFBIG, f"more than the limit of {limit} bytes (the file grew while read)")
+    return data
+
+
+def hash_open_file(handle: Any, limit: int, chunk_size: int = 1 << 20) -> tuple[int, str]:
+    """Stream sha256 over at most ``limit`` bytes of an open binary file; returns (bytes read, hex)."""
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    total = 0
+    while total < limit:
+        want = min(chunk_size, limit - total)
+        n = handle.readinto(view[:want])
+        if not n:
+            break
+        digest.update(view[:n])
+        total += n
+    return total, digest.hexdigest()
+
+
+def hash_artifact(path: Path | str, chunk_size: int = 1 << 20) -> tuple[int, str]:
+    """(length, sha256 hex) of a regular file, measured on one open descriptor."""
+    with open(path, "rb", buffering=0) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        # Read one byte past the stat size, so a file that grows meanwhile is noticed (length ≠ size).
+        length, hexdigest = hash_open_file(handle, info.st_size + 1, chunk_size)
+    if length != info.st_size:
+        raise OSError(errno.EAGAIN, f"{path} changed size while it was hashed")
+    return length, hexdigest
+
+
+def hash_workers(configured: int | None = None) -> int:
+    return max(1, configured or os.cpu_count() or 1)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Geometry on scaled integers
+
+
+_INSIDE, _OUTSIDE, _BOUNDARY = 1, 0, -1
+
+
+def _ring_position(ring: Sequence[tuple[int, int]], px: int, py: int) -> int:
+    """Ray casting toward +x with exact integer arithmetic; points on an edge are ``_BOUNDARY``."""
+    inside = False
+    for (ax, ay), (bx, by) in itertools.pairwise(ring):
+        cross = (bx - ax) * (py - ay) - (by - ay) * (px - ax)
+        if cross == 0 and min(ax, bx) <= px <= max(ax, bx) and min(ay, by) <= py <= max(ay, by):
+            return _BOUNDARY
+        if (ay > py) != (by > py):
+            # The edge crosses the horizontal line y = py at x = ax + (py - ay)(bx - ax)/(by - ay);
+            # the ray from px counts it when px < x. Multiply out by (by - ay), minding its sign.
+            lhs = (px - ax) * (by - ay)
+            rhs = (py - ay) * (bx - ax)
+            if (lhs < rhs) if by > ay else (lhs > rhs):
+                inside = not inside
+    return _INSIDE if inside else _OUTSIDE
+
+
+def point_in_area(polygons: Sequence[Sequence[Sequence[tuple[int, int]]]], lon_e7: int, lat_e7: int) -> bool:
+    """True when the point lies in (or on the boundary of) any polygon; holes exclude their interior."""
+    for rings in polygons:
+        outer = _ring_position(rings[0], lon_e7, lat_e7)
+        if outer == _OUTSIDE:
+            continue
+        if outer == _BOUNDARY:
+            return True
+        holes = [_ring_position(hole, lon_e7, lat_e7) for hole in rings[1:]]
+        if _BOUNDARY in holes or _INSIDE not in holes:
+            return True
+    return False
+
+
+def parse_area(area: object, max_vertices: int) -> tuple[list[list[list[tuple[int, int]]]] | None, str]:
+    """Validate a GeoJSON Polygon/MultiPolygon of ``[lon_e7, lat_e7]`` integer positions."""
+    if not isinstance(area, dict):
+        return None, "area must be a GeoJSON geometry object"
+    kind, coords = area.get("type"), area.get("coordinates")
+    if kind == "Polygon":
+        raw_polygons = [coords]
+    elif kind == "MultiPolygon":
+        if not isinstance(coords, list) or not coords:
+            return None, "MultiPolygon coordinates must be a non-empty list of polygons"
+        raw_polygons = coords
+    else:
+        return None, f"area type must be 'Polygon' or 'MultiPolygon', got {kind!r}"
+    polygons: list[list[list[tuple[int, int]]]] = []
+    vertices = 0
+    for p, raw_rings in enumerate(raw_polygons):
+        if not isinstance(raw_rings, list) or not raw_rings:
+            return None, f"polygon {p} must be a non-empty list of rings"
+        rings: list[list[tuple[int, int]]] = []
+        for r, raw_ring in enumerate(raw_rings):
+            where = f"polygon {p} ring {r}"
+            if not isinstance(raw_ring, list) or len(raw_ring) < 4:
+                return None, f"{where} must list at least 4 positions"
+            vertices += len(raw_ring)
+            if vertices > max_vertices:
+                return None, f"area has more than {max_vertices} vertices"
+            ring: list[tuple[int, int]] = []
+            for position in raw_ring:
+                if not (isinstance(position, list) and len(position) == 2 and all(map(is_int, position))):
+                    return None, f"{where}: positions must be [lon_e7, lat_e7] integer pairs, got {position!r}"
+                lon, lat = position
+                if not (-MAX_LON_E7 <= lon <= MAX_LON_E7 and -MAX_LAT_E7 <= lat <= MAX_LAT_E7):
+                    return None, f"{where}: position {position} is outside [-180e7, 180e7] x [-90e7, 90e7]"
+                ring.append((lon, lat))
+            if ring[0] != ring[-1]:
+                return None, f"{where} is not closed (first position != last)"
+            rings.append(ring)
+        polygons.append(rings)
+    return polygons, ""
+
+
+# --------------------------------------------------------------------------------------------------------
+# The verifier
+
+
+@dataclass
+class _Envelope:
+    payload_type: str
+    payload: bytes
+    signatures: list[tuple[str, bytes | None, str]]  # (keyid hint, decoded sig or None, problem)
+
+
+@dataclass
+class _Manifest:
+    """The fields of the predicate that passed their schema check (None where they did not)."""
+
+    subjects: list[tuple[str, str | None]] = field(default_factory=list)  # (name, sha256 or None)
+    lengths: dict[str, int | None] = field(default_factory=dict)
+    version: int | None = None
+    issued_at: datetime | None = None
+    expires: datetime | None = None
+    sortie_id: str | None = None
+    takeoff: tuple[int, int] | None = None
+    area: list[list[list[tuple[int, int]]]] | None = None
+    coverage: dict[str, Any] | None = None
+
+
+def _parse_envelope(raw: bytes, config: VerifierConfig) -> tuple[_Envelope | None, list[Failure]]:
+    """Shape of the unsigned envelope. Returns the envelope unless its structure is unusable."""
+    subject = "envelope"
+    try:
+        doc = loads_strict(raw)
+    except ValueError as exc:
+        return None, [Failure(FailureCode.ENVELOPE_MALFORMED, subject, str(exc))]
+    if not isinstance(doc, dict):
+        return None, [Failure(FailureCode.ENVELOPE_MALFORMED, subject, "must be a JSON object")]
+    problems = []
+    missing, unknown = sorted(_ENVELOPE_FIELDS - set(doc)), sorted(set(doc) - _ENVELOPE_FIELDS)
+    if missing:
+        problems.append(f"missing field(s) {missing}")
+    if unknown:
+        problems.append(f"unknown field(s) {unknown} (the unsigned envelope may carry only the DSSE fields)")
+    payload_type = doc.get("payloadType")
+    if "payloadType" in doc and not isinstance(payload_type, str):
+        problems.append("payloadType must be a string")
+    payload = _b64decode_canonical(doc.get("payload"))
+    if "payload" in doc and payload is None:
+        problems.append("payload is not canonical standard base64")
+    raw_sigs = doc.get("signatures")
+    if "signatures" in doc and (not isinstance(raw_sigs, list) or not raw_sigs):
+        problems.append("signatures must be a non-empty list")
+    elif isinstance(raw_sigs, list) and len(raw_sigs) > config.max_signatures:
+        problems.append(f"more than {config.max_signatures} signatures")
+    if problems:
+        return None, [Failure(FailureCode.ENVELOPE_MALFORMED, subject, p) for p in problems]
+    assert isinstance(payload_type, str) and payload is not None and isinstance(raw_sigs, list)
+    failures: list[Failure] = []
+    if payload_type not in config.allowed_payload_types:
+        failures.append(
+            Failure(
+                FailureCode.PAYLOAD_TYPE_UNSUPPORTED,
+                "envelope.payloadType",
+                f"{payload_type!r} is not one of {sorted(config.allowed_payload_types)}",
+            )
+        )
+    signatures: list[tuple[str, bytes | None, str]] = []
+    for index, entry in enumerate(raw_sigs):
+        where = f"signatures[{index}]"
+        if not isinstance(entry, dict) or "sig" not in entry or set(entry) - _SIGNATURE_FIELDS:
+            return None, [Failure(FailureCode.ENVELOPE_MALFORMED, where, "must be an object {'keyid'?, 'sig'}")]
+        keyid = entry.get("keyid", "")
+        if not isinstance(keyid, str):
+            return None, [Failure(FailureCode.ENVELOPE_MALFORMED, where, "keyid must be a string")]
+        sig = _b64decode_canonical(entry["sig"])
+        if sig is None:
+            signatures.append((keyid, None, "sig is not canonical standard base64"))
+        elif len(sig) != _ED25519_SIG_BYTES:
+            signatures.append((keyid, None, f"sig is {len(sig)} bytes, an Ed25519 signature is 64"))
+        else:
+            signatures.append((keyid, sig, ""))
+    return _Envelope(payload_type, payload, signatures), failures
+
+
+def read_manifest_version(manifest_path: Path | str, *, max_bytes: int = 16 << 20) -> int:
+    """The ``predicate.version`` of an existing manifest, read WITHOUT checking its signature.
+
+    For the provisioning side only (so that a new manifest never goes backwards, even when the old one no
+    longer verifies). Uses the same bounded read and strict parsing as the verifier. Raises
+    ``FileNotFoundError`` when there is no manifest and ``ValueError`` when no version can be read."""
+    path = Path(manifest_path)
+    try:
+        raw = _read_bounded(path, max_bytes)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    envelope, failures = _parse_envelope(raw, VerifierConfig(max_manifest_bytes=max_bytes))
+    if envelope is None:
+        raise ValueError(f"{path}: {failures[0].message}")
+    statement = loads_strict(envelope.payload)
+    predicate = statement.get("predicate") if isinstance(statement, dict) else None
+    version = predicate.get("version") if isinstance(predicate, dict) else None
+    if not is_int(version) or version < 1:
+        raise ValueError(f"{path}: payload has no integer predicate.version")
+    return int(version)
+
+
+def _check_arguments(mode: str, now: datetime | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if now is not None and (now.tzinfo is None or now.utcoffset() is None):
+        raise ValueError("now must be timezone-aware (e.g. datetime.now(UTC))")
+
+
+class CacheVerifier:
+    """Ordered, fail-closed checks of one cache against one set of trusted keys (see module docstring).
+
+    Construct, then call :meth:`run` once. Failures are collected, never raised; only programming errors
+    (bad mode, naive ``now``) raise."""
+
+    STEPS = ("envelope", "signatures", "payload", "freshness", "subjects", "artifacts", "extras", "coverage")
+
+    def __init__(
+        self,
+        cache_root: Path | str,
+        trusted: TrustedKeys,
+        *,
+        mode: Mode = "airborne",
+        now: datetime | None = None,
+        state_path: Path | str | None = None,
+        manifest_path: Path | str | None = None,
+        config: VerifierConfig | None = None,
+    ) -> None:
+        _check_arguments(mode, now)
+        self.cache_root = Path(cache_root)
+        self.trusted = trusted
+        self.mode = mode
+        self.now = (now or datetime.now(UTC)).astimezone(UTC)  # one instant for every time check
+        self.state_path = Path(state_path) if state_path is not None else None
+        self.manifest_path = Path(manifest_path) if manifest_path is not None else self.cache_root / MANIFEST_NAME
+        self.config = config or VerifierConfig()
+        self.report = VerificationReport(
+            ok=False,
+            mode=mode,
+            cache_root=str(self.cache_root),
+            manifest=str(self.manifest_path),
+            checked_at=format_rfc3339(self.now),
+        )
+        self._envelope: _Envelope | None = None
+        self._manifest = _Manifest()
+        self._state: dict[str, Any] | None = None
+
+    # -- bookkeeping -------------------------------------------------------------------------------------
+
+    def _fail(self, code: FailureCode, subject: str, message: str) -> None:
+        self.report.failures.append(Failure(code, subject, message))
+
+    def _warn(self, code: FailureCode, subject: str, message: str) -> None:
+        self.report.warnings.append(Failure(code, subject, message))
+
+    # -- driver ------------------------------------------------------------------------------------------
+
+    def run(self) -> VerificationReport:
+        started = time.perf_counter()
+        gated_steps = (
+            ("envelope", self._step_envelope),
+            ("signatures", self._step_signatures),
+            ("payload", self._step_payload),
+        )
+        trusted_payload = True
+        for name, step in gated_steps:
+            # An unsupported payloadType is recorded by the envelope step and the signatures are still
+            # checked, so both are reported; nothing in the payload is read unless both passed. Field-level
+            # schema failures in the payload step do not stop the (independent) later steps.
+            passed = step()
+            if not passed or (name == "signatures" and self.report.failures):
+                trusted_payload = False
+                self.report.skipped = list(self.STEPS[self.STEPS.index(name) + 1 :])
+                break
+        if trusted_payload:
+            # The payload is authentic and well-formed: the remaining checks are independent, so every one
+            # runs and every failure is listed.
+            self._step_freshness()
+            self._step_subjects()
+            self._step_artifacts()
+            self._step_extras()
+            self._step_coverage()
+        self.report.ok = not self.report.failures
+        if self.report.ok:
+            self._record_state()
+            self.report.ok = not self.report.failures
+        self.report.elapsed_s = round(time.perf_counter() - started, 6)
+        log = logger.info if self.report.ok else logger.warning
+        log(
+            "verify %s mode=%s ok=%s version=%s artifacts=%d failures=%s warnings=%d hashed=%dB in %.2fs",
+            self.cache_root,
+            self.mode,
+            self.report.ok,
+            self.report.version,
+            len(self.report.artifacts),
+            sorted({str(f.code) for f in self.report.failures}),
+            len(self.report.warnings),
+            self.report.bytes_hashed,
+            self.report.elapsed_s,
+        )
+        return self.report
+
+    # -- 1. envelope -------------------------------------------------------------------------------------
+
+    def _step_envelope(self) -> bool:
+        path = self.manifest_path
+        try:
+            raw = _read_bounded(path, self.config.max_manifest_bytes)
+        except FileNotFoundError:
+            self._fail(FailureCode.MANIFEST_MISSING, path.name, f"no manifest at {path}")
+            return False
+        except OSError as exc:
+            if exc.errno == errno.EFBIG:
+                self._fail(FailureCode.ENVELOPE_TOO_LARGE, path.name, f"manifest is too large: {exc.strerror}")
+            else:
+                self._fail(FailureCode.ENVELOPE_UNREADABLE, path.name, f"cannot read manifest: {exc.strerror or exc}")
+            return False
+        envelope, failures = _parse_envelope(raw, self.config)
+        self.report.failures.extend(failures)
+        self._envelope = envelope
+        # An unsupported payloadType is recorded but the signatures are still checked (both are reported).
+        return envelope is not None
+
+    # -- 2. signatures -----------------------------------------------------------------------------------
+
+    def _step_signatures(self) -> bool:
+        envelope = self._envelope
+        assert envelope is not None
+        message = pae(envelope.payload_type, envelope.payload)
+        verified: dict[str, int] = {}
+        problems: list[Failure] = []
+        for index, (hint, sig, problem) in enumerate(envelope.signatures):
+            where = f"signatures[{index}]"
+            if sig is None:
+                problems.append(Failure(FailureCode.SIGNATURE_MALFORMED, where, problem))
+                continue
+            matched = None
+            # Every trusted key is tried; the hinted one first only because it is the likely match.
+            for keyid in sorted(self.trusted.keys, key=lambda k: k != hint):
+                try:
+                    self.trusted.keys[keyid].verify(sig, message)
+                except InvalidSignature:
+                    continue
+                matched = keyid
+                break
+            if matched is None:
+                if hint in self.trusted.keys:
+                    problems.append(
+                        Failure(
+                            FailureCode.SIGNATURE_INVALID,
+                            where,
+                            f"signature does not verify with trusted key {self.trusted.name_of(hint)!r} "
+                            "(tampered payload or signature)",
+                        )
+                    )
+                else:
+                    problems.append(
+                        Failure(
+                            FailureCode.SIGNATURE_UNTRUSTED,
+                            where,
+                            f"signature (keyid hint {hint[:12] or 'none'}…) verifies with no trusted key",
+                        )
+                    )
+            elif matched in verified:
+                problems.append(
+                    Failure(
+                        FailureCode.SIGNATURE_DUPLICATE_KEY,
+                        where,
+                        f"second signature by key {self.trusted.name_of(matched)!r} "
+                        f"(already counted at signatures[{verified[matched]}]); it does not count again",
+                    )
+                )
+            else:
+                verified[matched] = index
+                if hint and hint != matched:
+                    self._warn(FailureCode.KEYID_HINT_MISMATCH, where, "keyid hint does not name the key that verified")
+        self.report.verified_keyids = sorted(verified)
+        if len(verified) >= self.trusted.threshold:
+            self.report.warnings.extend(problems)  # extra signatures that do not verify are ignored
+            return True
+        self.report.failures.extend(problems)
+        self._fail(
+            FailureCode.THRESHOLD_NOT_MET,
+            "signatures",
+            f"{len(verified)} distinct trusted key(s) signed; the threshold is {self.trusted.threshold}",
+        )
+        return False
+
+    # -- 3. payload --------------------------------------------------------------------------------------
+
+    def _step_payload(self) -> bool:
+        envelope = self._envelope
+        assert envelope is not None
+        self.report.payload_sha256 = hashlib.sha256(envelope.payload).hexdigest()
+        try:
+            statement = loads_strict(envelope.payload)
+        except ValueError as exc:
+            self._fail(getattr(exc, "code", FailureCode.PAYLOAD_MALFORMED), "payload", str(exc))
+            return False
+        if not isinstance(statement, dict):
+            self._fail(FailureCode.PAYLOAD_MALFORMED, "payload", "the Statement must be a JSON object")
+            return False
+        if statement.get("_type") != STATEMENT_TYPE:
+            self._fail(
+                FailureCode.STATEMENT_TYPE_UNSUPPORTED,
+                "payload._type",
+                f"expected {STATEMENT_TYPE!r}, got {statement.get('_type')!r}",
+            )
+        if statement.get("predicateType") not in self.config.allowed_predicate_types:
+            self._fail(
+                FailureCode.STATEMENT_TYPE_UNSUPPORTED,
+                "payload.predicateType",
+                f"expected one of {sorted(self.config.allowed_predicate_types)}, got "
+                f"{statement.get('predicateType')!r}",
+            )
+        if self.report.failures:
+            return False
+        self._check_schema(statement)
+        # Field-level schema failures do not stop the later steps: each works on what did validate.
+        return True
+
+    def _check_schema(self, statement: dict[str, Any]) -> None:
+        m = self._manifest
+
+        def bad(where: str, message: str) -> None:
+            self._fail(FailureCode.SCHEMA_INVALID, where, message)
+
+        subjects = statement.get("subject")
+        if not isinstance(subjects, list) or not subjects:
+            bad("payload.subject", "must be a non-empty list")
+            subjects = []
+        elif len(subjects) > self.config.max_artifacts:
+            bad("payload.subject", f"more than {self.config.max_artifacts} subjects")
+            subjects = []
+        for index, entry in enumerate(subjects):
+            where = f"payload.subject[{index}]"
+            if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+                bad(where, "must be an object with a string 'name'")
+                continue
+            digest = entry.get("digest")
+            sha = digest.get("sha256") if isinstance(digest, dict) else None
+            if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+                bad(entry["name"], "digest.sha256 must be 64 lowercase hex characters")
+                sha = None
+            m.subjects.append((entry["name"], sha))
+
+        predicate = statement.get("predicate")
+        if not isinstance(predicate, dict):
+            bad("payload.predicate", "must be an object")
+            return
+
+        def pfield(name: str) -> Any:
+            if name not in predicate:
+                bad(f"predicate.{name}", "required field is missing")
+            return predicate.get(name)
+
+        artifacts = pfield("artifacts")
+        if isinstance(artifacts, dict) and len(artifacts) <= self.config.max_artifacts:
+            for name, spec in artifacts.items():
+                length = spec.get("length") if isinstance(spec, dict) else None
+                if not is_int(length) or length < 0:
+                    bad(f"predicate.artifacts[{name!r}]", "must be {'length': non-negative integer}")
+                    m.lengths[name] = None
+                else:
+                    m.lengths[name] = length
+        elif "artifacts" in predicate:
+            bad("predicate.artifacts", f"must be an object of at most {self.config.max_artifacts} entries")
+
+        sortie = pfield("sortie_id")
+        if isinstance(sortie, str) and sortie:
+            m.sortie_id = self.report.sortie_id = sortie
+        elif "sortie_id" in predicate:
+            bad("predicate.sortie_id", "must be a non-empty string")
+
+        takeoff = pfield("takeoff")
+        if isinstance(takeoff, dict) and is_int(takeoff.get("lat_e7")) and is_int(takeoff.get("lon_e7")):
+            lat, lon = takeoff["lat_e7"], takeoff["lon_e7"]
+            if -MAX_LAT_E7 <= lat <= MAX_LAT_E7 and -MAX_LON_E7 <= lon <= MAX_LON_E7:
+                m.takeoff = (lon, lat)
+            else:
+                bad("predicate.takeoff", "lat_e7/lon_e7 out of range")
+        elif "takeoff" in predicate:
+            bad("predicate.takeoff", "must be {'lat_e7': int, 'lon_e7': int}")
+
+        if "area" in predicate:
+            area, problem = parse_area(predicate["area"], self.config.max_area_vertices)
+            if area is None:
+                self._fail(FailureCode.AREA_INVALID, "predicate.area", problem)
+            m.area = area
+        else:
+            pfield("area")
+
+        host = pfield("host")
+        if "host" in predicate and not (
+            isinstance(host, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in host.items())
+        ):
+            bad("predicate.host", "must be an object of string values")
+
+        version = pfield("version")
+        if is_int(version) and version >= 1:
+            m.version = self.report.version = version
+        elif "version" in predicate:
+            bad("predicate.version", "must be an integer >= 1")
+
+        for name in ("issued_at", "expires"):
+            value = pfield(name)
+            moment = parse_rfc3339(value)
+            if moment is None and name in predicate:
+                bad(f"predicate.{name}", f"must be an RFC 3339 UTC time like 2026-11-23T12:00:00Z, got {value!r}")
+            setattr(m, name, moment)
+            setattr(self.report, name, value if moment else None)
+        if m.issued_at and m.expires and m.expires <= m.issued_at:
+            bad("predicate.expires", "expires must be later than issued_at")
+
+        tool = pfield("tool_version")
+        if "tool_version" in predicate and not isinstance(tool, str):
+            bad("predicate.tool_version", "must be a string")
+
+        coverage = pfield("coverage")
+        if "coverage" in predicate:
+            self._check_coverage_aggregate(coverage)
+
+    def _check_coverage_aggregate(self, coverage: object) -> None:
+        where = "predicate.coverage"
+        if not isinstance(coverage, dict):
+            self._fail(FailureCode.SCHEMA_INVALID, where, "must be an object")
+            return
+        digest, path = coverage.get("digest"), coverage.get("path")
+        total, covered, percent = coverage.get("total"), coverage.get("covered"), coverage.get("percent_x100")
+        problems = []
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            problems.append("digest must be 64 lowercase hex characters")
+        if not all(is_int(v) and v >= 0 for v in (total, covered, percent)):
+            problems.append("total, covered and percent_x100 must be non-negative integers")
+        problem = relpath_problem(path)
+        if problem:
+            problems.append(f"path: {problem[1]}")
+        for message in problems:
+            self._fail(FailureCode.SCHEMA_INVALID, where, message)
+        if problems:
+            return
+        assert isinstance(total, int) and isinstance(covered, int) and isinstance(percent, int)
+        low, high = percent_x100_bounds(covered, total)
+        expected = str(low) if low == high else f"{low} or {high}"
+        if covered > total or not low <= percent <= high:
+            self._fail(
+                FailureCode.COVERAGE_INCONSISTENT,
+                where,
+                f"covered={covered} total={total} percent_x100={percent} (expected {expected})",
+            )
+            return
+        self._manifest.coverage = coverage
+        self.report.coverage_percent_x100 = percent
+
+    # -- 4. freshness ------------------------------------------------------------------------------------
+
+    def _step_freshness(self) -> None:
+        m = self._manifest
+        if m.expires is not None and m.expires <= self.now:
+            self._fail(
+                FailureCode.EXPIRED,
+                "predicate.expires",
+                f"manifest expired at {format_rfc3339(m.expires)} (now {format_rfc3339(self.now)})",
+            )
+        if m.issued_at is not None and m.issued_at > self.now + self.config.clock_skew:
+            self._fail(
+                FailureCode.NOT_YET_VALID,
+                "predicate.issued_at",
+                f"issued at {format_rfc3339(m.issued_at)}, after now ({format_rfc3339(self.now)}) plus the "
+                f"allowed clock skew of {self.config.clock_skew}: check the clock",
+            )
+        if self.state_path is None:
+            self._warn(FailureCode.ROLLBACK_UNCHECKED, "state", "no device state file given: rollback not checked")
+            return
+        try:
+            self._state = self._read_state()
+        except ValueError as exc:
+            self._fail(FailureCode.STATE_INVALID, str(self.state_path), str(exc))
+            return
+        if self._state is None or m.version is None:
+            return
+        last, last_digest = self._state["version"], self._state["payload_sha256"]
+        if m.version < last:
+            self._fail(
+                FailureCode.ROLLBACK,
+                "predicate.version",
+                f"version {m.version} is older than version {last} already accepted on this device",
+            )
+        elif m.version == last and self.report.payload_sha256 != last_digest:
+            self._fail(
+                FailureCode.VERSION_REUSED,
+                "predicate.version",
+                f"version {m.version} was already accepted on this device with different content",
+            )
+
+    def _read_state(self) -> dict[str, Any] | None:
+        assert self.state_path is not None
+        try:
+            raw = _read_bounded(self.state_path, self.config.max_state_bytes)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise ValueError(f"device state file unreadable: {exc.strerror or exc}") from None
+        try:
+            state = loads_strict(raw)
+        except ValueError as exc:
+            raise ValueError(f"device state file is corrupt ({exc}); refusing rather than forgetting it") from None
+        if (
+            not isinstance(state, dict)
+            or state.get("format") != STATE_FORMAT_VERSION
+            or not is_int(state.get("version"))
+            or not isinstance(state.get("payload_sha256"), str)
+        ):
+            raise ValueError("device state file has an unexpected structure; refusing rather than forgetting it")
+        return state
+
+    def _record_state(self) -> None:
+        m = self._manifest
+        if self.state_path is None or m.version is None:
+            return
+        if self._state is not None and self._state["version"] >= m.version:
+            return  # the same version re-verified: nothing to advance
+        state = {
+            "format": STATE_FORMAT_VERSION,
+            "version": m.version,
+            "payload_sha256": self.report.payload_sha256,
+            "sortie_id": m.sortie_id,
+            "accepted_at": format_rfc3339(self.now),
+        }
+        try:
+            atomic_write_bytes(self.state_path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            self._fail(
+                FailureCode.STATE_WRITE_FAILED,
+                str(self.state_path),
+                f"verified, but the accepted version could not be recorded ({exc.strerror or exc}); "
+                "without it rollback protection cannot advance",
+            )
+
+    # -- 5. subjects -------------------------------------------------------------------------------------
+
+    def _step_subjects(self) -> None:
+        m = self._manifest
+        seen: set[str] = set()
+        for name, _ in m.subjects:
+            problem = relpath_problem(name)
+            if problem:
+                self._fail(problem[0], name, problem[1])
+            if name in seen:
+                self._fail(FailureCode.SUBJECT_DUPLICATE, name, "listed more than once in the subjects")
+            seen.add(name)
+        for name in sorted(seen - set(m.lengths)):
+            self._fail(FailureCode.ARTIFACT_LIST_MISMATCH, name, "subject is missing from predicate.artifacts")
+        for name in sorted(set(m.lengths) - seen):
+            self._fail(FailureCode.ARTIFACT_LIST_MISMATCH, name, "predicate.artifacts entry has no subject")
+        if m.coverage is not None and m.coverage["path"] not in seen:
+            self._fail(
+                FailureCode.SCHEMA_INVALID, "predicate.coverage.path", "the coverage table is not a listed artifact"
+            )
+        if m.takeoff is not None and m.area is not None and not point_in_area(m.area, *m.takeoff):
+            lon, lat = m.takeoff
+            self._fail(
+                FailureCode.TAKEOFF_OUTSIDE_AREA,
+                "predicate.takeoff",
+                f"takeoff lat={lat / E7:.7f} lon={lon / E7:.7f} is outside the signed area",
+            )
+
+    # -- 6. artifacts ------------------------------------------------------------------------------------
+
+    def _step_artifacts(self) -> None:
+        m = self._manifest
+        root_real = os.path.realpath(self.cache_root)
+        counts: dict[str, int] = {}
+        for name, _ in m.subjects:
+            counts[name] = counts.get(name, 0) + 1
+        jobs: list[tuple[str, int, str]] = []
+        results: dict[str, ArtifactResult] = {}
+        for name, sha in m.subjects:
+            if name in results:
+                continue
+            problem = relpath_problem(name)
+            length = m.lengths.get(name)
+            if problem:
+                results[name] = ArtifactResult(name, False, problem[0], problem[1])
+            elif counts[name] > 1:
+                results[name] = ArtifactResult(name, False, FailureCode.SUBJECT_DUPLICATE, "listed more than once")
+            elif name not in m.lengths:
+                results[name] = ArtifactResult(
+                    name, False, FailureCode.ARTIFACT_LIST_MISMATCH, "not in predicate.artifacts"
+                )
+            elif sha is None or length is None:
+                results[name] = ArtifactResult(name, False, FailureCode.SCHEMA_INVALID, "no valid digest/length signed")
+            else:
+                jobs.append((name, length, sha))
+        workers = min(hash_workers(self.config.hash_workers), max(1, len(jobs)))
+        jobs.sort(key=lambda job: -job[1])  # biggest first balances the threads
+        chunk = self.config.hash_chunk_bytes
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="navcache-hash") as pool:
+            outcomes = pool.map(lambda job: _check_artifact(root_real, job[0], job[1], job[2], chunk), jobs)
+            for (name, _, _), (code, message, hashed) in zip(jobs, outcomes, strict=True):
+                self.report.bytes_hashed += hashed
+                results[name] = ArtifactResult(name, code is None, code, message)
+                if code is not None:
+                    self._fail(code, name, message)
+        for name in sorted(set(m.lengths) - set(results)):
+            results[name] = ArtifactResult(name, False, FailureCode.ARTIFACT_LIST_MISMATCH, "no subject for it")
+        self.report.artifacts = sorted(results.values(), key=lambda r: r.path)
+
+    # -- 7. extra files ----------------------------------------------------------------------------------
+
+    def _step_extras(self) -> None:
+        listed = {name for name, _ in self._manifest.subjects} | set(self._manifest.lengths)
+        listed_dirs = {name.rsplit("/", i)[0] for name in listed for i in range(1, name.count("/") + 1)}
+        root = self.cache_root
+        skip = {os.path.abspath(self.manifest_path)}
+        if self.state_path is not None:
+            skip.add(os.path.abspath(self.state_path))
+        extras: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames.sort()
+            rel_dir = Path(os.path.relpath(dirpath, root)).as_posix()
+            prefix = "" if rel_dir == "." else rel_dir + "/"
+            # Symlinked directories are not descended into: each is an entry of its own, unless a listed
+            # path goes through it (its target is then checked artifact by artifact).
+            linked = [d for d in dirnames if os.path.islink(os.path.join(dirpath, d)) and prefix + d not in listed_dirs]
+            for entry in sorted(filenames + linked):
+                rel = prefix + entry
+                if rel in listed or self._ignored_extra(rel, listed):
+                    continue
+                if os.path.abspath(os.path.join(dirpath, entry)) in skip:
+                    continue
+                extras.append(rel)
+        self.report.extra_files = extras[: self.config.max_extra_reported]
+        record = self._fail if self.config.strict_extra else self._warn
+        for rel in self.report.extra_files:
+            record(FailureCode.EXTRA_FILE, rel, "file in the cache is not listed in the manifest")
+        if len(extras) > self.config.max_extra_reported:
+            record(FailureCode.EXTRA_FILE, "…", f"{len(extras) - self.config.max_extra_reported} more unlisted files")
+
+    def _ignored_extra(self, rel: str, listed: set[str]) -> bool:
+        base = rel.rsplit("/", 1)[-1]
+        if any(fnmatch.fnmatchcase(base, pattern) for pattern in self.config.ignored_extra_patterns):
+            return True
+        return rel.endswith(SIDECAR_SUFFIX) and rel[: -len(SIDECAR_SUFFIX)] in listed
+
+    # -- 8. coverage -------------------------------------------------------------------------------------
+
+    def _step_coverage(self) -> None:
+        coverage = self._manifest.coverage
+        if self.mode != "operator" or coverage is None:
+            return  # airborne: the signed aggregate (checked for consistency in the schema step) is trusted
+        where = coverage["path"]
+        result = next((r for r in self.report.artifacts if r.path == where), None)
+        if result is None or not result.ok:
+            self._fail(
+                FailureCode.COVERAGE_TABLE_INVALID, where, "coverage table did not verify; cannot re-derive its digest"
+            )
+            return
+        expected_sha = dict(self._manifest.subjects)[where]
+        try:
+            data = _read_bounded(self.cache_root / where, self.config.max_coverage_table_bytes)
+        except OSError as exc:
+            self._fail(FailureCode.COVERAGE_TABLE_INVALID, where, f"cannot read the coverage table: {exc}")
+            return
+        if hashlib.sha256(data).hexdigest() != expected_sha:  # bytes verified as read, not as hashed earlier
+            self._fail(FailureCode.ARTIFACT_DIGEST_MISMATCH, where, "coverage table changed after it was hashed")
+            return
+        try:
+            statuses = _coverage_statuses(loads_strict(data, allow_floats=True))
+            digest = coverage_digest(statuses)
+        except ValueError as exc:
+            self._fail(FailureCode.COVERAGE_TABLE_INVALID, where, str(exc))
+            return
+        total, covered = len(statuses), sum(1 for _, status in statuses if status == "covered")
+        if digest != coverage["digest"]:
+            self._fail(
+                FailureCode.COVERAGE_MISMATCH,
+                "predicate.coverage.digest",
+                f"re-derived digest {digest[:12]}… != signed {coverage['digest'][:12]}…",
+            )
+        if (total, covered) != (coverage["total"], coverage["covered"]):
+            self._fail(
+                FailureCode.COVERAGE_MISMATCH,
+                "predicate.coverage",
+                f"table has total={total} covered={covered}, signed total={coverage['total']} "
+                f"covered={coverage['covered']}",
+            )
+
+
+def _coverage_statuses(table: object) -> list[tuple[tuple[int, int, int], str]]:
+    """``{"tiles": [[z, x, y, code], ...], "codes": {"<code>": "covered" | ...}}`` → (tile, status) rows.
+
+    The code map may also be named ``status_codes`` (what ``navcache.coverage.CoverageReport.to_json``
+    writes); other fields of the table are ignored, the digest covers the tiles and their statuses only."""
+    if not isinstance(table, dict) or not isinstance(table.get("tiles"), list):
+        raise ValueError("coverage table must be an object with a 'tiles' list")
+    maps = [table[key] for key in ("codes", "status_codes") if key in table]
+    if not maps or not all(isinstance(m, dict) for m in maps) or any(m != maps[0] for m in maps):
+        raise ValueError("coverage table needs one 'codes' (or 'status_codes') object mapping codes to statuses")
+    codes: Mapping[str, object] = maps[0]
+    rows = []
+    for index, tile in enumerate(table["tiles"]):
+        if not (isinstance(tile, list) and len(tile) == 4 and all(map(is_int, tile))):
+            raise ValueError(f"tiles[{index}] must be [z, x, y, status_code] integers")
+        status = codes.get(str(tile[3]))
+        if not isinstance(status, str):
+            raise ValueError(f"tiles[{index}] has status code {tile[3]} that 'codes' does not define")
+        rows.append(((tile[0], tile[1], tile[2]), status))
+    return rows
+
+
+def _check_artifact(
+    root_real: str, name: str, length: int, sha: str, chunk: int
+) -> tuple[FailureCode | None, str, int]:
+    """One artifact: containment, type, length (fstat) before any hashing, then a bounded streamed sha256.
+    Returns (failure code or None, message, bytes hashed). Runs in a worker thread."""
+    full = os.path.join(root_real, *name.split("/"))
+    real = os.path.realpath(full)
+    if real != root_real and not real.startswith(root_real + os.sep):
+        return FailureCode.ARTIFACT_SYMLINK_ESCAPE, f"resolves outside the cache root (to {real})", 0
+    if not os.path.lexists(full):
+        return FailureCode.ARTIFACT_MISSING, "listed in the manifest but not present", 0
+    try:
+        fd = os.open(real, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return FailureCode.ARTIFACT_MISSING, "dangling link or removed while checked", 0
+    except OSError as exc:
+        return FailureCode.ARTIFACT_UNREADABLE, f"cannot open: {exc.strerror or exc}", 0
+    with open(fd, "rb", buffering=0) as handle:
+        info = os.fstat(handle.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return FailureCode.ARTIFACT_NOT_REGULAR, "not a regular file", 0
+        if info.st_size != length:
+            return FailureCode.ARTIFACT_LENGTH_MISMATCH, f"{info.st_size} bytes, manifest says {length} (not hashed)", 0
+        try:
+            hashed, actual = hash_open_file(handle, length + 1, chunk)
+        except OSError as exc:
+            return FailureCode.ARTIFACT_UNREADABLE, f"read error: {exc.strerror or exc}", 0
+    if hashed != length:
+        return FailureCode.ARTIFACT_LENGTH_MISMATCH, f"changed size while hashed ({hashed} != {length})", hashed
+    if actual != sha:
+        return FailureCode.ARTIFACT_DIGEST_MISMATCH, f"sha256 {actual[:12]}… != signed {sha[:12]}…", hashed
+    return None, "", hashed
+
+
+def verify_cache(
+    cache_root: Path | str,
+    trusted_keys: TrustedKeys | Path | str,
+    *,
+    mode: Mode = "airborne",
+    now: datetime | None = None,
+    state_path: Path | str | None = None,
+    max_manifest_bytes: int | None = None,
+    strict_extra: bool | None = None,
+    manifest_path: Path | str | None = None,
+    config: VerifierConfig | None = None,
+) -> VerificationReport:
+    """Verify ``cache_root`` against ``trusted_keys`` (a :class:`TrustedKeys` or the path of a trusted-keys
+    file). Never raises for anything found on disk: every problem is a :class:`Failure` in the report.
+
+    ``now`` defaults to ``datetime.now(UTC)`` taken once; ``state_path`` is the device's record of the last
+    accepted version (rollback protection; updated only after a fully successful verification);
+    ``manifest_path`` defaults to ``cache_root / "manifest.dsse.json"``; ``max_manifest_bytes`` and
+    ``strict_extra`` override the same fields of ``config``."""
+    _check_arguments(mode, now)
+    config = config or VerifierConfig()
+    overrides: dict[str, Any] = {}
+    if max_manifest_bytes is not None:
+        overrides["max_manifest_bytes"] = max_manifest_bytes
+    if strict_extra is not None:
+        overrides["strict_extra"] = strict_extra
+    if overrides:
+        config = replace(config, **overrides)
+    if isinstance(trusted_keys, TrustedKeys):
+        trusted = trusted_keys
+    else:
+        try:
+            trusted = load_trusted_keys(trusted_keys)
+        except TrustedKeysError as exc:
+            moment = (now or datetime.now(UTC)).astimezone(UTC)
+            report = VerificationReport(
+                ok=False,
+                mode=mode,
+                cache_root=str(cache_root),
+                manifest=str(manifest_path or Path(cache_root) / MANIFEST_NAME),
+                checked_at=format_rfc3339(moment),
+                failures=[Failure(FailureCode.TRUSTED_KEYS_INVALID, str(trusted_keys), str(exc))],
+                skipped=list(CacheVerifier.STEPS),
+            )
+            logger.warning("verify %s refused: %s", cache_root, exc)
+            return report
+    return CacheVerifier(
+        cache_root, trusted, mode=mode, now=now, state_path=state_path, manifest_path=manifest_path, config=config
+    ).run()

@@ -1,0 +1,210 @@
+"""Operator keys and the trusted-keys allowlist."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import (
+    Encoding,
+    NoEncryption,
+    PrivateFormat,
+    PublicFormat,
+    load_pem_public_key,
+)
+
+from navcache.errors import ManifestError
+from navcache.keys import TRUSTED_KEYS_NAME, add_trusted_key, generate_keypair, load_private_key, load_public_key
+from navcache_runtime.trust import (
+    MAX_TRUSTED_KEYS_BYTES,
+    TrustedKeys,
+    TrustedKeysError,
+    keyid_for,
+    load_trusted_keys,
+    trusted_key_entry,
+)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_generate_writes_a_0600_pkcs8_key_a_spki_public_key_and_the_allowlist(tmp_path: Path) -> None:
+    old_umask = os.umask(0)  # even with a permissive umask the key is never more open than 0600
+    try:
+        keys = generate_keypair(tmp_path / "keys")
+    finally:
+        os.umask(old_umask)
+    assert keys.private_key == tmp_path / "keys/operator.key"
+    assert _mode(keys.private_key) == 0o600
+    assert _mode(keys.public_key) == 0o644
+    assert keys.private_key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert keys.public_key.read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+    doc = json.loads(keys.trusted_keys.read_text())
+    assert keys.trusted_keys.name == TRUSTED_KEYS_NAME
+    assert doc["version"] == 1 and doc["threshold"] == 1
+    assert doc["keys"] == [{"keyid": keys.keyid, "public_key_pem": keys.public_key.read_text(), "name": "operator"}]
+    trusted = load_trusted_keys(keys.trusted_keys)
+    assert list(trusted.keys) == [keys.keyid] and trusted.threshold == 1
+
+
+def test_keyid_is_sha256_of_the_raw_public_key(tmp_path: Path) -> None:
+    keys = generate_keypair(tmp_path)
+    public = load_public_key(keys.public_key)
+    raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    assert len(raw) == 32
+    assert keys.keyid == hashlib.sha256(raw).hexdigest() == keyid_for(public)
+    # The documented openssl one-liner gives the same value.
+    der = subprocess.run(
+        ["openssl", "pkey", "-pubin", "-in", str(keys.public_key), "-outform", "DER"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    assert hashlib.sha256(der[-32:]).hexdigest() == keys.keyid
+
+
+def test_second_key_is_appended_and_existing_keys_are_never_overwritten(tmp_path: Path) -> None:
+    first = generate_keypair(tmp_path)
+    second = generate_keypair(tmp_path, name="backup-operator")
+    assert second.trusted_keys == first.trusted_keys
+    trusted = load_trusted_keys(first.trusted_keys)
+    assert set(trusted.keys) == {first.keyid, second.keyid}
+    assert trusted.names[second.keyid] == "backup-operator"
+    before = first.private_key.read_bytes()
+    with pytest.raises(ManifestError, match="refusing to overwrite"):
+        generate_keypair(tmp_path)
+    assert first.private_key.read_bytes() == before
+    # Adding a key that is already listed changes nothing.
+    add_trusted_key(first.trusted_keys, load_public_key(first.public_key), "operator")
+    assert len(load_trusted_keys(first.trusted_keys).keys) == 2
+
+
+@pytest.mark.parametrize("name", ["../evil", "a/b", "", ".hidden", "x" * 80])
+def test_key_names_must_be_plain_file_names(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ManifestError, match="plain file name"):
+        generate_keypair(tmp_path, name=name)
+
+
+def test_passphrase_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    keys = generate_keypair(tmp_path, passphrase=b"correct horse battery staple")
+    assert keys.private_key.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    key = load_private_key(keys.private_key, b"correct horse battery staple")
+    assert keyid_for(key.public_key()) == keys.keyid
+    with pytest.raises(ManifestError, match="wrong passphrase"):
+        load_private_key(keys.private_key, b"wrong")
+    with pytest.raises(ManifestError, match="encrypted but no passphrase"):
+        load_private_key(keys.private_key)
+    plain = generate_keypair(tmp_path, name="plain")
+    with pytest.raises(ManifestError, match="not encrypted"):
+        load_private_key(plain.private_key, b"unneeded")
+    with pytest.raises(ManifestError, match="non-empty bytes"):
+        generate_keypair(tmp_path, name="empty", passphrase=b"")
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_a_key_file_open_to_group_or_others_is_refused_with_the_fix(tmp_path: Path, mode: int) -> None:
+    keys = generate_keypair(tmp_path)
+    keys.private_key.chmod(mode)
+    with pytest.raises(ManifestError, match="group/others") as info:
+        load_private_key(keys.private_key)
+    assert f"chmod 600 {keys.private_key}" in str(info.value)
+    keys.private_key.chmod(0o400)
+    load_private_key(keys.private_key)
+
+
+def test_a_non_ed25519_or_missing_key_is_refused(tmp_path: Path) -> None:
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    path = tmp_path / "ec.key"
+    path.write_bytes(ec_key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption()))
+    path.chmod(0o600)
+    with pytest.raises(ManifestError, match="not an Ed25519 key"):
+        load_private_key(path)
+    with pytest.raises(ManifestError, match="not found"):
+        load_private_key(tmp_path / "absent.key")
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"not a key")
+    garbage.chmod(0o600)
+    with pytest.raises(ManifestError, match="not a PEM private key"):
+        load_private_key(garbage)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Trusted keys file (navcache_runtime.trust)
+
+
+def _doc(*keys: Ed25519PrivateKey, threshold: int = 1) -> dict:
+    return {
+        "version": 1,
+        "threshold": threshold,
+        "keys": [trusted_key_entry(k.public_key(), f"k{i}") for i, k in enumerate(keys)],
+    }
+
+
+def _write(tmp_path: Path, doc: object) -> Path:
+    path = tmp_path / "trusted_keys.json"
+    path.write_text(json.dumps(doc) if not isinstance(doc, str) else doc)
+    return path
+
+
+def test_a_keyid_that_does_not_match_its_key_is_an_error(tmp_path: Path) -> None:
+    a, b = Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate()
+    doc = _doc(a)
+    doc["keys"][0]["keyid"] = keyid_for(b.public_key())  # claims to be b, carries a's key
+    with pytest.raises(TrustedKeysError, match="does not match its public key"):
+        load_trusted_keys(_write(tmp_path, doc))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda d: d.update(threshold=3), "exceeds the number of keys"),
+        (lambda d: d.update(threshold=0), "threshold must be an integer >= 1"),
+        (lambda d: d.update(threshold=True), "threshold must be an integer >= 1"),
+        (lambda d: d.update(version=2), "unsupported version"),
+        (lambda d: d.update(treshold=1), "unknown field"),
+        (lambda d: d.update(keys=[]), "non-empty list"),
+        (lambda d: d["keys"].append(dict(d["keys"][0])), "twice"),
+        (lambda d: d["keys"][0].update(keyid="ABC"), "64 lowercase hex"),
+        (lambda d: d["keys"][0].update(public_key_pem="garbage"), "not a PEM public key"),
+    ],
+)
+def test_trusted_keys_file_validation(tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    doc = _doc(Ed25519PrivateKey.generate(), Ed25519PrivateKey.generate())
+    mutate(doc)
+    with pytest.raises(TrustedKeysError, match=message):
+        load_trusted_keys(_write(tmp_path, doc))
+
+
+def test_trusted_keys_refuses_other_key_types_duplicates_and_oversized_files(tmp_path: Path) -> None:
+    doc = _doc(Ed25519PrivateKey.generate())
+    ec_pub = ec.generate_private_key(ec.SECP256R1()).public_key()
+    doc["keys"][0]["public_key_pem"] = ec_pub.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo).decode()
+    with pytest.raises(TrustedKeysError, match="not an Ed25519 public key"):
+        load_trusted_keys(_write(tmp_path, doc))
+    with pytest.raises(TrustedKeysError, match="duplicate key 'threshold'"):
+        load_trusted_keys(_write(tmp_path, '{"version": 1, "threshold": 1, "threshold": 0, "keys": []}'))
+    big = _write(tmp_path, " " * (MAX_TRUSTED_KEYS_BYTES + 1))
+    with pytest.raises(TrustedKeysError, match="larger than"):
+        load_trusted_keys(big)
+    with pytest.raises(TrustedKeysError, match="cannot read"):
+        load_trusted_keys(tmp_path / "absent.json")
+
+
+def test_trusted_keys_object_checks_itself() -> None:
+    a = Ed25519PrivateKey.generate().public_key()
+    trusted = TrustedKeys.from_public_keys(a)
+    assert trusted.threshold == 1 and keyid_for(a) in trusted.keys
+    with pytest.raises(TrustedKeysError, match="exceeds"):
+        TrustedKeys.from_public_keys(a, threshold=2)
+    other = Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(TrustedKeysError, match="does not match"):
+        TrustedKeys({keyid_for(other): a})
+    pem = a.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
+    assert keyid_for(load_pem_public_key(pem)) == keyid_for(a)  # type: ignore[arg-type]
