@@ -7,6 +7,9 @@ runtime strategy compiles the same network.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import logging
 import warnings
 from pathlib import Path
 
@@ -38,6 +41,7 @@ def make_model(seed: int = 0, descriptor_dim: int = 64, width: int = 16, depth: 
     model = TinyVPR(descriptor_dim, width, depth)
     for module in model.modules():  # non-trivial BN statistics so fusion bugs would show
         if isinstance(module, nn.BatchNorm2d):
+            assert module.running_mean is not None and module.running_var is not None  # track_running_stats
             module.running_mean.uniform_(-0.1, 0.1)
             module.running_var.uniform_(0.5, 1.5)
     return model.eval()
@@ -52,7 +56,11 @@ def export_models(
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     dynamic = {"image": {0: batch}}
     onnx_path, pt2_path = directory / f"{stem}.onnx", directory / f"{stem}.pt2"
-    with warnings.catch_warnings():
+    # The exporter logs one warning per torchvision op it cannot register; torchvision is absent on purpose.
+    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
+    previous = registration.level
+    registration.setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
             model,
@@ -66,4 +74,5 @@ def export_models(
             external_data=False,
         )
         torch.export.save(torch.export.export(model, example, dynamic_shapes=dynamic), pt2_path)
+    registration.setLevel(previous)
     return onnx_path, pt2_path

@@ -1,0 +1,719 @@
+"""Orthophoto tile sources: a GeoTIFF (any CRS), an XYZ tile folder or an MBTiles file, all read as
+Web-Mercator (EPSG:3857, XYZ / WebMercatorQuad) tiles of ``tile_size`` pixels.
+
+Every source returns ``Tile(rgb uint8 (H, W, 3), valid bool (H, W))``; ``None`` means the source has
+nothing at that tile at all. Failures the ground crew can fix raise :class:`SourceError` naming the file.
+
+Thread safety: descriptor batching reads tiles from a background thread. GeoTIFF and MBTiles sources
+keep **one handle per thread** (a rasterio dataset or an sqlite3 connection in a ``threading.local``),
+opened on the thread's first read and closed together by :meth:`close`; an XYZ folder holds no handle.
+No lock is held while reading, so threads do not serialise on IO, decoding or warping. Do not call
+:meth:`close` while other threads still read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import sqlite3
+import threading
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Generic, Protocol, Self, TypeVar, runtime_checkable
+from urllib.parse import quote
+
+import numpy as np
+import rasterio
+import rasterio.errors
+import rasterio.warp
+from affine import Affine
+from PIL import Image, UnidentifiedImageError
+from rasterio.enums import ColorInterp, Resampling
+from rasterio.windows import Window
+
+from .errors import SourceError
+from .types import Bounds, Tile, TileId
+
+logger = logging.getLogger(__name__)
+
+SOURCE_KINDS: tuple[str, ...] = ("geotiff", "xyz", "mbtiles")
+IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
+MBTILES_FORMATS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "webp"})
+
+# Web-Mercator (EPSG:3857) constants: the square world spans [-ORIGIN, ORIGIN] metres on both axes.
+MERCATOR_ORIGIN = 20037508.342789244
+MAX_MERCATOR_LAT = 85.0511287798066
+_MERCATOR_CRS = rasterio.crs.CRS.from_epsg(3857)
+_WGS84_CRS = rasterio.crs.CRS.from_epsg(4326)
+# Warped alpha >= this counts as valid (GDAL's warper writes 0/255; PNG edges may be partial).
+_ALPHA_VALID = 128
+# rasterio warns "Dataset has no geotransform" (a) when opening an unreferenced file, which navcache reports
+# as a SourceError instead, and (b) for the in-memory datasets of array warping, which rasterio hides with
+# warnings.catch_warnings - not thread-safe, so concurrent tile reads leak it. Neither helps the crew; a
+# process-wide filter (narrowed to rasterio's own modules) replaces per-call catch_warnings, which races.
+warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning, module=r"rasterio(\.warp)?$")
+# Above this many source pixels per tile pixel, read decimated (overviews / average) before warping,
+# so low zooms neither alias nor read the whole raster at full resolution.
+_DECIMATE_ABOVE = 2.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Web-Mercator tile geometry
+
+
+def tiles_at(zoom: int) -> int:
+    return 1 << zoom
+
+
+def in_grid(tile: TileId) -> bool:
+    """Whether ``tile`` exists in the XYZ grid (0 <= x, y < 2**z)."""
+    n = tiles_at(tile.z)
+    return tile.z >= 0 and 0 <= tile.x < n and 0 <= tile.y < n
+
+
+def mercator_bounds(tile: TileId) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of ``tile`` in EPSG:3857 metres."""
+    size = 2 * MERCATOR_ORIGIN / tiles_at(tile.z)
+    west = -MERCATOR_ORIGIN + tile.x * size
+    north = MERCATOR_ORIGIN - tile.y * size
+    return west, north - size, west + size, north
+
+
+def tile_lonlat_bounds(tile: TileId) -> Bounds:
+    """(west, south, east, north) of ``tile`` in degrees."""
+    n = tiles_at(tile.z)
+
+    def lat(y: int) -> float:
+        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * y / n))))
+
+    return tile.x / n * 360.0 - 180.0, lat(tile.y + 1), (tile.x + 1) / n * 360.0 - 180.0, lat(tile.y)
+
+
+def _tile_transform(tile: TileId, tile_size: int) -> Affine:
+    west, _, east, north = mercator_bounds(tile)
+    res = (east - west) / tile_size
+    return Affine(res, 0.0, west, 0.0, -res, north)
+
+
+# --------------------------------------------------------------------------------------------------
+# The protocol and small tile utilities
+
+
+@runtime_checkable
+class TileSource(Protocol):
+    """Something that yields Web-Mercator tiles of ``tile_size`` pixels."""
+
+    tile_size: int
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        """The tile's pixels, or None when the source has nothing there at all."""
+        ...
+
+    def bounds_lonlat(self) -> Bounds:
+        """WGS84 (west, south, east, north) of the source's data."""
+        ...
+
+    def describe(self) -> str: ...
+
+    def fingerprint(self) -> str:
+        """A cheap identity of the source bytes (file stats, or a digest of a folder listing)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None: ...
+
+
+def empty_tile(height: int, width: int) -> Tile:
+    return Tile(rgb=np.zeros((height, width, 3), np.uint8), valid=np.zeros((height, width), bool))
+
+
+def is_blank(tile: Tile, min_valid_fraction: float = 0.5, min_std: float = 2.0) -> bool:
+    """True when ``tile`` is nodata-dominated (valid fraction below ``min_valid_fraction``) or featureless
+    (the largest per-channel standard deviation of its valid pixels is below ``min_std``)."""
+    if tile.valid.size == 0 or tile.valid_fraction < min_valid_fraction:
+        return True
+    pixels = tile.rgb[tile.valid].astype(np.float32)
+    return bool(pixels.std(axis=0).max() < min_std)
+
+
+def tile_content_hash(tile: Tile) -> str:
+    """sha256 over the shape, the RGB bytes and the validity bytes (as 0/1)."""
+    rgb = np.ascontiguousarray(tile.rgb, dtype=np.uint8)
+    valid = np.ascontiguousarray(tile.valid, dtype=np.bool_)
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or valid.shape != rgb.shape[:2]:
+        raise ValueError(f"tile arrays have inconsistent shapes: rgb {rgb.shape}, valid {valid.shape}")
+    digest = hashlib.sha256(f"navcache-tile:{rgb.shape[0]}x{rgb.shape[1]}:".encode())
+    digest.update(rgb.tobytes())
+    digest.update(valid.view(np.uint8).tobytes())
+    return digest.hexdigest()
+
+
+def read_window(source: TileSource, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
+    """Pixels ``[x0, x1) x [y0, y1)`` in global pixel coordinates at ``zoom`` (tile (x, y) covers
+    ``x*tile_size ...``), mosaicked from the storage tiles they touch. Tiles the source lacks, and pixels
+    outside the world, are invalid."""
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"empty window: x {x0}..{x1}, y {y0}..{y1}")
+    size = source.tile_size
+    out = empty_tile(y1 - y0, x1 - x0)
+    for ty in range(y0 // size, (y1 - 1) // size + 1):
+        for tx in range(x0 // size, (x1 - 1) // size + 1):
+            tile_id = TileId(zoom, tx, ty)
+            if not in_grid(tile_id):
+                continue
+            tile = source.read_tile(tile_id)
+            if tile is None:
+                continue
+            # Intersection of this tile with the window, in global pixels.
+            gx0, gy0 = max(x0, tx * size), max(y0, ty * size)
+            gx1, gy1 = min(x1, (tx + 1) * size), min(y1, (ty + 1) * size)
+            src = np.s_[gy0 - ty * size : gy1 - ty * size, gx0 - tx * size : gx1 - tx * size]
+            dst = np.s_[gy0 - y0 : gy1 - y0, gx0 - x0 : gx1 - x0]
+            out.rgb[dst] = tile.rgb[src]
+            out.valid[dst] = tile.valid[src]
+    return out
+
+
+def open_tile_source(kind: str, path: Path, tile_size: int = 256) -> TileSource:
+    """Open an orthophoto source of ``kind`` (one of :data:`SOURCE_KINDS`)."""
+    if kind == "geotiff":
+        return GeoTiffSource(path, tile_size)
+    if kind == "xyz":
+        return XyzFolderSource(path, tile_size)
+    if kind == "mbtiles":
+        return MBTilesSource(path, tile_size)
+    raise SourceError(
+        f"unknown orthophoto source kind {kind!r}",
+        where=str(path),
+        hint=f"use one of: {', '.join(SOURCE_KINDS)}",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared machinery: per-thread handles, file fingerprints, image decoding
+
+H = TypeVar("H")
+
+
+class _PerThread(Generic[H]):
+    """One handle per thread, created on first use, all closed together."""
+
+    def __init__(self, opener: Callable[[], H], closer: Callable[[H], None]) -> None:
+        self._opener = opener
+        self._closer = closer
+        self._local = threading.local()
+        self._lock = threading.Lock()  # guards the registry only, never held while reading
+        self._handles: list[H] = []
+        self._closed = False
+
+    def get(self, where: str) -> H:
+        handle: H | None = getattr(self._local, "handle", None)
+        if handle is None:
+            if self._closed:
+                raise SourceError("the tile source is closed", where=where, hint="open it again")
+            handle = self._opener()
+            with self._lock:
+                self._handles.append(handle)
+            self._local.handle = handle
+        return handle
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            handles, self._handles = self._handles, []
+        for handle in handles:
+            try:
+                self._closer(handle)
+            except Exception:  # closing is best effort; the source is unusable either way
+                logger.debug("closing a tile source handle failed", exc_info=True)
+        self._local = threading.local()
+
+
+class _SourceBase:
+    tile_size: int
+
+    def __init__(self, tile_size: int) -> None:
+        if not isinstance(tile_size, int) or tile_size <= 0:
+            raise ValueError(f"tile_size must be a positive integer, got {tile_size!r}")
+        self.tile_size = tile_size
+        self._warned_resize = False
+        self._warn_lock = threading.Lock()
+
+    def close(self) -> None:  # pragma: no cover - overridden
+        pass
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _warn_resize_once(self, where: str, size: tuple[int, int]) -> None:
+        with self._warn_lock:
+            if self._warned_resize:
+                return
+            self._warned_resize = True
+        logger.warning(
+            "tile %s is %dx%d px, not %d px; resizing such tiles (warned once per source)",
+            where,
+            size[0],
+            size[1],
+            self.tile_size,
+        )
+
+    def _decode(self, data: bytes, where: str) -> Tile:
+        return _decode_image(data, self.tile_size, where, self._warn_resize_once)
+
+
+def _gdal_reason(exc: BaseException) -> str:
+    """rasterio's message, plus GDAL's own when rasterio only says "see previous exception"."""
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and "previous exception" in str(exc):
+        return f"{exc} {cause}".replace("See previous exception for details. ", "")
+    return str(exc)
+
+
+def _stat_fingerprint(paths: list[Path]) -> str:
+    """sha256 over (resolved path, size, mtime_ns, inode) of each existing file."""
+    records = []
+    for path in paths:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        records.append([str(path.resolve()), st.st_size, st.st_mtime_ns, st.st_ino])
+    return hashlib.sha256(json.dumps(records).encode()).hexdigest()
+
+
+def _decode_image(data: bytes, tile_size: int, where: str, on_resize: Callable[[str, tuple[int, int]], None]) -> Tile:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
+            converted = image.convert("RGBA" if has_alpha else "RGB")
+    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
+        raise SourceError(
+            f"cannot decode tile image ({exc})",
+            where=where,
+            hint="the tile is corrupt or not PNG/JPEG/WebP; re-export the tiles",
+        ) from exc
+    if converted.size != (tile_size, tile_size):
+        on_resize(where, converted.size)
+        converted = converted.resize((tile_size, tile_size), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted)
+    rgb = np.ascontiguousarray(pixels[..., :3])
+    valid = pixels[..., 3] >= _ALPHA_VALID if has_alpha else np.ones(rgb.shape[:2], bool)
+    return Tile(rgb=rgb, valid=valid)
+
+
+def _lonlat_bounds_of_tiles(zoom: int, xmin: int, ymin: int, xmax: int, ymax: int) -> Bounds:
+    west, _, _, north = tile_lonlat_bounds(TileId(zoom, xmin, ymin))
+    _, south, east, _ = tile_lonlat_bounds(TileId(zoom, xmax, ymax))
+    return west, south, east, north
+
+
+# --------------------------------------------------------------------------------------------------
+# GeoTIFF (any CRS), reprojected per tile
+
+
+class GeoTiffSource(_SourceBase):
+    """A georeferenced raster (GeoTIFF or anything GDAL reads) in any CRS, warped to Web-Mercator tiles.
+
+    Each tile reads the source window under its footprint (decimated via overviews/average when the
+    source is much finer than the tile) and warps it with bilinear resampling into the tile's exact
+    EPSG:3857 grid. Validity comes from the dataset mask (nodata value, internal mask or alpha band),
+    carried through the warp as an alpha band so invalid pixels never blend into valid ones; pixels
+    outside the raster are invalid. Thread safety: one rasterio dataset handle per thread.
+    """
+
+    def __init__(self, path: Path | str, tile_size: int = 256) -> None:
+        super().__init__(tile_size)
+        self.path = Path(path)
+        self._where = str(self.path)
+        if not self.path.is_file():
+            raise SourceError(
+                "orthophoto GeoTIFF not found", where=self._where, hint="check the [orthophoto] path in the sortie"
+            )
+        self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
+        ds = self._handles.get(self._where)
+        try:
+            self._inspect(ds)
+        except BaseException:
+            self._handles.close()
+            raise
+
+    def _open(self) -> Any:
+        try:
+            return rasterio.open(self.path)
+        except rasterio.errors.RasterioError as exc:
+            raise SourceError(
+                f"cannot open the orthophoto ({_gdal_reason(exc)})",
+                where=self._where,
+                hint="the file is corrupt or not a raster GDAL reads; re-export it as a GeoTIFF",
+            ) from exc
+
+    def _inspect(self, ds: Any) -> None:
+        if ds.transform.is_identity and ds.gcps[0]:
+            raise SourceError(
+                "the raster is georeferenced by ground control points only",
+                where=self._where,
+                hint="warp it to a grid first: gdalwarp -t_srs EPSG:3857 in.tif out.tif",
+            )
+        if ds.crs is None or ds.transform.is_identity:
+            raise SourceError(
+                "the raster has no georeferencing (no CRS or geotransform)",
+                where=self._where,
+                hint="export it with georeferencing, or assign it: gdal_edit.py -a_srs EPSG:xxxx -a_ullr ...",
+            )
+        if ds.dtypes[0] != "uint8":
+            raise SourceError(
+                f"the raster is {ds.dtypes[0]}; only 8-bit imagery is supported",
+                where=self._where,
+                hint="scale it to 8 bit: gdal_translate -ot Byte -scale in.tif out.tif",
+            )
+        interp = list(ds.colorinterp)
+        self._palette: np.ndarray | None = None
+        if ds.count in (1, 2):  # grey (+ alpha) or palette
+            self._indexes: list[int] = [1]
+            if interp[0] == ColorInterp.palette:
+                colormap = ds.colormap(1)
+                lut = np.zeros((256, 3), np.uint8)
+                for value, rgba in colormap.items():
+                    lut[value] = rgba[:3]
+                self._palette = lut
+        elif ds.count >= 3:
+            by_interp = {ci: i + 1 for i, ci in enumerate(interp)}
+            wanted = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+            self._indexes = [by_interp[c] for c in wanted] if all(c in by_interp for c in wanted) else [1, 2, 3]
+        else:  # pragma: no cover - GDAL rasters have at least one band
+            raise SourceError("the raster has no bands", where=self._where)
+        self._crs = ds.crs
+        self._transform = ds.transform
+        self._inverse = ~ds.transform
+        self._width, self._height, self._count = ds.width, ds.height, ds.count
+        try:
+            west, south, east, north = rasterio.warp.transform_bounds(ds.crs, _WGS84_CRS, *ds.bounds, densify_pts=21)
+        except Exception as exc:
+            raise SourceError(
+                f"cannot transform the raster's bounds to WGS84 ({exc})",
+                where=self._where,
+                hint="check the raster's CRS",
+            ) from exc
+        self._lonlat: Bounds = (west, south, east, north)
+        # Web-Mercator stops at ±85.05°; clamp so the footprint stays finite.
+        south_m, north_m = (max(-MAX_MERCATOR_LAT, min(MAX_MERCATOR_LAT, v)) for v in (south, north))
+        self._mercator = rasterio.warp.transform_bounds(_WGS84_CRS, _MERCATOR_CRS, west, south_m, east, north_m)
+        logger.debug("opened %s", self.describe())
+
+    # -- TileSource
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        if not in_grid(tile):
+            return None
+        bounds = mercator_bounds(tile)
+        mw, ms, me, mn = self._mercator
+        if bounds[0] >= me or bounds[2] <= mw or bounds[1] >= mn or bounds[3] <= ms:
+            return None
+        window, footprint = self._source_window(bounds)
+        if window is None:
+            return None
+        ds = self._handles.get(self._where)
+        size = self.tile_size
+        # Source pixels per tile pixel; decimate the read when the source is much finer than the tile.
+        scale = min(footprint[0], footprint[1]) / size
+        out_w, out_h = int(window.width), int(window.height)
+        if scale > _DECIMATE_ABOVE:
+            out_w, out_h = max(1, round(out_w / scale)), max(1, round(out_h / scale))
+        try:
+            bands = ds.read(
+                self._indexes,
+                window=window,
+                out_shape=(len(self._indexes), out_h, out_w),
+                # Palette indices are labels: averaging them would invent colours.
+                resampling=Resampling.nearest if self._palette is not None else Resampling.average,
+            )
+            mask = ds.dataset_mask(window=window, out_shape=(out_h, out_w))
+        except rasterio.errors.RasterioError as exc:
+            raise SourceError(
+                f"reading tile {tile} failed ({_gdal_reason(exc)})",
+                where=self._where,
+                hint="the file may be truncated or corrupt; check it with gdalinfo -checksum",
+            ) from exc
+        src = np.empty((4, out_h, out_w), np.uint8)
+        if self._palette is not None:
+            src[:3] = np.moveaxis(self._palette[bands[0]], -1, 0)
+        else:
+            src[:3] = bands if len(self._indexes) == 3 else bands[0]
+        src[3] = mask
+        src_transform = (
+            self._transform
+            @ Affine.translation(window.col_off, window.row_off)
+            @ Affine.scale(window.width / out_w, window.height / out_h)
+        )
+        dst = np.zeros((4, size, size), np.uint8)
+        rasterio.warp.reproject(
+            src,
+            dst,
+            src_transform=src_transform,
+            src_crs=self._crs,
+            dst_transform=_tile_transform(tile, size),
+            dst_crs=_MERCATOR_CRS,
+            resampling=Resampling.bilinear,
+            src_alpha=4,
+            dst_alpha=4,
+            num_threads=1,
+        )
+        return Tile(rgb=np.ascontiguousarray(np.moveaxis(dst[:3], 0, -1)), valid=dst[3] >= _ALPHA_VALID)
+
+    def _source_window(self, bounds: tuple[float, float, float, float]) -> tuple[Window | None, tuple[float, float]]:
+        """The source pixel window under a mercator box (padded for the resampling kernel, clipped to
+        the raster) and the box's unclipped footprint size in source pixels."""
+        try:
+            left, bottom, right, top = rasterio.warp.transform_bounds(_MERCATOR_CRS, self._crs, *bounds, densify_pts=21)
+        except Exception:  # the tile does not project into the source CRS (far outside its domain)
+            return None, (0.0, 0.0)
+        corners = [self._inverse @ (x, y) for x in (left, right) for y in (bottom, top)]
+        cols = [c for c, _ in corners]
+        rows = [r for _, r in corners]
+        if not all(math.isfinite(v) for v in cols + rows):
+            return None, (0.0, 0.0)
+        footprint = (max(cols) - min(cols), max(rows) - min(rows))
+        pad = 2
+        c0 = max(0, math.floor(min(cols)) - pad)
+        r0 = max(0, math.floor(min(rows)) - pad)
+        c1 = min(self._width, math.ceil(max(cols)) + pad)
+        r1 = min(self._height, math.ceil(max(rows)) + pad)
+        if c1 <= c0 or r1 <= r0:
+            return None, footprint
+        return Window(c0, r0, c1 - c0, r1 - r0), footprint
+
+    def bounds_lonlat(self) -> Bounds:
+        return self._lonlat
+
+    def describe(self) -> str:
+        gsd = math.hypot(self._transform.a, self._transform.d)
+        return (
+            f"GeoTIFF {self.path} ({self._crs.to_string()}, {self._width}x{self._height} px, "
+            f"{gsd:.3g} units/px, {self._count} band(s))"
+        )
+
+    def fingerprint(self) -> str:
+        ds = self._handles.get(self._where)
+        # Sidecars (.ovr, .msk, .aux.xml) change what is read, so they are part of the identity.
+        return _stat_fingerprint([Path(f) for f in ds.files] or [self.path])
+
+    def close(self) -> None:
+        self._handles.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# XYZ folder: {root}/{z}/{x}/{y}.{png,jpg,jpeg,webp}
+
+
+class XyzFolderSource(_SourceBase):
+    """A folder of XYZ tiles ``{root}/{z}/{x}/{y}.{png,jpg,jpeg,webp}`` (Google/OSM row order).
+
+    Alpha becomes validity. Tiles of another size are resized (bilinear), with one warning per source.
+    Thread safety: stateless reads (each call opens its file), so any number of threads may read.
+    """
+
+    def __init__(self, root: Path | str, tile_size: int = 256) -> None:
+        super().__init__(tile_size)
+        self.root = Path(root)
+        self._where = str(self.root)
+        if not self.root.is_dir():
+            raise SourceError(
+                "XYZ tile folder not found", where=self._where, hint="point the sortie at the folder holding {z}/"
+            )
+        self._zooms = sorted(int(p.name) for p in self.root.iterdir() if p.is_dir() and p.name.isdigit())
+        if not self._zooms:
+            raise SourceError(
+                "the folder holds no XYZ zoom levels (no numeric {z} sub-folders)",
+                where=self._where,
+                hint="the expected layout is {root}/{z}/{x}/{y}.png",
+            )
+        self._bounds: Bounds | None = None
+
+    def _tile_path(self, tile: TileId) -> Path | None:
+        folder = self.root / str(tile.z) / str(tile.x)
+        for ext in IMAGE_EXTENSIONS:
+            candidate = folder / f"{tile.y}.{ext}"
+            if candidate.is_file():
+                return candidate
+        return None
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        if not in_grid(tile):
+            return None
+        path = self._tile_path(tile)
+        if path is None:
+            return None
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SourceError(f"cannot read tile {tile} ({exc})", where=str(path)) from exc
+        return self._decode(data, str(path))
+
+    def _tiles_at(self, zoom: int) -> Iterator[tuple[int, int]]:
+        zdir = self.root / str(zoom)
+        for xdir in zdir.iterdir():
+            if not (xdir.is_dir() and xdir.name.isdigit()):
+                continue
+            for entry in xdir.iterdir():
+                stem, _, ext = entry.name.partition(".")
+                if stem.isdigit() and ext.lower() in IMAGE_EXTENSIONS:
+                    yield int(xdir.name), int(stem)
+
+    def bounds_lonlat(self) -> Bounds:
+        if self._bounds is None:
+            for zoom in reversed(self._zooms):  # the finest level that holds tiles
+                xy = list(self._tiles_at(zoom))
+                if xy:
+                    xs, ys = [x for x, _ in xy], [y for _, y in xy]
+                    self._bounds = _lonlat_bounds_of_tiles(zoom, min(xs), min(ys), max(xs), max(ys))
+                    break
+            else:
+                raise SourceError(
+                    "the XYZ folder holds no tile images", where=self._where, hint="expected {z}/{x}/{y}.png files"
+                )
+        return self._bounds
+
+    def describe(self) -> str:
+        return f"XYZ folder {self.root} (zoom {self._zooms[0]}-{self._zooms[-1]}, {self.tile_size} px)"
+
+    def fingerprint(self) -> str:
+        """sha256 over the sorted listing (relative path, size, mtime_ns) of every tile file."""
+        records = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                st = path.stat()
+                records.append([path.relative_to(self.root).as_posix(), st.st_size, st.st_mtime_ns])
+        payload = json.dumps([str(self.root.resolve()), records]).encode()
+        return hashlib.sha256(payload).hexdigest()
+
+    def close(self) -> None:
+        pass  # nothing held between reads
+
+
+# --------------------------------------------------------------------------------------------------
+# MBTiles (sqlite, TMS rows)
+
+
+class MBTilesSource(_SourceBase):
+    """An MBTiles file (raster: png/jpg/webp), opened read-only. Rows are TMS (flipped):
+    ``tile_row = 2**z - 1 - y``. Thread safety: one sqlite3 connection per thread."""
+
+    def __init__(self, path: Path | str, tile_size: int = 256) -> None:
+        super().__init__(tile_size)
+        self.path = Path(path)
+        self._where = str(self.path)
+        if not self.path.is_file():
+            raise SourceError("MBTiles file not found", where=self._where, hint="check the path in the sortie")
+        self._handles: _PerThread[sqlite3.Connection] = _PerThread(self._connect, lambda c: c.close())
+        try:
+            self._inspect(self._handles.get(self._where))
+        except BaseException:
+            self._handles.close()
+            raise
+
+    def _connect(self) -> sqlite3.Connection:
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=ro"
+        try:
+            # check_same_thread=False only so close() may run on another thread; reads stay per-thread.
+            return sqlite3.connect(uri, uri=True, check_same_thread=False)
+        except sqlite3.Error as exc:
+            raise SourceError(f"cannot open the MBTiles file ({exc})", where=self._where) from exc
+
+    def _query(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        try:
+            return self._handles.get(self._where).execute(sql, params).fetchall()
+        except sqlite3.DatabaseError as exc:
+            raise SourceError(
+                f"the MBTiles file cannot be read ({exc})",
+                where=self._where,
+                hint="the file is corrupt or not an MBTiles (sqlite) file; re-export it",
+            ) from exc
+
+    def _inspect(self, _conn: sqlite3.Connection) -> None:
+        names = {row[0] for row in self._query("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")}
+        if "tiles" not in names:
+            raise SourceError(
+                "the file has no 'tiles' table, so it is not an MBTiles file",
+                where=self._where,
+                hint="export the orthophoto as MBTiles (e.g. gdal_translate -of MBTiles)",
+            )
+        self._metadata: dict[str, str] = {}
+        if "metadata" in names:
+            self._metadata = {str(k): str(v) for k, v in self._query("SELECT name, value FROM metadata")}
+        fmt = self._metadata.get("format", "").lower()
+        if fmt and fmt not in MBTILES_FORMATS:
+            raise SourceError(
+                f"MBTiles format {fmt!r} is not a raster image format",
+                where=self._where,
+                hint=f"use raster tiles ({', '.join(sorted(MBTILES_FORMATS))}); vector tiles cannot be matched",
+            )
+        if not self._query("SELECT 1 FROM tiles LIMIT 1"):
+            raise SourceError("the MBTiles file holds no tiles", where=self._where, hint="re-export the area")
+        zooms = self._query("SELECT MIN(zoom_level), MAX(zoom_level) FROM tiles")[0]
+        self._zoom_range = (int(zooms[0]), int(zooms[1]))
+        self._bounds = self._read_bounds()
+
+    def _read_bounds(self) -> Bounds:
+        text = self._metadata.get("bounds")
+        if text:
+            try:
+                west, south, east, north = (float(v) for v in text.split(","))
+                if west < east and south < north:
+                    return west, south, east, north
+            except ValueError:
+                pass
+            logger.warning("%s: ignoring malformed metadata bounds %r; computing them from the tiles", self.path, text)
+        zoom = self._zoom_range[1]
+        xmin, xmax, rmin, rmax = self._query(
+            "SELECT MIN(tile_column), MAX(tile_column), MIN(tile_row), MAX(tile_row) FROM tiles WHERE zoom_level = ?",
+            (zoom,),
+        )[0]
+        n = tiles_at(zoom)
+        return _lonlat_bounds_of_tiles(zoom, int(xmin), n - 1 - int(rmax), int(xmax), n - 1 - int(rmin))
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        if not in_grid(tile):
+            return None
+        row = tiles_at(tile.z) - 1 - tile.y  # XYZ → TMS
+        rows = self._query(
+            "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
+            (tile.z, tile.x, row),
+        )
+        if not rows or rows[0][0] is None:
+            return None
+        return self._decode(bytes(rows[0][0]), f"{self.path} tile {tile}")
+
+    def bounds_lonlat(self) -> Bounds:
+        return self._bounds
+
+    def describe(self) -> str:
+        name = self._metadata.get("name", self.path.stem)
+        fmt = self._metadata.get("format", "?")
+        return f"MBTiles {self.path} ({name!r}, {fmt}, zoom {self._zoom_range[0]}-{self._zoom_range[1]})"
+
+    def fingerprint(self) -> str:
+        # A WAL file holds committed pages not yet in the main file.
+        return _stat_fingerprint([self.path, self.path.with_name(self.path.name + "-wal")])
+
+    def close(self) -> None:
+        self._handles.close()
