@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= ort,torch,nvml,provision,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-all lint bench clean
+.PHONY: setup demo test test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -14,9 +14,13 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$(EXTRAS)]"
 	touch $@
 
+# Fresh machine: set up, generate the demo's assets, provision the demo sortie and print its summary.
+demo: setup
+	$(VENV)/bin/navcache demo
+
 lint: setup
-	$(VENV)/bin/ruff check src tests bench
-	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/ruff check src tests bench tasks flows
+	$(VENV)/bin/ruff format --check src tests bench tasks flows
 	$(VENV)/bin/mypy
 
 # Fast suite: everything but the `slow` (AOTInductor compile matrices) and `gpu` markers.

@@ -21,11 +21,11 @@ from prefect.runtime import flow_run
 
 from navcache import progress
 from navcache.engines import BackboneBuild, EngineResult, Outcome
-from navcache.errors import CoverageError, ProvisionError, SourceError
-from navcache.imagery import open_tile_source
+from navcache.errors import CoverageError, ProvisionError
 from navcache.index import IndexBudget
 from navcache.lock import cache_lock
-from navcache.sortie import BackboneSpec, Sortie, load_sortie, validate_models
+from navcache.preflight import preflight
+from navcache.sortie import BackboneSpec, Sortie
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache.types import TileId
 from navcache_runtime import RuntimeConfig
@@ -60,20 +60,6 @@ def backbone_build(spec: BackboneSpec, runtime_label: str) -> BackboneBuild:
     return BackboneBuild(spec.name, spec.onnx, config)
 
 
-def check_source_covers_area(sortie: Sortie) -> None:
-    from shapely.geometry import box
-
-    with open_tile_source(sortie.orthophoto.kind, sortie.orthophoto.path, sortie.tiles.size) as source:
-        bounds = source.bounds_lonlat()
-    if not box(*bounds).intersects(sortie.area):
-        raise SourceError(
-            f"the orthophoto covers lon {bounds[0]:.5f}..{bounds[2]:.5f}, lat {bounds[1]:.5f}..{bounds[3]:.5f}, "
-            "which does not overlap the sortie area",
-            where=str(sortie.orthophoto.path),
-            hint="point [orthophoto] at imagery of the flight area, or fix the area",
-        )
-
-
 @task(name="plan-tiles", cache_policy=NO_CACHE)
 def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, list[TileId], list[ShardPlan]]:
     spec = sortie.tiles
@@ -104,9 +90,7 @@ def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[E
 
 @flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False)
 def provision_sortie(sortie: str, cache_dir: str | None = None, lock_timeout_s: float = 600.0) -> dict[str, Any]:
-    spec = load_sortie(Path(sortie), cache_dir_override=Path(cache_dir) if cache_dir else None)
-    validate_models(spec)
-    check_source_covers_area(spec)
+    spec = preflight(Path(sortie), Path(cache_dir) if cache_dir else None)
     cache_root = spec.cache_dir
     with cache_lock(cache_root, lock_timeout_s):
         host = probe_host_task(cache_root)

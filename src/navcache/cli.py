@@ -105,8 +105,15 @@ def provision(
 ) -> None:
     """Run the provision-sortie flow (ephemeral Prefect API unless PREFECT_API_URL is set)."""
     _setup_logging(verbose)
-    _quiet_prefect_console()
     from navcache_runtime import InferenceRuntimeError
+
+    from .preflight import preflight
+
+    try:  # bad input fails here, in a second, before Prefect starts or anything is written
+        preflight(sortie, cache_dir)
+    except NavcacheError as exc:
+        _fail(str(exc), exc.exit_code)
+    _quiet_prefect_console()
 
     bars = Progress(
         TextColumn("{task.description:>12}"),
@@ -142,6 +149,22 @@ def provision(
     else:
         out.print(_summary_table(summary))
     raise typer.Exit(0 if summary["verified"] else 1)
+
+
+@app.command()
+def demo(
+    directory: Annotated[Path, typer.Option("--dir", help="the demo folder")] = Path("examples/demo"),
+    json_output: Annotated[bool, typer.Option("--json")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Generate the demo's orthophoto, models and operator key (first run only), then provision it."""
+    _setup_logging(verbose)
+    from .demo import ensure_demo_assets
+    from .keys import generate_keypair
+
+    err.print(f"preparing demo assets in {directory / 'generated'} (first run: about a minute)")
+    ensure_demo_assets(directory, make_keys=lambda keys: generate_keypair(keys, name="operator"))
+    provision(directory / "sortie.toml", cache_dir=None, json_output=json_output, lock_timeout=600.0, verbose=verbose)
 
 
 @app.command()
