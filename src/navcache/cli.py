@@ -32,8 +32,19 @@ out = Console()
 log = logging.getLogger("navcache")
 
 
+class _OurRecordsOnly(logging.Filter):
+    """The console carries navcache's own records; Prefect's go to its API (the UI) and, for failures, the
+    CLI prints one clean error itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".")[0] in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows")
+
+
 def _setup_logging(verbose: bool) -> None:
+    # No telemetry from the ephemeral server: these machines are offline and it would log an error.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
+    handler.addFilter(_OurRecordsOnly())
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     for name in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)

@@ -143,7 +143,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             except (OSError, ValueError):
                 continue
             print(
-                f"\nindex      {report_doc.get('type')} over {report_doc.get('n')} vectors of dim "
+                f"\nindex      {report_doc.get('index_type')} over {report_doc.get('n')} vectors of dim "
                 f"{report_doc.get('dim')}; recall@1 {report_doc.get('recall_at_1')}, "
                 f"recall@10 {report_doc.get('recall_at_10')}"
             )
