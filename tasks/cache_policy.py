@@ -55,6 +55,8 @@ class EngineContentPolicy(CachePolicy):
             runtime_config.runtime,
             host.identity(),
             engine_state,
+            # The record names a file: it may only be reused by runs on the same cache root.
+            str(runtime_config.engine_dir.resolve()),
             navcache.__version__,
             navcache_runtime.__version__,
         )

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from navcache.coverage import CoverageReport, coverage_walk, render_coverage_png
 from navcache.descriptors import BLANK, DESCRIBED, ShardResult, load_shard
 from navcache.tiles import ChunkGrid
 from navcache.types import TileId
-from navcache_runtime import write_artifact
+from navcache_runtime.integrity import write_artifact_once
 
 
 def chunk_statuses(shards: list[ShardResult]) -> tuple[list[TileId], list[TileId]]:
@@ -37,8 +38,10 @@ def coverage_task(
     """Classify every storage tile; write the coverage table (an artifact the manifest lists) and its map."""
     described, blank = chunk_statuses(shards)
     report = coverage_walk(grid, storage_tiles, described, blank, threshold)
-    table_path = out_dir / f"coverage-{report.digest[:16]}.json"
-    write_artifact(table_path, json.dumps(report.to_json(), separators=(",", ":")).encode())
+    # Named by their own bytes: a threshold or takeoff change makes new files, never rewrites old ones.
+    table = json.dumps(report.to_json(), separators=(",", ":")).encode()
+    table_path = out_dir / f"coverage-{hashlib.sha256(table).hexdigest()[:16]}.json"
+    write_artifact_once(table_path, table)
     png = render_coverage_png(report, grid, takeoff_lonlat=takeoff_lonlat)
-    write_artifact(out_dir / f"coverage-{report.digest[:16]}.png", png)
+    write_artifact_once(table_path.with_suffix(".png"), png)
     return report, table_path, png

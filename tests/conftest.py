@@ -81,3 +81,22 @@ def model_copy(tiny_model: TinyModel, tmp_path: Path) -> TinyModel:
 @pytest.fixture(scope="session")
 def this_host() -> HostFields:
     return detect_host_fields()
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory: pytest.TempPathFactory):
+    """One temporary Prefect API for the session; results and cache keys in a temp dir, not ~/.prefect."""
+    from prefect.settings import PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    storage = tmp_path_factory.mktemp("prefect-storage")
+    with temporary_settings({PREFECT_LOCAL_STORAGE_PATH: storage}), prefect_test_harness(server_startup_timeout=120):
+        yield storage
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory: pytest.TempPathFactory):
+    """The demo's synthetic orthophoto (UTM, reprojected by provisioning), both backbones and a key pair."""
+    from tests.support.sorties import make_assets
+
+    return make_assets(tmp_path_factory.mktemp("assets"))

@@ -228,7 +228,9 @@ def test_every_artifact_is_written_atomically_with_a_verifying_sidecar(ivf: Inde
     files = (ivf.index_path, ivf.table_path, ivf.report_path)
     for path in files:
         assert verify_artifact(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    sha16 = hashlib.sha256(ivf.index_path.read_bytes()).hexdigest()[:16]
+    pair = f"{hashlib.sha256(ivf.index_path.read_bytes()).hexdigest()}\n"
+    pair += hashlib.sha256(ivf.table_path.read_bytes()).hexdigest()
+    sha16 = hashlib.sha256(pair.encode()).hexdigest()[:16]
     assert [p.name for p in files] == [f"index-{sha16}.faiss", f"tiles-{sha16}.npy", f"index-{sha16}.json"]
     names = sorted(p.name for p in ivf.index_path.parent.iterdir())
     assert not [n for n in names if n.startswith(TEMP_PREFIX)]
@@ -458,3 +460,20 @@ def test_hundred_thousand_tiles_at_256_dims(tmp_path: Path) -> None:
     per_query_ms = (time.perf_counter() - started) * 1000 / 1000
     print(f"search: {per_query_ms:.3f} ms/query (batch of 1000, k=10)")
     assert [h[0][0] for h in hits[:100]] == list(range(100))
+
+
+def test_a_rebuild_never_rewrites_files_an_older_manifest_names(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    vectors = rng.standard_normal((50, 16)).astype(np.float32)
+    ids = np.stack([np.full(50, 18), np.arange(50), np.zeros(50)], axis=1).astype(np.int64)
+    bounds = np.tile(np.array([[11.0, 48.0, 11.001, 48.001]]), (50, 1))
+    first = build_index(vectors, ids, bounds, tmp_path)
+    stamps = {
+        p: (p.stat().st_mtime_ns, p.read_bytes()) for p in (first.index_path, first.table_path, first.report_path)
+    }
+    second = build_index(vectors, ids, bounds, tmp_path)  # same content: same names, files untouched
+    assert (second.index_path, second.report_path) == (first.index_path, first.report_path)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in stamps} == stamps
+    moved = bounds + 1.0  # same vectors, other tiles: a new table must not take the old name
+    third = build_index(vectors, ids, moved, tmp_path)
+    assert third.table_path != first.table_path and third.report_path != first.report_path

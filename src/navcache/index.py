@@ -17,7 +17,9 @@ best one is kept, a warning is logged and the report says ``recall_target_met: f
 offered: its graph costs ~256 B/vector on top of the vectors, its parallel build is not reproducible
 and its graph cannot be memory-mapped; IVF covers the same range with files that can.
 
-``sha16`` is the first 16 hex digits of the sha256 of the index bytes, so the three files pair up.
+``sha16`` is the first 16 hex digits of the sha256 over the index bytes and the table bytes, so the three
+files pair up and a different table never reuses a name. Existing files are never rewritten: a report
+already present for the same index and table is kept (an older manifest may name it).
 Same inputs + seed give a byte-identical index and table on the same faiss build, CPU instruction set
 and thread count. Across thread counts the bytes can differ: BLAS splits the k-means and PCA sums by
 thread (seen at D=256 with 1 vs 2 threads), so the report records ``omp_threads``. A GPU build is not
@@ -42,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from navcache_runtime.integrity import write_artifact
+from navcache_runtime.integrity import write_artifact_once
 
 from .errors import ProvisionError
 
@@ -257,7 +259,8 @@ def build_index(
     np.save(table_buf, table, allow_pickle=False)
     table_bytes = table_buf.getvalue()
     index_sha = hashlib.sha256(index_bytes).hexdigest()
-    sha16 = index_sha[:16]
+    table_sha = hashlib.sha256(table_bytes).hexdigest()
+    sha16 = hashlib.sha256(f"{index_sha}\n{table_sha}".encode()).hexdigest()[:16]
     out_dir = Path(out_dir)
     index_path = out_dir / f"index-{sha16}.faiss"
     table_path = out_dir / f"tiles-{sha16}.npy"
@@ -299,14 +302,14 @@ def build_index(
         "index_file": index_path.name,
         "index_sha256": index_sha,
         "table_file": table_path.name,
-        "table_sha256": hashlib.sha256(table_bytes).hexdigest(),
+        "table_sha256": table_sha,
     }
     # The report goes last: its presence means the index and table beside it are complete.
-    digest = write_artifact(index_path, index_bytes)
+    digest = write_artifact_once(index_path, index_bytes)
     if digest != index_sha:
         raise ProvisionError(f"{index_path.name} changed while being written", where=str(index_path))
-    write_artifact(table_path, table_bytes)
-    write_artifact(report_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
+    write_artifact_once(table_path, table_bytes)
+    write_artifact_once(report_path, (json.dumps(report, indent=2, sort_keys=True) + "\n").encode())
     log.info(
         "index built: %s n=%d dim=%d recall@1=%.3f recall@10=%.3f size=%.1f MB gpu=%s in %.1f s -> %s",
         index_type,

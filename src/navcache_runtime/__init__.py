@@ -85,10 +85,19 @@ __version__ = "0.1.0"
 # The verifier and trust store load lazily: most users of the runtime never verify in-process, and this
 # keeps `import navcache_runtime` (and so the factory's first call) light.
 _LAZY = {
-    "TrustedKeys": "trust", "TrustedKeysError": "trust", "keyid_for": "trust", "load_trusted_keys": "trust",
-    "MANIFEST_NAME": "verify", "ArtifactResult": "verify", "CacheVerificationError": "verify",
-    "CacheVerifier": "verify", "Failure": "verify", "FailureCode": "verify", "VerificationReport": "verify",
-    "VerifierConfig": "verify", "verify_cache": "verify",
+    "TrustedKeys": "trust",
+    "TrustedKeysError": "trust",
+    "keyid_for": "trust",
+    "load_trusted_keys": "trust",
+    "MANIFEST_NAME": "verify",
+    "ArtifactResult": "verify",
+    "CacheVerificationError": "verify",
+    "CacheVerifier": "verify",
+    "Failure": "verify",
+    "FailureCode": "verify",
+    "VerificationReport": "verify",
+    "VerifierConfig": "verify",
+    "verify_cache": "verify",
 }
 __all__ += list(_LAZY)
 

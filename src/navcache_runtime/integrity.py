@@ -157,6 +157,18 @@ def write_artifact(final: Path | str, data: bytes) -> str:
             tmp.unlink()
 
 
+def write_artifact_once(final: Path | str, data: bytes) -> str:
+    """Like :func:`write_artifact`, but a content-addressed file that already exists and verifies is left
+    alone: an older manifest may name it, and rewriting it (even with equal bytes) would race its readers."""
+    final = Path(final)
+    if final.is_file():
+        try:
+            return verify_artifact(final)
+        except (EngineHashMismatchError, EngineSidecarMissingError):
+            pass  # damaged: replace it
+    return write_artifact(final, data)
+
+
 def atomic_write_bytes(final: Path | str, data: bytes) -> None:
     """Atomically replace ``final`` with ``data`` (no sidecar): for caches such as TensorRT timing caches."""
     final = Path(final)

@@ -1,0 +1,102 @@
+"""The provision-sortie flow end to end, on real files, under a temporary Prefect API."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from navcache.errors import CoverageError
+from navcache_runtime import verify_cache
+from tests.support.models import export_models, make_model
+from tests.support.sorties import Assets, block_tiles, private_models, tiles_polygon, write_sortie
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def provision(sortie: Path) -> dict:
+    from navcache_flows.provision_sortie import provision_sortie
+
+    return provision_sortie(str(sortie))
+
+
+def outcomes(summary: dict) -> dict[str, str]:
+    return {e["backbone"]: e["outcome"] for e in summary["engines"]}
+
+
+def test_cold_run_builds_everything_and_a_warm_run_reuses_everything(assets: Assets, tmp_path: Path) -> None:
+    first, _ = block_tiles()
+    sortie = write_sortie(tmp_path / "s.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "cache")
+    cold = provision(sortie)
+    assert outcomes(cold) == {"tiny_vpr": "BUILT", "local_features": "BUILT"}
+    assert all(e["max_abs_error"] is not None and e["max_abs_error"] < 5e-3 for e in cold["engines"])
+    assert cold["shards"] == {"total": 1, "computed": 1, "reused": 0, "inference_batches": 1}
+    assert cold["tiles"] == {"storage_tiles": 4, "chunks": 4}
+    assert cold["index"]["vectors"] == 4 and cold["index"]["type"] == "Flat"
+    assert cold["coverage"]["percent"] == 100.0 and cold["verified"]
+    report = verify_cache(tmp_path / "cache", assets.trusted_keys, mode="operator")
+    assert report.ok, report.summary()
+
+    warm = provision(sortie)
+    assert outcomes(warm) == {"tiny_vpr": "REUSED", "local_features": "REUSED"}
+    assert warm["shards"] == {"total": 1, "computed": 0, "reused": 1, "inference_batches": 0}
+    assert warm["manifest_version"] == cold["manifest_version"] + 1
+    assert warm["index"]["path"] == cold["index"]["path"]  # same descriptors → same content-addressed index
+
+
+def test_a_changed_vpr_model_rebuilds_only_its_engine_descriptors_and_index(assets: Assets, tmp_path: Path) -> None:
+    vpr, local = private_models(assets, tmp_path / "models")
+    first, _ = block_tiles()
+    sortie = write_sortie(
+        tmp_path / "s.toml",
+        assets,
+        area=tiles_polygon(first),
+        cache_dir=tmp_path / "cache",
+        vpr_onnx=vpr,
+        local_onnx=local,
+    )
+    before = provision(sortie)
+    export_models(make_model(seed=5, descriptor_dim=128, width=32, depth=4), vpr.parent, "tiny_vpr", size=128)
+    after = provision(sortie)
+    assert outcomes(after) == {"tiny_vpr": "BUILT", "local_features": "REUSED"}
+    assert after["shards"]["computed"] == 1 and after["shards"]["inference_batches"] > 0
+    assert after["index"]["path"] != before["index"]["path"]
+    old_engine = tmp_path / "cache" / "engines" / before["engines"][0]["artifact"]
+    assert old_engine.exists()  # the old engine stays until gc
+
+
+def test_adding_tiles_computes_only_the_new_shard(assets: Assets, tmp_path: Path) -> None:
+    first, second = block_tiles()
+    cache = tmp_path / "cache"
+    small = write_sortie(tmp_path / "small.toml", assets, area=tiles_polygon(first), cache_dir=cache)
+    provision(small)
+    large = write_sortie(tmp_path / "large.toml", assets, area=tiles_polygon(first + second), cache_dir=cache)
+    grown = provision(large)
+    assert grown["shards"] == {"total": 2, "computed": 1, "reused": 1, "inference_batches": 1}
+    assert grown["tiles"]["chunks"] == 8 and grown["index"]["vectors"] == 8
+
+
+def test_coverage_below_threshold_fails_and_keeps_the_previous_manifest(assets: Assets, tmp_path: Path) -> None:
+    first, _ = block_tiles()
+    cache = tmp_path / "cache"
+    good = write_sortie(tmp_path / "good.toml", assets, area=tiles_polygon(first), cache_dir=cache)
+    provision(good)
+    manifest = (cache / "manifest.dsse.json").read_bytes()
+    # Tiles 20 km east: outside the orthophoto, but the area still overlaps it through `first`.
+    far = [type(t)(t.z, t.x + 100, t.y) for t in first]
+    partial = write_sortie(tmp_path / "partial.toml", assets, area=tiles_polygon(first + far), cache_dir=cache)
+    with pytest.raises(CoverageError, match=r"coverage 50\.00 % is below the threshold 99\.0 %"):
+        provision(partial)
+    assert (cache / "manifest.dsse.json").read_bytes() == manifest
+    assert verify_cache(cache, assets.trusted_keys).ok
+
+
+def test_runs_on_different_cache_roots_share_nothing(assets: Assets, tmp_path: Path) -> None:
+    first, _ = block_tiles()
+    a = provision(write_sortie(tmp_path / "a.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "a"))
+    b = provision(write_sortie(tmp_path / "b.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "b"))
+    assert outcomes(b) == {"tiny_vpr": "BUILT", "local_features": "BUILT"}
+    assert Path(a["manifest"]).parent != Path(b["manifest"]).parent
+    shutil.rmtree(tmp_path / "a")
+    assert verify_cache(tmp_path / "b", assets.trusted_keys).ok
