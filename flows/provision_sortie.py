@@ -28,7 +28,7 @@ from navcache.preflight import preflight
 from navcache.sortie import BackboneSpec, Sortie
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache.types import TileId
-from navcache_runtime import RuntimeConfig
+from navcache_runtime import RuntimeConfig, sidecar_path
 from navcache_tasks import reporting
 from navcache_tasks.coverage import coverage_task
 from navcache_tasks.descriptors import DescriptorJob, describe_shard_task, reset_progress
@@ -69,6 +69,17 @@ def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, list[TileId], list[ShardPlan]
     return grid, storage, plan_shards(chunks, spec.shard_block)
 
 
+def _describes_engine_in(result: EngineResult, runtime_config: RuntimeConfig) -> bool:
+    path = result.entry.path
+    side = sidecar_path(path)
+    return (
+        path.parent.resolve() == runtime_config.engine_dir.resolve()
+        and path.is_file()
+        and side.is_file()
+        and side.read_text().strip() == result.entry.sha256
+    )
+
+
 def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[EngineResult]:
     """Sequential on purpose: a failure stops the corpus (later backbones are not attempted), and one
     build at a time keeps GPU memory predictable."""
@@ -77,12 +88,17 @@ def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[E
         state = compile_backbone(backbone_build(spec, sortie.runtime), runtime_config, host, return_state=True)
         result: EngineResult = state.result()  # raises the task's error
         if state.name == "Cached":
-            result = dataclasses.replace(
-                result,
-                outcome=Outcome.REUSED,
-                seconds=0.0,
-                reason="Prefect cache hit (engine verified in the cache key)",
-            )
+            # The key covers the engine's digest and cache root; still, a record must never vouch for a file
+            # it does not describe: check once more, and run the task body if it does not hold.
+            if _describes_engine_in(result, runtime_config):
+                result = dataclasses.replace(
+                    result,
+                    outcome=Outcome.REUSED,
+                    seconds=0.0,
+                    reason="Prefect cache hit (engine verified in the cache key)",
+                )
+            else:
+                result = compile_backbone.fn(backbone_build(spec, sortie.runtime), runtime_config, host)
         results.append(result)
         progress.advance("engines", 1)
     return results
