@@ -174,7 +174,11 @@ def demo(
     from .keys import generate_keypair
 
     err.print(f"preparing demo assets in {directory / 'generated'} (first run: about a minute)")
-    ensure_demo_assets(directory, make_keys=lambda keys: generate_keypair(keys, name="operator"))
+
+    def make_keys(keys: Path) -> None:
+        generate_keypair(keys, name="operator")
+
+    ensure_demo_assets(directory, make_keys=make_keys)
     provision(directory / "sortie.toml", cache_dir=None, json_output=json_output, lock_timeout=600.0, verbose=verbose)
 
 

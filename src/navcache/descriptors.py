@@ -70,9 +70,9 @@ class Preprocessing:
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.Resampling.BILINEAR))
-        x = rgb.astype(np.float32) * (1.0 / 255.0)
-        x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(x.transpose(2, 0, 1))
+        scaled = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
+        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)
 
 
 @dataclass
@@ -93,7 +93,8 @@ class DescriptorEngine:
             pad = np.zeros((self.min_batch - n, *batch.shape[1:]), batch.dtype)
             batch = np.concatenate([batch, pad])
         outputs: Mapping[str, np.ndarray] = self.runtime.infer(self.handle, {self.input_name: batch})
-        out = outputs[self.output_name] if self.output_name in outputs else next(iter(outputs.values()))
+        name = self.output_name
+        out = outputs[name] if name is not None and name in outputs else next(iter(outputs.values()))
         return np.asarray(out[:n]).reshape(n, -1)
 
 
