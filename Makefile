@@ -1,7 +1,7 @@
 # One command sets up a fresh machine and runs the tests: `make test` (CI runs exactly that).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-EXTRAS ?= ort,torch,nvml,provision,dev
+EXTRAS ?= ort,faiss,torch,nvml,provision,dev
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-all lint bench clean
