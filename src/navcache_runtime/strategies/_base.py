@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from ..config import RuntimeConfig
 from ..errors import EngineBuildError, InferenceError
@@ -14,7 +14,7 @@ from ..host import detect_host_fields
 from ..integrity import sha256_file
 from ..naming import RUNTIME_EXTENSION, EngineName, slugify
 from ..thermal import ThermalMonitor
-from ..types import BuildConfig, EngineHandle, HostFields, RuntimeLabel, ThermalState
+from ..types import BuildConfig, EngineCacheEntry, EngineHandle, HostFields, RuntimeLabel, ThermalState
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,24 @@ class RuntimeBase:
 
     def artifact_path(self, name: EngineName) -> Path:
         return self.config.engine_dir / name.filename
+
+    def built_entry(
+        self, path: Path, sha256: str, name: EngineName, compile_s: float, **extra: Any
+    ) -> EngineCacheEntry:
+        """The entry for an artifact this runtime just built and committed as ``name``."""
+        return EngineCacheEntry(
+            path=path,
+            sha256=sha256,
+            model_name=name.model,
+            precision=name.precision,
+            runtime_label=self.label,
+            host=name.host,
+            source_digest=name.source,
+            config_digest=name.config,
+            compile_duration_s=compile_s,
+            eager_fallback=name.eager,
+            **extra,
+        )
 
     # -- predicting the artifact without compiling (compile-or-reuse) ----------------------------
     def resolve_source(self, source: Path) -> Path:

@@ -225,19 +225,7 @@ class OnnxRuntime(RuntimeBase):
                 tmp.unlink()
         duration = time.perf_counter() - started
         log.info("compiled %s with %s in %.2fs -> %s", onnx_path.name, used[0], duration, final.name)
-        return EngineCacheEntry(
-            path=final,
-            sha256=sha,
-            model_name=name.model,
-            precision=build_config.precision,
-            runtime_label=self.label,
-            host=name.host,
-            source_digest=name.source,
-            config_digest=name.config,
-            compile_duration_s=duration,
-            providers=tuple(used),
-            notes=(note,) if note else (),
-        )
+        return self.built_entry(final, sha, name, duration, providers=tuple(used), notes=(note,) if note else ())
 
     def _load_source(self, onnx_path: Path, build_config: BuildConfig, primary: str) -> str | bytes:
         if build_config.precision != "fp16" or primary != CUDA_EP:

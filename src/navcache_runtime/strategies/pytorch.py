@@ -352,20 +352,8 @@ class PyTorchRuntime(RuntimeBase):
     def _entry(
         self, name: EngineName, final: Path, compile_s: float, prewarm_s: float | None, *, notes: tuple[str, ...]
     ) -> EngineCacheEntry:
-        return EngineCacheEntry(
-            path=final,
-            sha256=read_sidecar(final),  # the digest the commit just wrote; no need to hash again
-            model_name=name.model,
-            precision=name.precision,
-            runtime_label=self.label,
-            host=name.host,
-            source_digest=name.source,
-            config_digest=name.config,
-            compile_duration_s=compile_s,
-            prewarm_duration_s=prewarm_s,
-            eager_fallback=name.eager,
-            notes=notes,
-        )
+        # read_sidecar: the digest the commit just wrote; no need to hash again
+        return self.built_entry(final, read_sidecar(final), name, compile_s, prewarm_duration_s=prewarm_s, notes=notes)
 
     @staticmethod
     def _resolve_source(path: Path) -> Path:

@@ -689,18 +689,7 @@ class TensorRTRuntime(RuntimeBase):
             ) from exc
         duration = time.perf_counter() - started
         log.info("built TensorRT engine %s in %.1f s (%d bytes)", final.name, duration, len(plan))
-        return EngineCacheEntry(
-            path=final,
-            sha256=sha256,
-            model_name=name.model,
-            precision=build_config.precision,
-            runtime_label=self.label,
-            host=name.host,
-            source_digest=name.source,
-            config_digest=name.config,
-            compile_duration_s=duration,
-            notes=tuple(notes),
-        )
+        return self.built_entry(final, sha256, name, duration, notes=tuple(notes))
 
     def _trt_runtime(self) -> Any:
         with self._lock:
