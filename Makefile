@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 EXTRAS ?= ort,faiss,torch,nvml,provision,dev
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-all lint bench clean
+.PHONY: setup demo test test-all test-reliability lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: lint
 # Everything this machine can run (GPU tests skip themselves without CUDA).
 test-all: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The full reliability matrix (every kill point, tamper case and I/O fault): about 30 min on 2 cores.
+test-reliability: setup
+	$(VENV)/bin/pytest tests/reliability $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench runtime

@@ -1,22 +1,42 @@
-"""`python -m bench SUBCOMMAND [--quick]`: each prints a table and writes JSON to bench/results/."""
+"""`python -m bench SUBCOMMAND [--quick]`: each prints the machine, a table, and writes JSON to bench/results/.
+
+`python -m bench all [--quick]` runs every subcommand in priority order (see bench/RESULTS.md)."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
+import time
+
+# subcommand -> (module, help); the order is the issue's priority order and the order of `all`.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "engine-hit": ("engine_hit", "200 MB engine: compile-or-reuse hit vs raw sha256 (p99, ratio)"),
+    "verify": ("verify", "verify_cache of a >= 2 GB cache vs sha256sum and hashlib"),
+    "coverage": ("coverage", "coverage walk over 1e6 tiles; tile enumeration 50x50 km at z17"),
+    "index": ("index", "FAISS index build/recall/latency vs exact search and a plain IVF-Flat baseline"),
+    "descriptors": ("descriptors", "describe_shard batching vs a bare ONNX Runtime loop"),
+    "warm": ("provision", "warm re-provision vs sha256 of every cache file; fixed Prefect overhead"),
+    "incremental": ("provision", "1 percent of tiles changed: re-provision as a fraction of a cold one"),
+    "cold": ("provision", "cold provision vs the sum of its bare parts"),
+    "runtime": ("runtime", "runtime factory p99; engine load vs compile per strategy"),
+}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    runtime = sub.add_parser("runtime", help="runtime factory p99; engine load vs compile per strategy")
-    runtime.add_argument("--quick", action="store_true", help="small model, fewer repeats (CI smoke)")
+    for name, (_, text) in [*COMMANDS.items(), ("all", ("", "every subcommand above, in order"))]:
+        command = sub.add_parser(name, help=text)
+        command.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats (CI smoke)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    if args.command == "runtime":
-        from . import runtime as bench_runtime
-
-        print(f"results: {bench_runtime.run(args.quick)}")
+    for name in COMMANDS if args.command == "all" else [args.command]:
+        module = importlib.import_module(f"bench.{COMMANDS[name][0]}")
+        started = time.perf_counter()
+        runner = getattr(module, f"run_{name}", None) or module.run  # provision.py has one per subcommand
+        path = runner(args.quick)
+        print(f"{name}: {time.perf_counter() - started:.1f} s, results: {path}\n")
 
 
 if __name__ == "__main__":

@@ -86,3 +86,57 @@ def print_table(title: str, header: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*(f"{c:.3f}" if isinstance(c, float) else str(c) for c in row))
     Console(width=180).print(table)
+
+
+def print_machine() -> dict[str, Any]:
+    """Print (and return) the machine line every benchmark starts with: noisy shared hosts need it."""
+    info = machine()
+    versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+    print(f"machine: {info['cores']} cores, {info['cpu']}, gpu {info['gpu']}, python {info['python']}; {versions}")
+    return info
+
+
+def sha256_files(paths: list[Path], chunk_size: int = 1 << 20) -> int:
+    """Bare baseline: hashlib sha256 of each file, one pass, one thread, reused buffer. Returns bytes read."""
+    import hashlib
+
+    total = 0
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    for path in paths:
+        digest = hashlib.sha256()
+        with open(path, "rb", buffering=0) as handle:
+            while n := handle.readinto(buffer):
+                digest.update(view[:n])
+                total += n
+    return total
+
+
+def write_random_file(path: Path, size: int, seed: int = 0, block: int = 8 << 20) -> Path:
+    """``size`` pseudo-random bytes (incompressible, so no filesystem shortcut flatters a reader)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as handle:
+        left = size
+        while left > 0:
+            n = min(block, left)
+            handle.write(rng.bytes(n))
+            left -= n
+    return path
+
+
+def ratio(value: float, baseline: float) -> float:
+    return value / baseline if baseline else float("nan")
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeat: int) -> dict[str, Stats]:
+    """Time several callables round-robin, so a neighbour's load spike hits all of them alike."""
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - started)
+    return {name: Stats.of(s) for name, s in samples.items()}

@@ -3,6 +3,7 @@ each next to the bare library doing the same job in the same run."""
 
 from __future__ import annotations
 
+import functools
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +30,7 @@ def bench_factory(labels: list[str], repeat: int) -> list[dict[str, Any]]:
         started = time.perf_counter()
         nr.build_inference_runtime(config)  # first call: imports the strategy's library
         first_ms = (time.perf_counter() - started) * 1000
-        stats, _ = timed(lambda config=config: nr.build_inference_runtime(config), repeat)
+        stats, _ = timed(functools.partial(nr.build_inference_runtime, config), repeat)
         rows.append({"label": label, "first_call_ms": first_ms, **stats.__dict__})
     return rows
 
@@ -47,7 +48,7 @@ def bench_onnxruntime(name: str, directory: Path, repeat: int) -> dict[str, Any]
 
     onnx_path, _, size = _export(name, directory)
     profile = nr.InputProfile("image", (1, 3, size, size), (8, 3, size, size), (16, 3, size, size))
-    runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(directory / "engines")})
+    runtime: Any = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(directory / "engines")})
     started = time.perf_counter()
     entry = runtime.compile_engine(onnx_path, nr.BuildConfig(input_shapes=(profile,)))
     compile_s = time.perf_counter() - started
@@ -76,7 +77,7 @@ def bench_pytorch(name: str, directory: Path, repeat: int) -> dict[str, Any]:
 
     _, pt2_path, size = _export(name, directory)
     profile = nr.InputProfile("image", (1, 3, size, size), (8, 3, size, size), (16, 3, size, size))
-    runtime = nr.build_inference_runtime(
+    runtime: Any = nr.build_inference_runtime(
         {
             "runtime": "pytorch_fp16",
             "engine_dir": str(directory / "engines"),
@@ -85,7 +86,7 @@ def bench_pytorch(name: str, directory: Path, repeat: int) -> dict[str, Any]:
     )
     started = time.perf_counter()
     entry = runtime.compile_engine(
-        pt2_path, nr.BuildConfig(input_shapes=(profile,), builder_options={"output_names": "descriptor"})
+        pt2_path, nr.BuildConfig(input_shapes=(profile,), builder_options=(("output_names", "descriptor"),))
     )
     compile_s = time.perf_counter() - started
     load, handle = timed(lambda: runtime.deserialize_engine(entry), repeat)

@@ -1,4 +1,4 @@
-"""`navcache`: provision (ground), keygen, verify (delegates to the onboard verifier), inspect.
+"""`navcache`: provision (ground), keygen, verify (delegates to the onboard verifier), inspect, gc.
 
 User mistakes print one clear error (what, where, how to fix) and exit non-zero; never a traceback.
 """
@@ -153,6 +153,13 @@ def provision(
         _fail(str(exc), exc.exit_code)
     except InferenceRuntimeError as exc:
         _fail(str(exc), 1)
+    except OSError as exc:  # full disk, I/O error: every write is atomic, so nothing old was touched
+        where = f"{exc.filename}: " if exc.filename else ""
+        _fail(
+            f"{where}{exc.strerror or exc}; the previous cache and manifest are untouched "
+            "(fix: free space or check the disk, then provision again)",
+            1,
+        )
     finally:
         progress.install(None)
     if json_output:
@@ -227,6 +234,46 @@ def inspect(
     raise typer.Exit(
         runtime_main(["inspect", str(cache), *(["--trusted-keys", str(trusted_keys)] if trusted_keys else [])])
     )
+
+
+@app.command()
+def gc(
+    cache: Annotated[Path, typer.Argument(help="the cache directory")],
+    ttl_days: Annotated[float, typer.Option(help="remove unreferenced artifacts older than this")] = 30.0,
+    max_bytes: Annotated[
+        int | None, typer.Option(help="also remove unreferenced ones, oldest first, down to this")
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="report what would go; remove nothing")] = False,
+    lock_timeout: Annotated[float, typer.Option(help="seconds to wait for a running provision")] = 600.0,
+    json_output: Annotated[bool, typer.Option("--json", help="print the report as JSON on stdout")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Remove engines, shards, indexes and coverage files the current manifest does not name (by TTL/size)."""
+    _setup_logging(verbose)
+    from .gc import collect_garbage
+
+    try:
+        report = collect_garbage(
+            cache, ttl_days=ttl_days, max_bytes=max_bytes, dry_run=dry_run, lock_timeout_s=lock_timeout
+        )
+    except NavcacheError as exc:
+        _fail(str(exc), exc.exit_code)
+    if json_output:
+        print(json.dumps(report.as_dict(), indent=2))
+        return
+    verb = "would remove" if dry_run else "removed"
+    table = Table(
+        title=f"gc {cache}: {verb} {len(report.removed)}, kept {len(report.kept)}, {report.freed} bytes freed"
+    )
+    table.add_column("file")
+    table.add_column("bytes", justify="right")
+    table.add_column("age (days)", justify="right")
+    table.add_column("action")
+    table.add_column("why")
+    for action, items in ((verb, report.removed), ("kept", report.kept)):
+        for item in items:
+            table.add_row(item.path, str(item.size), f"{item.age_days:.1f}", action, item.reason)
+    out.print(table)
 
 
 def main() -> None:

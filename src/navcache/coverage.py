@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from navcache_runtime.coverage import COVERAGE_STATUSES, coverage_digest
+from navcache_runtime.coverage import COVERAGE_STATUSES, coverage_digest_arrays
 
 from .tiles import ChunkGrid, array_to_tiles, lat_to_px, lon_to_px, tiles_to_array
 from .types import TileId
@@ -178,13 +178,7 @@ def _build(zoom: int, xy: np.ndarray, codes: np.ndarray, threshold: float, diges
     covered = int(counts[COVERED])
     percent = covered / total * 100.0 if total else 0.0  # an empty area proves nothing: 0 %
     if digest is None:
-        digest = coverage_digest(
-            zip(
-                zip(itertools.repeat(zoom), xy[:, 0].tolist(), xy[:, 1].tolist()),
-                [STATUS_CODES[c] for c in codes.tolist()],
-                strict=True,
-            )
-        )
+        digest = coverage_digest_arrays(zoom, xy, codes)  # vectorised: same bytes as coverage_digest
     xy.flags.writeable = False
     codes.flags.writeable = False
     return CoverageReport(

