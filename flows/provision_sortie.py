@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import platform
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
 from navcache import progress
+from navcache.descriptors import ShardResult
 from navcache.engines import BackboneBuild, EngineResult, Outcome
 from navcache.errors import CoverageError, ProvisionError
+from navcache.gc import sweep_orphan_temps
 from navcache.index import IndexBudget
 from navcache.lock import cache_lock
 from navcache.preflight import preflight
@@ -38,6 +41,10 @@ from navcache_tasks.index import build_index_task
 from navcache_tasks.manifest import sign_manifest_task, verify_task
 
 log = logging.getLogger(__name__)
+
+# Tag on every compile task run: `prefect concurrency-limit create navcache-compile:<hostname> 1` caps
+# engine builds (GPU memory) per companion computer; `navcache-compile` alone caps them fleet-wide.
+COMPILE_TAG = "navcache-compile"
 
 
 def _run_name() -> str:
@@ -84,8 +91,9 @@ def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[E
     """Sequential on purpose: a failure stops the corpus (later backbones are not attempted), and one
     build at a time keeps GPU memory predictable."""
     results = []
+    compile_task = compile_backbone.with_options(tags={COMPILE_TAG, f"{COMPILE_TAG}:{platform.node()}"})
     for spec in sortie.backbones:
-        state = compile_backbone(backbone_build(spec, sortie.runtime), runtime_config, host, return_state=True)
+        state = compile_task(backbone_build(spec, sortie.runtime), runtime_config, host, return_state=True)
         result: EngineResult = state.result()  # raises the task's error
         if state.name == "Cached":
             # The key covers the engine's digest and cache root; still, a record must never vouch for a file
@@ -104,11 +112,36 @@ def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[E
     return results
 
 
+@flow(name="describe-shards-dask")
+def describe_shards_dask(plans: list[ShardPlan], job: DescriptorJob) -> list[ShardResult]:
+    """The mapped shard tasks as a sub-flow, so only they go to the Dask cluster (the task runner is set
+    with ``with_options`` at call time). The job is a frozen, picklable dataclass; each Dask worker process
+    keeps its own engine cache."""
+    return [future.result() for future in describe_shard_task.map(plans, unmapped(job))]
+
+
+def _describe_shards(plans: list[ShardPlan], job: DescriptorJob, dask_address: str | None) -> list[ShardResult]:
+    if not dask_address:
+        return [future.result() for future in describe_shard_task.map(plans, unmapped(job))]
+    from prefect_dask import DaskTaskRunner  # optional dependency, only needed for scale-out
+
+    runner = DaskTaskRunner(address=dask_address)
+    # with_options is typed for TaskRunner[PrefectFuture]; the Dask runner's futures are a subclass of it.
+    return describe_shards_dask.with_options(task_runner=runner)(plans, job)  # type: ignore[arg-type]
+
+
 @flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False)
-def provision_sortie(sortie: str, cache_dir: str | None = None, lock_timeout_s: float = 600.0) -> dict[str, Any]:
+def provision_sortie(
+    sortie: str, cache_dir: str | None = None, lock_timeout_s: float = 600.0, dask_address: str | None = None
+) -> dict[str, Any]:
+    """``dask_address`` (e.g. ``tcp://scheduler:8786``): describe the shards on that existing Dask cluster;
+    by default they run in this process's thread pool."""
     spec = preflight(Path(sortie), Path(cache_dir) if cache_dir else None)
     cache_root = spec.cache_dir
     with cache_lock(cache_root, lock_timeout_s):
+        swept = sweep_orphan_temps(cache_root)  # what a killed run left half-written; we hold the lock
+        if swept:
+            log.warning("removed %d temp file(s) left by an interrupted run", len(swept))
         host = probe_host_task(cache_root)
         runtime_config = RuntimeConfig(runtime=spec.runtime, engine_dir=cache_root / "engines")
         progress.advance("engines", 0, total=len(spec.backbones))
@@ -141,7 +174,7 @@ def provision_sortie(sortie: str, cache_dir: str | None = None, lock_timeout_s: 
             total_chunks=total_chunks,
             progress_artifact=progress_id,
         )
-        shards = [future.result() for future in describe_shard_task.map(plans, unmapped(job))]
+        shards = _describe_shards(plans, job, dask_address)
 
         index = build_index_task(shards, grid, cache_root / "index", IndexBudget())
         reporting.index_report(

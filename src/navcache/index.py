@@ -26,7 +26,9 @@ thread (seen at D=256 with 1 vs 2 threads), so the report records ``omp_threads`
 byte-identical to a CPU one.
 
 Onboard: ``load_index`` memory-maps the index read-only, ``search`` queries it (optionally restricted to
-``allowed_ids``, e.g. from ``ids_near`` around a dead-reckoned position).
+``allowed_ids``, e.g. from ``ids_near`` around a dead-reckoned position). They live in
+``navcache_runtime.index`` (the drone imports them without this package); the names here wrap them and
+turn their errors into :class:`ProvisionError`.
 """
 
 from __future__ import annotations
@@ -44,28 +46,17 @@ from typing import Any
 
 import numpy as np
 
+from navcache_runtime import index as _onboard
+from navcache_runtime.errors import InferenceRuntimeError
+from navcache_runtime.index import EARTH_RADIUS_M as EARTH_RADIUS_M  # re-exported: public name
+from navcache_runtime.index import TABLE_DTYPE, FaissIndex
 from navcache_runtime.integrity import write_artifact_once
 
 from .errors import ProvisionError
 
 log = logging.getLogger(__name__)
 
-FaissIndex = Any  # faiss ships no type stubs
-
-TABLE_DTYPE = np.dtype(
-    [
-        ("id", np.int64),
-        ("z", np.int32),
-        ("x", np.int32),
-        ("y", np.int32),
-        ("west", np.float64),
-        ("south", np.float64),
-        ("east", np.float64),
-        ("north", np.float64),
-    ]
-)
 REPORT_VERSION = 1
-EARTH_RADIUS_M = 6_371_008.8  # IUGG mean radius, as used by most haversine implementations
 RECALL_K = 10
 # A camera frame never equals its map tile: recall queries are database vectors moved by Gaussian noise
 # of this expected L2 norm (unit vectors, so ~0.995 cosine to their source) and re-normalised.
@@ -653,74 +644,30 @@ def _tile_table(ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------- load
+# Loading and querying live in the onboard runtime (navcache_runtime.index), which the drone imports
+# without the provisioning stack. These wrappers keep the provisioning API and its error type: the
+# runtime raises its own error family, the ground crew's tools expect ProvisionError.
+
+
+def _provision_error(exc: InferenceRuntimeError) -> ProvisionError:
+    where = getattr(exc, "where", None) or (str(exc.path) if exc.path else None)
+    return ProvisionError(exc.message, where=where, hint=exc.hint)
 
 
 def load_index(index_path: Path, *, mmap: bool = True) -> FaissIndex:
-    """Open an index read-only; with ``mmap`` its vectors/codes stay in the file's pages (zero-copy).
-
-    faiss ≥ 1.11's ``IO_FLAG_MMAP_IFC`` maps flat codes and IVF list codes alike; the older
-    ``IO_FLAG_MMAP`` maps only IVF lists and silently copies a Flat index into memory.
-    """
-    faiss = _faiss()
-    path = Path(index_path)
-    if not path.is_file():
-        raise ProvisionError(f"index file {path} does not exist", where="load_index", hint="build the index first")
-    if mmap:
-        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", faiss.IO_FLAG_MMAP) | faiss.IO_FLAG_READ_ONLY
-        try:
-            index = faiss.read_index(str(path), flags)
-        except RuntimeError as exc:
-            log.warning("%s cannot be memory-mapped (%s); reading it into memory", path.name, _faiss_message(exc))
-        else:
-            if not _mappable(faiss, index):
-                log.info("%s: %s cannot be memory-mapped; it was read into memory", path.name, _core_name(faiss, index))
-            return index
+    """See :func:`navcache_runtime.index.load_index`."""
     try:
-        return faiss.read_index(str(path))
-    except RuntimeError as exc:
-        raise ProvisionError(
-            f"cannot read index {path.name}: {_faiss_message(exc)}",
-            where=str(path),
-            hint="verify the cache (navcache verify) and re-provision if it is corrupt",
-        ) from exc
-
-
-def _core(faiss: Any, index: FaissIndex) -> Any:
-    core = faiss.downcast_index(index)
-    while isinstance(core, faiss.IndexPreTransform):
-        core = faiss.downcast_index(core.index)
-    return core
-
-
-def _core_name(faiss: Any, index: FaissIndex) -> str:
-    return type(_core(faiss, index)).__name__
-
-
-def _mappable(faiss: Any, index: FaissIndex) -> bool:
-    core = _core(faiss, index)
-    return isinstance(core, faiss.IndexFlatCodes | faiss.IndexIVF)
-
-
-def _faiss_message(exc: BaseException) -> str:
-    """faiss errors end with the useful line, after the C++ location."""
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
+        return _onboard.load_index(index_path, mmap=mmap)
+    except InferenceRuntimeError as exc:
+        raise _provision_error(exc) from exc
 
 
 def load_tile_table(path: Path) -> np.ndarray:
-    """The tile table written by ``build_index`` (row r = index id r)."""
-    path = Path(path)
+    """See :func:`navcache_runtime.index.load_tile_table`."""
     try:
-        table = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as exc:
-        raise ProvisionError(f"cannot read tile table {path.name}: {exc}", where=str(path)) from exc
-    if table.dtype != TABLE_DTYPE or table.ndim != 1:
-        raise ProvisionError(
-            f"{path.name} is not a navcache tile table (dtype {table.dtype}, shape {table.shape})",
-            where=str(path),
-            hint="pass the tiles-*.npy written next to the index",
-        )
-    return np.asarray(table)
+        return _onboard.load_tile_table(path)
+    except InferenceRuntimeError as exc:
+        raise _provision_error(exc) from exc
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -743,85 +690,16 @@ def search(
     allowed_ids: np.ndarray | Sequence[int] | None = None,
     nprobe: int | None = None,
 ) -> list[list[tuple[int, float]]]:
-    """Top-``k`` (row id, cosine score) per query, best first; fewer than ``k`` when fewer rows are allowed.
-
-    ``query`` is (D,) or (Q, D) and is L2-normalised here. ``nprobe`` overrides the value stored in an
-    IVF index (the tuned one from the report); the index itself is not modified, so concurrent searches
-    with different settings are safe. ``allowed_ids`` (row ids) restricts the search, e.g. to
-    ``ids_near(...)`` around a dead-reckoned position.
-    """
-    faiss = _faiss()
-    if len(table) != index.ntotal:
-        raise ProvisionError(
-            f"the tile table has {len(table)} rows but the index holds {index.ntotal} vectors",
-            where="search",
-            hint="load the tiles-*.npy with the same sha16 as the index",
-        )
-    if k < 1:
-        raise ProvisionError(f"k must be >= 1 (got {k})", where="search")
-    q = np.asarray(query, dtype=np.float32)
-    if q.ndim == 1:
-        q = q[None, :]
-    if q.ndim != 2 or q.shape[1] != index.d:
-        raise ProvisionError(
-            f"query must have shape ({index.d},) or (Q, {index.d}); got {np.shape(query)}", where="search"
-        )
-    norms = np.linalg.norm(q, axis=1)
-    if not np.isfinite(q).all() or (norms == 0).any():
-        raise ProvisionError("query contains NaN/inf or an all-zero row", where="search")
-    q = q / norms[:, None]
-
-    ivf = _find_ivf(faiss, index)
-    if nprobe is not None and nprobe < 1:
-        raise ProvisionError(f"nprobe must be >= 1 (got {nprobe})", where="search")
-
-    sel = None
-    if allowed_ids is not None:
-        allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64).ravel())
-        if allowed.size == 0:
-            return [[] for _ in range(len(q))]
-        if allowed[0] < 0 or allowed[-1] >= index.ntotal:
-            raise ProvisionError(
-                f"allowed_ids must be row ids in [0, {index.ntotal}); got values from {allowed[0]} to {allowed[-1]}",
-                where="search",
-            )
-        sel = faiss.IDSelectorBatch(allowed)  # copies the ids, so `allowed` may be freed
-
-    params = None
-    if ivf is not None and (sel is not None or nprobe is not None):
-        # SearchParametersIVF defaults to nprobe 1, not the index's value, so always pass it.
-        params = faiss.SearchParametersIVF(nprobe=int(nprobe if nprobe is not None else ivf.nprobe))
-        if sel is not None:
-            params.sel = sel
-    elif sel is not None:
-        params = faiss.SearchParameters(sel=sel)
-    if params is not None and isinstance(faiss.downcast_index(index), faiss.IndexPreTransform):
-        params = faiss.SearchParametersPreTransform(index_params=params)
-    scores, ids = index.search(q, k, params=params)
-    return [
-        [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
-        for row_ids, row_scores in zip(ids, scores, strict=True)
-    ]
-
-
-def _find_ivf(faiss: Any, index: FaissIndex) -> Any | None:
-    core = _core(faiss, index)
-    return core if isinstance(core, faiss.IndexIVF) else None
+    """See :func:`navcache_runtime.index.search`."""
+    try:
+        return _onboard.search(index, table, query, k, allowed_ids=allowed_ids, nprobe=nprobe)
+    except InferenceRuntimeError as exc:
+        raise _provision_error(exc) from exc
 
 
 def ids_near(table: np.ndarray, lat: float, lon: float, radius_m: float) -> np.ndarray:
-    """Row ids whose tile centre lies within ``radius_m`` metres (great-circle, haversine) of lat/lon.
-
-    The centre is the midpoint of the tile's bounds in degrees; tiles crossing the antimeridian
-    (west > east) are handled.
-    """
-    if not (math.isfinite(lat) and -90 <= lat <= 90 and math.isfinite(lon)):
-        raise ProvisionError(f"bad position lat={lat} lon={lon}", where="ids_near", hint="degrees, WGS84")
-    if not (math.isfinite(radius_m) and radius_m >= 0):
-        raise ProvisionError(f"radius_m must be a finite distance >= 0 (got {radius_m})", where="ids_near")
-    c_lat = np.radians((table["south"] + table["north"]) / 2)
-    c_lon = np.radians(table["west"] + np.mod(table["east"] - table["west"], 360.0) / 2)
-    p_lat, p_lon = math.radians(lat), math.radians(lon)
-    a = np.sin((c_lat - p_lat) / 2) ** 2 + np.cos(c_lat) * math.cos(p_lat) * np.sin((c_lon - p_lon) / 2) ** 2
-    dist = 2 * EARTH_RADIUS_M * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-    return np.asarray(table["id"][dist <= radius_m], dtype=np.int64)
+    """See :func:`navcache_runtime.index.ids_near`."""
+    try:
+        return _onboard.ids_near(table, lat, lon, radius_m)
+    except InferenceRuntimeError as exc:
+        raise _provision_error(exc) from exc

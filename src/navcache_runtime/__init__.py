@@ -98,6 +98,12 @@ _LAZY = {
     "VerificationReport": "verify",
     "VerifierConfig": "verify",
     "verify_cache": "verify",
+    "Candidate": "cache",
+    "CacheOpenError": "cache",
+    "OnboardCache": "cache",
+    "open_cache": "cache",
+    "preprocess": "cache",
+    "CacheIndexError": "index",
 }
 __all__ += list(_LAZY)
 

@@ -1,0 +1,594 @@
+"""The onboard consumer of a provisioned cache: verify first, then open exactly what the manifest names.
+
+:func:`open_cache` runs :func:`navcache_runtime.verify.verify_cache` before anything else; a refusal raises
+:class:`~navcache_runtime.verify.CacheVerificationError` (carrying the report) and nothing is opened. Only
+then does it open, by the names in the verified manifest (the directory is never listed, so a file an
+attacker drops into ``index/`` or ``engines/`` is never looked at):
+
+* the engines: subjects directly under ``engines/`` whose filename parses as an engine name, loaded through
+  the configured :class:`InferenceRuntime` (``deserialize_engine``, i.e. the engine gate, with the entry's
+  digest set to the *signed* one, so the gate ties sidecar, bytes and manifest together). Without a
+  ``runtime_config`` the runtime label comes from the engines' filename extension (``.onnx`` →
+  ``onnx_trt_ep``, ``.pt2`` → ``pytorch_fp16``, ``.engine`` → ``tensorrt``) and ``engine_dir`` is
+  ``<cache>/engines``. Engines for another runtime are skipped (logged).
+* the FAISS index ``index/index-{h}.faiss`` (exactly one listed), memory-mapped read-only where the type
+  allows, with its tile table ``index/tiles-{h}.npy`` and report ``index/index-{h}.json``. The table and
+  report are small: they are read once, checked against their signed sha256 and parsed from those bytes.
+
+**Which engine is the VPR engine.** Neither the manifest nor the index report records backbone roles, so:
+``vpr_model=`` names it when given; otherwise each loaded engine is run once on a zero input at its
+smallest shape (this doubles as the warm-up the first real frame would pay) and the VPR engine is the one
+engine with an output of shape ``(N, D)`` where ``D`` is the index's dimension. None or several → a
+:class:`CacheOpenError` asking for ``vpr_model``.
+
+Residual window: the index file is memory-mapped by name after verification; a process that can rewrite
+files under the cache root between the two steps could swap it (engines are re-hashed by the gate against
+the signed digest, table and report are hashed as read). Mount the cache read-only on the airframe.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import dataclasses
+import hashlib
+import json
+import logging
+import re
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+
+from .config import RuntimeConfig, load_runtime_config
+from .errors import InferenceError, InferenceRuntimeError
+from .factory import build_inference_runtime
+from .gate import entry_from_artifact
+from .index import FaissIndex, ids_near, load_index, search, tile_table_from_bytes
+from .naming import EXTENSIONS, parse_engine_name
+from .protocol import InferenceRuntime
+from .trust import TrustedKeys
+from .types import EngineHandle
+from .verify import MANIFEST_NAME, CacheVerificationError, Mode, VerificationReport, verify_cache
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_INDEX_RE = re.compile(r"index/index-([0-9a-f]{16})\.faiss")
+_MAX_MANIFEST_BYTES = 16 << 20  # the verifier's default bound
+
+
+class CacheOpenError(InferenceRuntimeError):
+    """A verified cache cannot be opened (no index or VPR engine, ambiguous choice, changed manifest)."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One retrieval hit: the tile, its bounds in degrees (west, south, east, north), cosine score, row id."""
+
+    tile: tuple[int, int, int]
+    bounds: tuple[float, float, float, float]
+    score: float
+    row: int
+
+
+@dataclass(frozen=True)
+class _Engine:
+    model: str
+    path: Path
+    handle: EngineHandle
+    input_name: str
+    probe_shape: tuple[int, ...] | None  # smallest full input shape, None when the handle does not say
+    max_batch: int | None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Preprocessing (the same math as navcache.descriptors.Preprocessing, without its provisioning imports)
+
+
+def preprocess(
+    rgb: np.ndarray,
+    height: int,
+    width: int,
+    *,
+    mean: Sequence[float] = IMAGENET_MEAN,
+    std: Sequence[float] = IMAGENET_STD,
+    use_pil: bool | None = None,
+) -> np.ndarray:
+    """RGB uint8 (H, W, 3) → normalised float32 (3, height, width), as the tiles were described.
+
+    Resizing is Pillow's bilinear filter (antialiased when downscaling). ``use_pil=None`` uses Pillow when it
+    imports and otherwise a numpy port of the same 8-bit fixed-point algorithm (horizontal pass, then
+    vertical, as Pillow's C code): byte-identical for the demo's 256 → 128 px tiles; for some other size
+    pairs Pillow 13 runs the vertical pass first and a few pixels then differ by one grey level."""
+    image = np.asarray(rgb)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise InferenceError(
+            f"preprocess expects an RGB uint8 (H, W, 3) image, got {image.dtype} with shape {image.shape}",
+            hint="convert the camera frame to 8-bit RGB first",
+        )
+    if image.shape[:2] != (height, width):
+        image = _resize(image, height, width, use_pil)
+    scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)
+    normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)
+
+
+def _resize(image: np.ndarray, height: int, width: int, use_pil: bool | None) -> np.ndarray:
+    if use_pil is not False:
+        try:
+            from PIL import Image
+        except ImportError:
+            if use_pil:
+                raise
+        else:
+            return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
+    # Pillow resamples horizontally first, rounding to 8 bits after each pass.
+    out = image
+    if out.shape[1] != width:
+        out = _resample_axis(out, width, axis=1)
+    if out.shape[0] != height:
+        out = _resample_axis(out, height, axis=0)
+    return out
+
+
+_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
+
+
+def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
+    """Pillow's ``precompute_coeffs`` for the bilinear (triangle) filter, normalised and in fixed point."""
+    scale = in_size / out_size
+    filterscale = max(scale, 1.0)  # downscaling widens the filter (antialiasing)
+    support = filterscale
+    weights = np.zeros((out_size, in_size), dtype=np.int64)
+    for xx in range(out_size):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), in_size)
+        pos = (np.arange(xmin, xmax) - center + 0.5) / filterscale
+        k = np.clip(1.0 - np.abs(pos), 0.0, None)
+        total = k.sum()
+        if total:
+            k = k / total
+        fixed = k * (1 << _PRECISION_BITS)
+        weights[xx, xmin:xmax] = np.where(fixed < 0, np.trunc(fixed - 0.5), np.trunc(fixed + 0.5)).astype(np.int64)
+    return weights
+
+
+def _resample_axis(image: np.ndarray, size: int, axis: int) -> np.ndarray:
+    weights = _bilinear_weights(image.shape[axis], size)
+    pixels = image.astype(np.int64)
+    spec = "ow,hwc->hoc" if axis == 1 else "oh,hwc->owc"
+    acc = np.einsum(spec, weights, pixels)
+    acc = (acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS
+    return np.clip(acc, 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The opened cache
+
+
+class OnboardCache:
+    """A verified cache, open for localisation. Use as a context manager, or call :meth:`close`."""
+
+    def __init__(
+        self,
+        root: Path,
+        report: VerificationReport,
+        runtime: InferenceRuntime,
+        engines: Mapping[str, _Engine],
+        vpr: _Engine,
+        vpr_output: str,
+        index: FaissIndex,
+        table: np.ndarray,
+        index_report: Mapping[str, Any],
+    ) -> None:
+        self.root = root
+        self.report = report
+        self.runtime = runtime
+        self.index_report = dict(index_report)
+        self._engines = dict(engines)
+        self._vpr = vpr
+        self._vpr_output = vpr_output
+        self._index: FaissIndex | None = index
+        self._table = table
+        self.closed = False
+
+    # -- what is open -----------------------------------------------------------------------------------
+
+    @property
+    def engine_models(self) -> tuple[str, ...]:
+        return tuple(self._engines)
+
+    @property
+    def vpr_model(self) -> str:
+        return self._vpr.model
+
+    @property
+    def input_shape(self) -> tuple[int, ...] | None:
+        """(C, H, W) the VPR engine takes, when its runtime says; preprocess frames to this size."""
+        return None if self._vpr.probe_shape is None else tuple(self._vpr.probe_shape[1:])
+
+    @property
+    def dim(self) -> int:
+        return int(self._live_index().d)
+
+    @property
+    def tile_count(self) -> int:
+        return len(self._table)
+
+    def engine(self, model: str) -> EngineHandle:
+        """The loaded handle of another backbone (e.g. local features), for ``runtime.infer``."""
+        self._check_open()
+        try:
+            return self._engines[model].handle
+        except KeyError:
+            raise InferenceError(
+                f"no engine for model {model!r} in this cache; loaded: {sorted(self._engines)}"
+            ) from None
+
+    # -- use --------------------------------------------------------------------------------------------
+
+    def preprocess(self, rgb: np.ndarray, *, use_pil: bool | None = None) -> np.ndarray:
+        """A camera frame (RGB uint8) → the VPR engine's (3, H, W) float32 input."""
+        shape = self.input_shape
+        if shape is None:
+            raise InferenceError(
+                f"the runtime does not report the input size of {self._vpr.path.name}",
+                hint="call navcache_runtime.cache.preprocess(rgb, height, width) with the model's size",
+            )
+        return preprocess(rgb, shape[1], shape[2], use_pil=use_pil)
+
+    def describe(self, image_batch: np.ndarray) -> np.ndarray:
+        """Global descriptors (N, D) float32 of a preprocessed NCHW float32 batch (or one CHW image)."""
+        self._check_open()
+        batch = np.asarray(image_batch, dtype=np.float32)
+        if batch.ndim == 3:
+            batch = batch[None]
+        expected = self.input_shape
+        if batch.ndim != 4 or (expected is not None and batch.shape[1:] != expected):
+            raise InferenceError(
+                f"describe expects (N, {', '.join(map(str, expected or ('C', 'H', 'W')))}) float32, "
+                f"got shape {np.shape(image_batch)}",
+                hint="preprocess frames with OnboardCache.preprocess",
+                path=self._vpr.path,
+            )
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), np.float32)
+        step = self._vpr.max_batch or len(batch)
+        parts = [self._run(self._vpr, batch[i : i + step]) for i in range(0, len(batch), step)]
+        out = np.concatenate([p[self._vpr_output].reshape(len(p[self._vpr_output]), -1) for p in parts])
+        return np.ascontiguousarray(out[: len(batch)], dtype=np.float32)
+
+    def query(
+        self,
+        descriptor: np.ndarray,
+        k: int = 10,
+        near: tuple[float, float, float] | None = None,
+        *,
+        nprobe: int | None = None,
+    ) -> list[Candidate] | list[list[Candidate]]:
+        """Best ``k`` tiles for a (D,) descriptor (a list) or (Q, D) descriptors (a list per query, as
+        :meth:`query_batch`, which is the typed form for batches).
+
+        ``near=(lat, lon, radius_m)`` is a geo-prior: only tiles whose centre lies within ``radius_m`` of
+        the position are searched (fewer than ``k`` hits, or none, when fewer tiles are that close)."""
+        rows = self.query_batch(np.atleast_2d(descriptor), k, near, nprobe=nprobe)
+        return rows[0] if np.ndim(descriptor) == 1 else rows
+
+    def query_batch(
+        self,
+        descriptors: np.ndarray,
+        k: int = 10,
+        near: tuple[float, float, float] | None = None,
+        *,
+        nprobe: int | None = None,
+    ) -> list[list[Candidate]]:
+        """:meth:`query` for (Q, D) descriptors: one best-first list per row."""
+        index = self._live_index()
+        allowed = None if near is None else ids_near(self._table, float(near[0]), float(near[1]), float(near[2]))
+        hits = search(index, self._table, descriptors, k, allowed_ids=allowed, nprobe=nprobe)
+        return [[self._candidate(row, score) for row, score in hit] for hit in hits]
+
+    def _candidate(self, row: int, score: float) -> Candidate:
+        t = self._table[row]
+        return Candidate(
+            tile=(int(t["z"]), int(t["x"]), int(t["y"])),
+            bounds=(float(t["west"]), float(t["south"]), float(t["east"]), float(t["north"])),
+            score=score,
+            row=row,
+        )
+
+    def _run(self, engine: _Engine, batch: np.ndarray) -> dict[str, np.ndarray]:
+        n = len(batch)
+        min_batch = engine.probe_shape[0] if engine.probe_shape else 1
+        if n < min_batch:  # fixed-batch engines: pad, then drop the padding rows
+            batch = np.concatenate([batch, np.zeros((min_batch - n, *batch.shape[1:]), batch.dtype)])
+        outputs = self.runtime.infer(engine.handle, {engine.input_name: batch})
+        return {name: np.asarray(value)[:n] for name, value in outputs.items()}
+
+    # -- lifetime ---------------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise InferenceError(f"the cache {self.root} was closed", hint="open it again with open_cache")
+
+    def _live_index(self) -> FaissIndex:
+        self._check_open()
+        return self._index
+
+    def close(self) -> None:
+        """Release every engine and drop the index mapping. Idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        _release(self.runtime, [e.handle for e in self._engines.values()])
+        self._index = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else "open"
+        return f"<OnboardCache {self.root} {state} vpr={self._vpr.model} tiles={len(self._table)}>"
+
+
+def _release(runtime: InferenceRuntime, handles: Sequence[EngineHandle]) -> None:
+    for handle in handles:
+        try:
+            runtime.release_engine(handle)
+        except InferenceRuntimeError as exc:  # keep releasing the others
+            logger.warning("releasing %s failed: %s", handle.entry.path.name, exc)
+    close = getattr(runtime, "close", None)  # stops a background thermal poller, where there is one
+    if callable(close):
+        close()
+
+
+# --------------------------------------------------------------------------------------------------------
+# open_cache
+
+
+def open_cache(
+    path: Path | str,
+    trusted_keys: TrustedKeys | Path | str,
+    *,
+    runtime_config: RuntimeConfig | Mapping[str, Any] | Path | str | None = None,
+    mode: Mode = "airborne",
+    now: datetime | None = None,
+    state_path: Path | str | None = None,
+    vpr_model: str | None = None,
+    mmap: bool = True,
+) -> OnboardCache:
+    """Verify the cache at ``path`` against ``trusted_keys``, then open its engines and index (see the
+    module docstring). Raises CacheVerificationError (nothing opened) or another InferenceRuntimeError."""
+    started = time.perf_counter()
+    root = Path(path)
+    report = verify_cache(root, trusted_keys, mode=mode, now=now, state_path=state_path)
+    if not report.ok:
+        raise CacheVerificationError(report)
+    subjects = _verified_subjects(root, report)
+
+    index_name, table_name, report_name = _index_names(root, subjects)
+    table = tile_table_from_bytes(_read_signed(root, table_name, subjects), str(root / table_name))
+    index_report: dict[str, Any] = {}
+    if report_name is not None:
+        loaded = json.loads(_read_signed(root, report_name, subjects))
+        index_report = loaded if isinstance(loaded, dict) else {}
+    index = load_index(root / index_name, mmap=mmap)
+    if index.ntotal != len(table):
+        raise CacheOpenError(
+            f"{index_name} holds {index.ntotal} vectors but {table_name} has {len(table)} rows",
+            hint="re-provision the cache",
+            path=root / index_name,
+        )
+
+    engine_files = _engine_subjects(subjects)
+    config = _runtime_config(root, runtime_config, engine_files, vpr_model)
+    runtime = build_inference_runtime(config)
+    engines: dict[str, _Engine] = {}
+    try:
+        for name, sha in engine_files.items():
+            parsed = parse_engine_name(Path(name).name)
+            if parsed.runtime_label != config.runtime:
+                logger.info("skipping %s: a %s artifact, the runtime is %s", name, parsed.runtime_label, config.runtime)
+                continue
+            if parsed.model in engines:
+                raise CacheOpenError(
+                    f"the manifest lists two {config.runtime} engines for model {parsed.model!r}",
+                    hint="re-provision the cache (one engine per backbone and runtime)",
+                    path=root / name,
+                )
+            entry = dataclasses.replace(entry_from_artifact(root / name), sha256=sha)  # gate checks the signed digest
+            handle = runtime.deserialize_engine(entry)
+            engines[parsed.model] = _engine(parsed.model, root / name, handle)
+        vpr, output = _pick_vpr(runtime, engines, int(index.d), vpr_model, root)
+    except BaseException:
+        _release(runtime, [e.handle for e in engines.values()])
+        raise
+    cache = OnboardCache(root, report, runtime, engines, vpr, output, index, table, index_report)
+    logger.info(
+        "opened %s: %d tiles (%s), engines %s, vpr=%s, in %.2f s (verification %.2f s)",
+        root,
+        len(table),
+        index_report.get("index_type", "index"),
+        sorted(engines),
+        vpr.model,
+        time.perf_counter() - started,
+        report.elapsed_s,
+    )
+    return cache
+
+
+def _verified_subjects(root: Path, report: VerificationReport) -> dict[str, str]:
+    """name → signed sha256, from the manifest bytes whose payload digest the verifier just accepted."""
+    manifest = Path(report.manifest) if report.manifest else root / MANIFEST_NAME
+    try:
+        with manifest.open("rb") as handle:
+            raw = handle.read(_MAX_MANIFEST_BYTES + 1)
+        envelope = json.loads(raw)
+        payload = base64.b64decode(envelope["payload"], validate=True)
+    except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
+        raise CacheOpenError(
+            f"the manifest changed or became unreadable after it verified: {exc}", path=manifest
+        ) from exc
+    if hashlib.sha256(payload).hexdigest() != report.payload_sha256:
+        raise CacheOpenError(
+            "the manifest changed after it verified (payload digest differs)",
+            hint="mount the cache read-only and open it again",
+            path=manifest,
+        )
+    statement = json.loads(payload)
+    return {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
+
+
+def _read_signed(root: Path, name: str, subjects: Mapping[str, str]) -> bytes:
+    """Read a small listed artifact once and check it against its signed digest before use."""
+    path = root / name
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CacheOpenError(f"cannot read {name}: {exc}", path=path) from exc
+    if hashlib.sha256(data).hexdigest() != subjects[name]:
+        raise CacheOpenError(
+            f"{name} changed after the cache verified", hint="mount the cache read-only and open it again", path=path
+        )
+    return data
+
+
+def _index_names(root: Path, subjects: Mapping[str, str]) -> tuple[str, str, str | None]:
+    indexes = sorted(name for name in subjects if _INDEX_RE.fullmatch(name))
+    if len(indexes) != 1:
+        raise CacheOpenError(
+            f"the manifest must list exactly one index/index-*.faiss, it lists {len(indexes)}: {indexes}",
+            hint="re-provision the cache",
+            path=root / MANIFEST_NAME,
+        )
+    match = _INDEX_RE.fullmatch(indexes[0])
+    assert match is not None
+    table = f"index/tiles-{match.group(1)}.npy"
+    if table not in subjects:
+        raise CacheOpenError(
+            f"the manifest lists {indexes[0]} but not its tile table {table}",
+            hint="re-provision the cache",
+            path=root / MANIFEST_NAME,
+        )
+    report = f"index/index-{match.group(1)}.json"
+    return indexes[0], table, report if report in subjects else None
+
+
+def _engine_subjects(subjects: Mapping[str, str]) -> dict[str, str]:
+    engines = {}
+    for name, sha in subjects.items():
+        parts = name.split("/")
+        if len(parts) != 2 or parts[0] != "engines":
+            continue
+        try:
+            parse_engine_name(parts[1])
+        except InferenceRuntimeError:
+            continue  # not an engine artifact (a timing cache, say)
+        engines[name] = sha
+    return dict(sorted(engines.items()))
+
+
+def _runtime_config(
+    root: Path,
+    given: RuntimeConfig | Mapping[str, Any] | Path | str | None,
+    engine_files: Mapping[str, str],
+    vpr_model: str | None,
+) -> RuntimeConfig:
+    if given is not None:
+        return load_runtime_config(given)
+    parsed = [parse_engine_name(Path(name).name) for name in engine_files]
+    if vpr_model is not None:
+        parsed = [p for p in parsed if p.model == vpr_model] or parsed
+    labels = sorted({p.runtime_label for p in parsed})
+    if len(labels) != 1:
+        raise CacheOpenError(
+            f"cannot tell the runtime from the listed engines ({labels or 'none'}; extensions "
+            f"{', '.join(f'.{ext}' for ext in EXTENSIONS)})",
+            hint="pass runtime_config={'runtime': ...}" if labels else "re-provision the cache with its engines",
+            path=root / "engines",
+        )
+    return load_runtime_config({"runtime": labels[0], "engine_dir": root / "engines"})
+
+
+def _engine(model: str, path: Path, handle: EngineHandle) -> _Engine:
+    if len(handle.input_names) != 1:
+        return _Engine(model, path, handle, handle.input_names[0] if handle.input_names else "", None, None)
+    name = handle.input_names[0]
+    shape, max_batch = _input_shape(handle, name)
+    return _Engine(model, path, handle, name, shape, max_batch)
+
+
+def _input_shape(handle: EngineHandle, name: str) -> tuple[tuple[int, ...] | None, int | None]:
+    """(smallest full input shape, largest batch) from whatever the strategy's handle exposes."""
+    session = getattr(handle, "session", None)  # ONNX Runtime
+    if session is not None:
+        dims = list(session.get_inputs()[0].shape)
+        batch = dims[0] if dims and isinstance(dims[0], int) and dims[0] > 0 else None
+        dims[:1] = [batch or 1]
+        if all(isinstance(d, int) and d > 0 for d in dims):
+            return tuple(dims), batch
+        return None, batch
+    min_shapes = getattr(handle, "min_shapes", ())  # PyTorch
+    if min_shapes:
+        max_shapes = getattr(handle, "max_shapes", ())
+        return tuple(min_shapes[0]), (max_shapes[0][0] if max_shapes else None)
+    profile = getattr(handle, "profile", {}).get(name)  # TensorRT, dynamic inputs
+    if profile:
+        return tuple(profile[0]), profile[2][0]
+    fixed = getattr(handle, "input_shapes", {}).get(name)
+    if fixed and all(d > 0 for d in fixed):
+        return tuple(fixed), fixed[0]
+    return None, None
+
+
+def _pick_vpr(
+    runtime: InferenceRuntime, engines: Mapping[str, _Engine], dim: int, vpr_model: str | None, root: Path
+) -> tuple[_Engine, str]:
+    """The engine that produces the index's descriptors, and the name of that output."""
+    if not engines:
+        raise CacheOpenError(
+            "the manifest lists no engine this runtime can load", hint="re-provision the cache", path=root / "engines"
+        )
+    if vpr_model is not None and vpr_model not in engines:
+        raise CacheOpenError(
+            f"vpr_model {vpr_model!r} is not among the cache's engines {sorted(engines)}",
+            hint="pass one of those names",
+            path=root / "engines",
+        )
+    found: list[tuple[_Engine, str]] = []
+    for model, engine in engines.items():
+        if vpr_model is not None and model != vpr_model:
+            continue
+        if engine.probe_shape is None:
+            if vpr_model is not None:  # named but not probeable: trust the name, use its first output
+                return engine, engine.handle.output_names[0]
+            continue
+        probe = np.zeros(engine.probe_shape, np.float32)
+        outputs = runtime.infer(engine.handle, {engine.input_name: probe})
+        for output, value in outputs.items():
+            shape = np.shape(value)
+            if len(shape) >= 2 and int(np.prod(shape[1:])) == dim and shape[0] == probe.shape[0]:
+                found.append((engine, output))
+                break
+    if len(found) != 1:
+        which = sorted(e.model for e, _ in found)
+        raise CacheOpenError(
+            f"cannot tell the VPR engine: {len(found)} engines ({which}) produce {dim}-dimensional descriptors "
+            f"like the index",
+            hint="pass vpr_model='<model name>' to open_cache",
+            path=root / "engines",
+        )
+    return found[0]
