@@ -114,6 +114,16 @@ class CoverageReport:
             f"{self.covered:,} covered, {self.blank:,} blank, {self.missing:,} missing of {self.total:,} tiles"
         )
 
+    def manifest_fields(self, table_relpath: str) -> dict[str, Any]:
+        """The signed aggregate (integers only) the manifest carries; ``table_relpath`` names the table."""
+        return {
+            "digest": self.digest,
+            "total": self.total,
+            "covered": self.covered,
+            "percent_x100": round(self.percent * 100),
+            "path": table_relpath,
+        }
+
     def to_json(self) -> dict[str, Any]:
         rows = np.column_stack(
             (np.full(len(self.codes), self.zoom, dtype=np.int64), self.tile_xy, self.codes.astype(np.int64))

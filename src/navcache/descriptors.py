@@ -263,7 +263,8 @@ def describe_shard(
     desc_path, table_path = shard_paths(out_dir, key)
     counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_NAMES}
     block = (plan.block_x, plan.block_y)
-    if _is_complete(desc_path, table_path):
+
+    def result(computed: bool, batches: int) -> ShardResult:
         return ShardResult(
             block,
             key,
@@ -272,10 +273,13 @@ def describe_shard(
             counts[DESCRIBED],
             counts[BLANK],
             counts[MISSING],
-            computed=False,
+            computed=computed,
             seconds=time.perf_counter() - started,
-            batches=0,
+            batches=batches,
         )
+
+    if _is_complete(desc_path, table_path):
+        return result(computed=False, batches=0)
     to_describe = [chunk for chunk, status, _ in scan if status == DESCRIBED]
     parts, batches = [], 0
     for batch in _batches(to_describe, ChunkReader(source, grid), preprocessing, engine.batch_size):
@@ -293,18 +297,7 @@ def describe_shard(
     # Descriptors first, table last: a table on disk means its shard is complete.
     write_artifact(desc_path, _npy_bytes(descriptors))
     write_artifact(table_path, _npy_bytes(table))
-    return ShardResult(
-        block,
-        key,
-        desc_path,
-        table_path,
-        counts[DESCRIBED],
-        counts[BLANK],
-        counts[MISSING],
-        computed=True,
-        seconds=time.perf_counter() - started,
-        batches=batches,
-    )
+    return result(computed=True, batches=batches)
 
 
 def load_shard(result: ShardResult) -> tuple[np.ndarray, np.ndarray]:
