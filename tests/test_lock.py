@@ -56,7 +56,8 @@ def test_a_killed_holder_never_blocks_the_next_run(tmp_path: Path) -> None:
     assert not (tmp_path / HOLDER_NAME).exists()
 
 
-def test_the_lock_is_reentrant_across_sequential_runs(tmp_path: Path) -> None:
+def test_sequential_runs_take_and_release_the_lock_each_time(tmp_path: Path) -> None:
     for _ in range(3):
         with cache_lock(tmp_path, timeout_s=1):
-            pass
+            assert (tmp_path / HOLDER_NAME).is_file()
+        assert not (tmp_path / HOLDER_NAME).exists()
