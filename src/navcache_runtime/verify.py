@@ -539,9 +539,11 @@ class _Manifest:
     coverage: dict[str, Any] | None = None
 
 
-def _parse_envelope(raw: bytes, config: VerifierConfig) -> tuple[_Envelope | None, list[Failure]]:
-    """Shape of the unsigned envelope. Returns the envelope unless its structure is unusable."""
-    subject = "envelope"
+def _parse_envelope(
+    raw: bytes, config: VerifierConfig, subject: str = MANIFEST_NAME
+) -> tuple[_Envelope | None, list[Failure]]:
+    """Shape of the unsigned envelope. Returns the envelope unless its structure is unusable. ``subject``
+    names the manifest file in failures, so the crew know which file to look at."""
     try:
         doc = loads_strict(raw)
     except ValueError as exc:
@@ -734,7 +736,7 @@ class CacheVerifier:
             else:
                 self._fail(FailureCode.ENVELOPE_UNREADABLE, path.name, f"cannot read manifest: {exc.strerror or exc}")
             return False
-        envelope, failures = _parse_envelope(raw, self.config)
+        envelope, failures = _parse_envelope(raw, self.config, path.name)
         self.report.failures.extend(failures)
         self._envelope = envelope
         # An unsupported payloadType is recorded but the signatures are still checked (both are reported).

@@ -146,8 +146,10 @@ def bowties(draw: st.DrawFn) -> dict[str, Any]:
 
 @st.composite
 def antimeridian(draw: st.DrawFn) -> dict[str, Any]:
-    west = draw(st.floats(90.0, 180.0))
-    east = draw(st.floats(-180.0, -90.0))
+    # Strictly more than 180 degrees apart: a ring from 90 to -90 is a legal 180-degree-wide area across the
+    # prime meridian (RFC 7946 reads it that way), not an antimeridian crossing.
+    west = draw(st.floats(90.0, 180.0, exclude_min=True))
+    east = draw(st.floats(-180.0, -90.0, exclude_max=True))
     south = draw(st.floats(-80.0, 70.0))
     return poly(rect(west, south, east, south + draw(st.floats(0.001, 10.0))))
 
