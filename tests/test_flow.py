@@ -100,3 +100,36 @@ def test_runs_on_different_cache_roots_share_nothing(assets: Assets, tmp_path: P
     assert Path(a["manifest"]).parent != Path(b["manifest"]).parent
     shutil.rmtree(tmp_path / "a")
     assert verify_cache(tmp_path / "b", assets.trusted_keys).ok
+
+
+def test_imagery_that_is_nodata_everywhere_fails_clearly_and_writes_no_manifest(assets: Assets, tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_bounds
+
+    from navcache.errors import ProvisionError
+    from navcache.tiles import tile_bounds
+
+    first, _ = block_tiles()
+    west, south, east, north = (
+        min(tile_bounds(t)[i] for t in first) if i < 2 else max(tile_bounds(t)[i] for t in first) for i in range(4)
+    )
+    blank = tmp_path / "blank.tif"
+    with rasterio.open(
+        blank,
+        "w",
+        driver="GTiff",
+        width=64,
+        height=64,
+        count=3,
+        dtype="uint8",
+        crs="EPSG:4326",
+        transform=from_bounds(west - 0.01, south - 0.01, east + 0.01, north + 0.01, 64, 64),
+        nodata=0,
+    ) as dst:
+        dst.write(np.zeros((3, 64, 64), np.uint8))
+    sortie = write_sortie(tmp_path / "s.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "cache")
+    sortie.write_text(sortie.read_text().replace(str(assets.ortho), str(blank)))
+    with pytest.raises(ProvisionError, match="no tile of the area has imagery to describe"):
+        provision(sortie)
+    assert not (tmp_path / "cache" / "manifest.dsse.json").exists()
