@@ -31,7 +31,7 @@ test: lint
 test-all: lint
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The full reliability matrix (every kill point, tamper case and I/O fault): about 30 min on 2 cores.
+# The full reliability matrix (every kill point, tamper case and I/O fault): about 12 min on 2 cores.
 test-reliability: setup
 	$(VENV)/bin/pytest tests/reliability $(PYTEST_ARGS)
 
