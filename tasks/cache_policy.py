@@ -40,8 +40,9 @@ class EngineContentPolicy(CachePolicy):
             engine_state = []
             for candidate in candidates:
                 if candidate.exists():
-                    runtime.gate.admit(candidate)  # type: ignore[attr-defined]
-                    engine_state.append((candidate.name, sha256_file(candidate)))
+                    # admit() streams the file once and returns the digest it verified.
+                    admitted = runtime.gate.admit(candidate)  # type: ignore[attr-defined]
+                    engine_state.append((candidate.name, admitted.sha256))
         except InferenceRuntimeError:
             return None  # cannot predict or verify: no caching, let the task decide and report
         if not engine_state:
