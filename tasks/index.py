@@ -33,10 +33,7 @@ def gather(shards: list[ShardResult], grid: ChunkGrid) -> tuple[np.ndarray, np.n
             hint="check that the orthophoto covers the area and is not all nodata",
         )
     tile_ids = np.concatenate(ids)
-    from navcache.types import TileId
-
-    bounds = np.array([grid.chunk_bounds(TileId(int(z), int(x), int(y))) for z, x, y in tile_ids], np.float64)
-    return np.concatenate(parts), tile_ids, bounds
+    return np.concatenate(parts), tile_ids, grid.chunk_bounds_array(tile_ids[:, 1:])
 
 
 @task(name="build-index", cache_policy=NO_CACHE)

@@ -174,14 +174,24 @@ class ChunkGrid:
 
     def chunk_bounds(self, chunk: TileId) -> Bounds:
         """(west, south, east, north) in degrees, clipped to the world."""
-        x0, y0, x1, y1 = self.chunk_pixel_box(chunk)
-        w = self.world_px
-        return (
-            float(px_to_lon(x0, w)),
-            float(px_to_lat(min(y1, w), w)),
-            float(px_to_lon(min(x1, w), w)),
-            float(px_to_lat(y0, w)),
-        )
+        self._check_chunk(chunk)
+        west, south, east, north = self.chunk_bounds_array(np.array([[chunk.x, chunk.y]]))[0]
+        return (float(west), float(south), float(east), float(north))
+
+    def chunk_bounds_array(self, xy: np.ndarray) -> np.ndarray:
+        """:meth:`chunk_bounds` for an (N, 2) array of chunk (x, y) indices at once: (N, 4) degrees."""
+        xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+        s, c, w = self.stride_px, self.chunk_px, self.world_px
+        x0, y0 = xy[:, 0] * s, xy[:, 1] * s
+        return np.stack(
+            [
+                px_to_lon(x0, w),
+                px_to_lat(np.minimum(y0 + c, w), w),
+                px_to_lon(np.minimum(x0 + c, w), w),
+                px_to_lat(y0, w),
+            ],
+            axis=1,
+        ).astype(np.float64)
 
     def storage_tiles_of_chunk(self, chunk: TileId) -> list[TileId]:
         """The XYZ tiles a chunk's pixels come from (sorted), clipped to the world."""
