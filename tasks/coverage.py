@@ -4,26 +4,23 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from navcache.coverage import CoverageReport, coverage_walk, render_coverage_png
-from navcache.descriptors import BLANK, DESCRIBED, ShardResult, load_shard
+from navcache.descriptors import BLANK, DESCRIBED, TABLE_DTYPE, ShardResult, load_shard
 from navcache.tiles import ChunkGrid
 from navcache.types import TileId
 from navcache_runtime.integrity import write_artifact_once
 
 
-def chunk_statuses(shards: list[ShardResult]) -> tuple[list[TileId], list[TileId]]:
-    described, blank = [], []
-    for shard in shards:
-        _, table = load_shard(shard)
-        for z, x, y, status in table[["z", "x", "y", "status"]].tolist():
-            if status == DESCRIBED:
-                described.append(TileId(z, x, y))
-            elif status == BLANK:
-                blank.append(TileId(z, x, y))
-    return described, blank
+def chunk_statuses(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray]:
+    """(described, blank) chunks of all shards as (N, 3) [z, x, y] arrays: the walk's fast input form."""
+    tables = [load_shard(shard)[1] for shard in shards]
+    rows = np.concatenate(tables) if tables else np.zeros(0, dtype=TABLE_DTYPE)
+    zxy = np.column_stack((rows["z"], rows["x"], rows["y"])).astype(np.int64)
+    return zxy[rows["status"] == DESCRIBED], zxy[rows["status"] == BLANK]
 
 
 @task(name="coverage-walk", cache_policy=NO_CACHE)
