@@ -3,6 +3,7 @@ three source kinds agree, and broken inputs fail with a SourceError that names t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import sqlite3
@@ -18,8 +19,10 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.warp
+import rasterio.windows
 from affine import Affine
 from PIL import Image
+from rasterio.enums import Resampling
 
 from navcache.errors import SourceError
 from navcache.imagery import (
@@ -610,3 +613,100 @@ def test_concurrent_reads_from_two_threads_match_serial_reads(
         with ThreadPoolExecutor(max_workers=2) as pool:
             results = list(pool.map(worker, [ids, ids[::-1]]))
     assert results[0] == serial and results[1] == serial
+
+
+# --------------------------------------------------------------------------------------------------
+# Raw digests: what the scan memo trusts to skip decoding
+
+
+def _edit_patch(path: Path, lonlat: tuple[float, float], size: int = 20, *, overviews: bool = False) -> None:
+    """Overwrite a ``size``-px square of the raster at ``lonlat`` in place (GDAL rewrites only its blocks)."""
+    with rasterio.open(path, "r+") as ds:
+        (x,), (y,) = rasterio.warp.transform("EPSG:4326", ds.crs, [lonlat[0]], [lonlat[1]])
+        row, col = ds.index(x, y)
+        noise = np.random.default_rng(11).integers(1, 256, (ds.count, size, size), dtype=np.uint8)
+        ds.write(noise, window=rasterio.windows.Window(col - size // 2, row - size // 2, size, size))
+        if overviews:
+            ds.build_overviews([2, 4, 8], Resampling.average)
+
+
+def _snapshot(path: Path, tiles: list[TileId]) -> dict[TileId, tuple[str | None, Tile | None]]:
+    with GeoTiffSource(path) as source:
+        return {t: (source.raw_digest(t), source.read_tile(t)) for t in tiles}
+
+
+def _same_tile(a: Tile | None, b: Tile | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return np.array_equal(a.rgb, b.rgb) and np.array_equal(a.valid, b.valid)
+
+
+@pytest.mark.parametrize("zoom", [17, 18])
+def test_geotiff_raw_digest_changes_exactly_where_the_pixels_may_have(
+    tmp_path: Path, rasters: dict[str, Raster], zoom: int
+) -> None:
+    tif = tmp_path / "edited.tif"
+    tif.write_bytes(rasters["utm"].path.read_bytes())
+    with GeoTiffSource(tif) as source:
+        tiles = [*tiles_of(source, zoom), TileId(zoom, 0, 0)]  # plus one far outside the raster
+    before = _snapshot(tif, tiles)
+    assert all(d is not None for d, _ in before.values())
+    assert before[TileId(zoom, 0, 0)] == ("none", None)
+    marker = next(iter(MARKERS.values()))
+    _edit_patch(tif, marker)
+    after = _snapshot(tif, tiles)
+    changed = {t for t in tiles if after[t][0] != before[t][0]}
+    edited, _ = marker_tile_and_pixel(*marker, zoom)
+    assert edited in changed
+    assert not _same_tile(before[edited][1], after[edited][1])
+    # Sound: an unchanged digest always means unchanged pixels. Local: most tiles keep their digest.
+    for tile in set(tiles) - changed:
+        assert _same_tile(before[tile][1], after[tile][1]), tile
+    assert len(changed) <= len(tiles) // 2
+
+
+def test_geotiff_raw_digest_covers_overviews_for_decimated_reads(tmp_path: Path, rasters: dict[str, Raster]) -> None:
+    tif = tmp_path / "ovr.tif"
+    tif.write_bytes(rasters["utm"].path.read_bytes())
+    with rasterio.open(tif, "r+") as ds:
+        ds.build_overviews([2, 4, 8], Resampling.average)
+    low, _ = marker_tile_and_pixel(*CENTER, 13)  # a decimated read
+    far_marker = list(MARKERS.values())[-1]
+    high, _ = marker_tile_and_pixel(*CENTER, 18)
+    before = _snapshot(tif, [low, high])
+    _edit_patch(tif, far_marker, overviews=True)  # far from the z18 tile, inside the z13 one
+    after = _snapshot(tif, [low, high])
+    assert after[low][0] != before[low][0]
+    if after[high][0] == before[high][0]:
+        assert _same_tile(before[high][1], after[high][1])
+
+
+def test_geotiff_raw_digest_refuses_when_it_cannot_locate_every_byte(tmp_path: Path) -> None:
+    internal = write_raster(tmp_path / "internal.tif", "EPSG:32632", pixel=(0.5, 0.5), mask="internal")
+    tile, _ = marker_tile_and_pixel(*CENTER, 18)
+    with GeoTiffSource(internal.path) as source:
+        assert source.raw_digest(tile) is None  # the mask IFD's blocks are not located
+        assert source.read_tile(tile) is not None
+    alpha = write_raster(tmp_path / "alpha.tif", "EPSG:32632", pixel=(0.5, 0.5), mask="alpha")
+    with GeoTiffSource(alpha.path) as source:
+        assert source.raw_digest(tile) is not None
+        stat = alpha.path.stat()
+        os.utime(alpha.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+        assert source.raw_digest(tile) is None  # edited since it was opened: the block offsets may be stale
+
+
+@pytest.mark.parametrize("kind", ["xyz", "mbtiles"])
+def test_tile_store_raw_digest_is_the_encoded_tile(tmp_path: Path, z17_tiles: dict[TileId, Tile], kind: str) -> None:
+    tiles = dict(list(z17_tiles.items())[:3])
+    first, second, third = tiles
+    path = write_xyz(tmp_path / "xyz", tiles) if kind == "xyz" else write_mbtiles(tmp_path / "a.mbtiles", tiles)
+    with open_tile_source(kind, path, 256) as source:
+        assert source.raw_digest(first) == hashlib.sha256(png_bytes(tiles[first])).hexdigest()
+        assert source.raw_digest(TileId(17, 0, 0)) == "none"
+        before = {t: source.raw_digest(t) for t in tiles}
+    tiles[second] = Tile(255 - tiles[second].rgb, tiles[second].valid)
+    path = write_xyz(path, tiles) if kind == "xyz" else write_mbtiles(tmp_path / "b.mbtiles", tiles)
+    with open_tile_source(kind, path, 256) as source:
+        after = {t: source.raw_digest(t) for t in tiles}
+    assert after[second] != before[second]
+    assert after[first] == before[first] and after[third] == before[third]

@@ -164,6 +164,7 @@ def test_extra_unlisted_file_is_reported_and_fails_only_when_strict(cache: Cache
     (cache.root / "tiles/17/68000/99999.webp").write_bytes(b"planted")
     (cache.root / ".navcache-tmp-123-abcd-x.bin").write_bytes(b"temp")  # ignored
     (cache.root / "cache.lock").write_text("pid 1")  # ignored
+    (cache.root / "tiles" / ".navcache-scan-0123abcd").write_text("f" * 64)  # ground-side scan memo: ignored
     report = cache.verify()
     assert report.ok
     assert report.extra_files == ["tiles/17/68000/99999.webp"]

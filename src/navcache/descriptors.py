@@ -6,9 +6,15 @@ A shard is two files in ``descriptors/``: ``{key}.desc.npy`` (float16, one row p
 and the preprocessing, so a re-run computes only shards whose tiles, engine or preprocessing changed, and an
 interrupted run resumes: finished shards are complete files, unfinished ones never got a name.
 
-Two passes per shard: the first reads and hashes the chunks (cheap; decides reuse), the second — only for a
+Two passes per shard: the first reads and hashes the chunks (decides reuse), the second — only for a
 shard that must be computed — re-reads them in a background thread that decodes and preprocesses the next
 batch while the engine runs the current one.
+
+The first pass decodes (and, for a GeoTIFF, warps) every chunk, which costs more than the inference of a
+small backbone. So a **scan memo** skips it: when the source can digest its still-encoded bytes
+(:meth:`TileSource.raw_digest`), the digest of everything a shard reads maps to the shard key that scan
+produced last time (a ``.navcache-scan-*`` file next to the shards). Unchanged imagery then costs one pass
+over the encoded bytes plus the hash check of the shard files; changed blocks re-scan only their shards.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +36,7 @@ import numpy as np
 from PIL import Image
 
 from navcache_runtime import EngineHashMismatchError, EngineSidecarMissingError, verify_artifact, write_artifact
+from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes
 
 from .errors import ProvisionError
 from .imagery import TileSource, is_blank, tile_content_hash
@@ -43,6 +51,9 @@ TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _PREFETCH_BATCHES = 2
+#: Bump when pass 1's decisions change (blank rule, content hash): older memo entries then never match.
+SCAN_VERSION = "navcache-scan-v1"
+_SHARD_KEY_CHARS = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -67,12 +78,25 @@ class Preprocessing:
         """Everything that changes the tensors the engine sees; part of every shard key."""
         return f"v1|rgb|bilinear|{self.height}x{self.width}|mean={self.mean}|std={self.std}"
 
-    def __call__(self, rgb: np.ndarray) -> np.ndarray:
+    @cached_property
+    def _lut(self) -> np.ndarray:
+        """(3, 256) float32: the normalised value of every uint8 level per channel, computed with the same
+        float32 operations as the per-pixel formula, so a table lookup gives bit-identical tensors at a
+        third of the cost (this runs for every chunk)."""
+        scaled = np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0)
+        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return np.ascontiguousarray(normalised.T, dtype=np.float32)
+
+    def __call__(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """CHW float32, written into ``out`` (shape (3, H, W)) when given."""
         if rgb.shape[:2] != (self.height, self.width):
             rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.Resampling.BILINEAR))
-        scaled = rgb.astype(np.float32) * np.float32(1.0 / 255.0)
-        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)
+        if out is None:
+            out = np.empty((3, self.height, self.width), np.float32)
+        lut = self._lut
+        for channel in range(3):
+            np.take(lut[channel], rgb[..., channel], out=out[channel])
+        return out
 
 
 @dataclass
@@ -180,6 +204,47 @@ def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, pre
     return digest.hexdigest()
 
 
+def shard_source_digest(
+    plan: ShardPlan, source: TileSource, grid: ChunkGrid, engine_identity: str, preprocessing: Preprocessing
+) -> str | None:
+    """Digest of everything the shard key depends on, from the source's encoded bytes (no decoding); None
+    when the source cannot digest its bytes."""
+    digest = hashlib.sha256(
+        f"{SCAN_VERSION}\n{source.raw_identity()}\n{grid!r}\n{engine_identity}\n{preprocessing.spec()}\n".encode()
+    )
+    seen: dict[TileId, str] = {}
+    for chunk in plan.chunks:
+        digest.update(f"{chunk}:".encode())
+        for tile in grid.storage_tiles_of_chunk(chunk):
+            raw = seen.get(tile)
+            if raw is None:
+                raw = source.raw_digest(tile)
+                if raw is None:
+                    return None
+                seen[tile] = raw
+            digest.update(f"{tile}={raw};".encode())
+    return digest.hexdigest()
+
+
+def _memo_path(out_dir: Path, source_digest: str) -> Path:
+    return out_dir / f"{SCAN_MEMO_PREFIX}{source_digest[:40]}"
+
+
+def recall_shard_key(out_dir: Path, source_digest: str) -> str | None:
+    try:
+        key = _memo_path(out_dir, source_digest).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return key if len(key) == 64 and set(key) <= _SHARD_KEY_CHARS else None
+
+
+def remember_shard_key(out_dir: Path, source_digest: str, key: str) -> None:
+    try:
+        atomic_write_bytes(_memo_path(out_dir, source_digest), key.encode("ascii"))
+    except OSError as exc:  # the memo only saves time; the shard itself is written and verified
+        log.warning("could not write the scan memo for shard %s: %s", key[:12], exc)
+
+
 def shard_paths(out_dir: Path, key: str) -> tuple[Path, Path]:
     stem = key[:32]
     return out_dir / f"{stem}.desc.npy", out_dir / f"{stem}.tiles.npy"
@@ -207,15 +272,16 @@ def _batches(
     def produce() -> None:
         try:
             for start in range(0, len(chunks), batch_size):
-                batch = []
-                for chunk in chunks[start : start + batch_size]:
+                members = chunks[start : start + batch_size]
+                batch = np.empty((len(members), 3, preprocessing.height, preprocessing.width), np.float32)
+                for row, chunk in enumerate(members):
                     tile = reader.read(chunk)
                     if tile is None:  # the source changed between the passes
                         raise ProvisionError(f"chunk {chunk} disappeared from the orthophoto source during the run")
-                    batch.append(preprocessing(tile.rgb))
+                    preprocessing(tile.rgb, out=batch[row])
                 while not stop.is_set():
                     try:
-                        pending.put(np.stack(batch), timeout=0.1)
+                        pending.put(batch, timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -258,6 +324,58 @@ def describe_shard(
 ) -> ShardResult:
     """Compute (or reuse) the descriptors of one shard. ``on_batch(n)`` is told about every batch."""
     started = time.perf_counter()
+    block = (plan.block_x, plan.block_y)
+    source_digest = shard_source_digest(plan, source, grid, engine.identity, preprocessing)
+    if source_digest is not None:
+        remembered = _reuse_remembered(plan, out_dir, source_digest)
+        if remembered is not None:
+            key, desc_path, table_path, counts = remembered
+            return ShardResult(
+                block,
+                key,
+                desc_path,
+                table_path,
+                counts[DESCRIBED],
+                counts[BLANK],
+                counts[MISSING],
+                computed=False,
+                seconds=time.perf_counter() - started,
+                batches=0,
+            )
+    result = _scan_and_describe(plan, source, grid, engine, preprocessing, out_dir, on_batch, started)
+    # Remember only what this run read: a source edited while the shard was scanned digests differently.
+    if source_digest is not None and shard_source_digest(plan, source, grid, engine.identity, preprocessing) == (
+        source_digest
+    ):
+        remember_shard_key(out_dir, source_digest, result.key)
+    return result
+
+
+def _reuse_remembered(
+    plan: ShardPlan, out_dir: Path, source_digest: str
+) -> tuple[str, Path, Path, dict[int, int]] | None:
+    key = recall_shard_key(out_dir, source_digest)
+    if key is None:
+        return None
+    desc_path, table_path = shard_paths(out_dir, key)
+    if not _is_complete(desc_path, table_path):
+        return None
+    table = np.load(table_path, allow_pickle=False)
+    if len(table) != len(plan.chunks):  # cannot happen for a key this memo wrote; never trust it blindly
+        return None
+    return key, desc_path, table_path, {s: int((table["status"] == s).sum()) for s in STATUS_NAMES}
+
+
+def _scan_and_describe(
+    plan: ShardPlan,
+    source: TileSource,
+    grid: ChunkGrid,
+    engine: DescriptorEngine,
+    preprocessing: Preprocessing,
+    out_dir: Path,
+    on_batch: Callable[[int], None] | None,
+    started: float,
+) -> ShardResult:
     scan = scan_shard(plan, ChunkReader(source, grid))
     key = shard_key(scan, engine.identity, preprocessing)
     desc_path, table_path = shard_paths(out_dir, key)

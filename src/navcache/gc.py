@@ -2,7 +2,8 @@
 
 What is considered: regular files directly in ``engines/``, ``descriptors/``, ``index/`` and ``coverage/``
 with a known artifact suffix, each together with its ``.sha256`` sidecar (a sidecar whose artifact is gone is
-its own unit), plus orphaned ``.navcache-tmp-*`` files anywhere under the cache whose writer is dead.
+its own unit), plus orphaned ``.navcache-tmp-*`` files anywhere under the cache whose writer is dead, and
+scan-memo entries (``descriptors/.navcache-scan-*``) whose shard is gone.
 What is never removed: anything the current manifest names (artifact or sidecar), the manifest, lock files,
 sub-directories (compile caches) and files gc does not recognise. gc holds the cache lock while it works,
 so it waits for a running provision and a provision waits for it.
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from navcache_runtime.integrity import SIDECAR_SUFFIX, TEMP_PREFIX
+from navcache_runtime.integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX
 from navcache_runtime.verify import MANIFEST_NAME
 
 from .errors import NavcacheError
@@ -180,6 +181,28 @@ def sweep_orphan_temps(cache_root: Path, *, dry_run: bool = False, now: float | 
     return removed
 
 
+def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
+    """Scan-memo entries pointing at a shard that is gone (or that this gc removes)."""
+    directory = cache_root / "descriptors"
+    if not directory.is_dir():
+        return []
+    stale = []
+    for path in sorted(directory.glob(f"{SCAN_MEMO_PREFIX}*")):
+        try:
+            key = path.read_text(encoding="ascii").strip()
+            stat = path.stat()
+        except (OSError, UnicodeDecodeError):
+            continue
+        table = f"descriptors/{key[:32]}.tiles.npy"
+        if len(key) == 64 and (cache_root / table).is_file() and table not in removed:
+            continue
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        rel = path.relative_to(cache_root).as_posix()
+        stale.append(GcItem(rel, stat.st_size, (now - stat.st_mtime) / DAY_S, "scan memo of a shard that is gone"))
+    return stale
+
+
 def collect_garbage(
     cache_root: Path,
     *,
@@ -245,6 +268,7 @@ def collect_garbage(
             freed += unit.size
             report.removed.append(GcItem(unit.rel, unit.size, age, remove[unit.rel]))
         report.removed += sweep_orphan_temps(cache_root, dry_run=dry_run, now=now)
+        report.removed += _stale_scan_memos(cache_root, set(remove), dry_run=dry_run, now=now)
         report.bytes_after = report.bytes_before - freed
         log.info(
             "gc %s: %s %d items (%d bytes), kept %d",

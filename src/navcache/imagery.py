@@ -34,7 +34,7 @@ import rasterio.errors
 import rasterio.warp
 from affine import Affine
 from PIL import Image, UnidentifiedImageError
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.windows import Window
 
 from .errors import SourceError
@@ -123,6 +123,18 @@ class TileSource(Protocol):
 
     def fingerprint(self) -> str:
         """A cheap identity of the source bytes (file stats, or a digest of a folder listing)."""
+        ...
+
+    def raw_identity(self) -> str:
+        """Everything besides a tile's encoded bytes that decides what :meth:`read_tile` returns (format
+        header, decoder versions, tile size); part of every :meth:`raw_digest` comparison."""
+        ...
+
+    def raw_digest(self, tile: TileId) -> str | None:
+        """sha256 of the still-encoded source bytes :meth:`read_tile` decodes for ``tile`` (``"none"`` when
+        it would return None): under one :meth:`raw_identity`, equal digests mean equal tiles, so callers
+        can skip decoding tiles they have seen. None when this source cannot tell (then decode and hash
+        the pixels)."""
         ...
 
     def close(self) -> None: ...
@@ -308,6 +320,23 @@ def _stat_fingerprint(paths: list[Path]) -> str:
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()
 
 
+#: Bump when read_tile's decoding changes: raw digests taken by an older navcache must not match.
+RAW_DIGEST_VERSION = "navcache-raw-v1"
+NO_TILE_DIGEST = "none"
+
+
+def _bytes_digest(data: bytes | None) -> str:
+    return NO_TILE_DIGEST if data is None else hashlib.sha256(data).hexdigest()
+
+
+def _decoder_identity(kind: str, tile_size: int, extra: Any = None) -> str:
+    return json.dumps(
+        [RAW_DIGEST_VERSION, kind, tile_size, Image.__version__, np.__version__, _ALPHA_VALID, extra],
+        sort_keys=True,
+        default=str,
+    )
+
+
 def _decode_image(data: bytes, tile_size: int, where: str, on_resize: Callable[[str, tuple[int, int]], None]) -> Tile:
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -358,9 +387,11 @@ class GeoTiffSource(_SourceBase):
                 "orthophoto GeoTIFF not found", where=self._where, hint="check the [orthophoto] path in the sortie"
             )
         self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
+        self._blocks: _TiffBlocks | None = None
         ds = self._handles.get(self._where)
         try:
             self._inspect(ds)
+            self._blocks = _TiffBlocks.open(ds, self.path, self._handles, self.tile_size, self._palette)
         except BaseException:
             self._handles.close()
             raise
@@ -430,7 +461,9 @@ class GeoTiffSource(_SourceBase):
 
     # -- TileSource
 
-    def read_tile(self, tile: TileId) -> Tile | None:
+    def _read_plan(self, tile: TileId) -> tuple[Window, int, int, bool] | None:
+        """The source window ``read_tile`` reads for ``tile``, its output size and whether the read is
+        decimated; None when the tile lies outside the raster."""
         if not in_grid(tile):
             return None
         bounds = mercator_bounds(tile)
@@ -440,13 +473,21 @@ class GeoTiffSource(_SourceBase):
         window, footprint = self._source_window(bounds)
         if window is None:
             return None
+        # Source pixels per tile pixel; decimate the read when the source is much finer than the tile.
+        scale = min(footprint[0], footprint[1]) / self.tile_size
+        out_w, out_h = int(window.width), int(window.height)
+        decimated = scale > _DECIMATE_ABOVE
+        if decimated:
+            out_w, out_h = max(1, round(out_w / scale)), max(1, round(out_h / scale))
+        return window, out_w, out_h, decimated
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        plan = self._read_plan(tile)
+        if plan is None:
+            return None
+        window, out_w, out_h, _ = plan
         ds = self._handles.get(self._where)
         size = self.tile_size
-        # Source pixels per tile pixel; decimate the read when the source is much finer than the tile.
-        scale = min(footprint[0], footprint[1]) / size
-        out_w, out_h = int(window.width), int(window.height)
-        if scale > _DECIMATE_ABOVE:
-            out_w, out_h = max(1, round(out_w / scale)), max(1, round(out_h / scale))
         try:
             bands = ds.read(
                 self._indexes,
@@ -525,8 +566,132 @@ class GeoTiffSource(_SourceBase):
         # Sidecars (.ovr, .msk, .aux.xml) change what is read, so they are part of the identity.
         return _stat_fingerprint([Path(f) for f in ds.files] or [self.path])
 
+    def raw_identity(self) -> str:
+        return self._blocks.identity if self._blocks is not None else _decoder_identity("geotiff", self.tile_size)
+
+    def raw_digest(self, tile: TileId) -> str | None:
+        if self._blocks is None or not self._blocks.unchanged():
+            return None
+        plan = self._read_plan(tile)
+        if plan is None:
+            return NO_TILE_DIGEST
+        window, _, _, decimated = plan
+        return self._blocks.digest(window, with_overviews=decimated)
+
     def close(self) -> None:
         self._handles.close()
+        if self._blocks is not None:
+            self._blocks.close()
+
+
+class _TiffBlocks:
+    """Digests of a single-file GeoTIFF's still-encoded blocks, so a re-provision can tell which tiles'
+    source pixels changed without decoding and warping them (GDAL rewrites only the blocks an edit
+    touches). A tile's digest covers every full-resolution block under its padded read window, plus a
+    digest of every block of every overview level when its read is decimated (GDAL may pick any of
+    them). Block digests are remembered for the source's lifetime; a file whose size or change times
+    moved since it was opened gives no digests at all (the file was edited mid-run)."""
+
+    def __init__(self, path: Path, handles: _PerThread[Any], bands: list[int], identity: str) -> None:
+        self.path = path
+        self.identity = identity
+        self._handles = handles
+        self._bands = bands
+        self._fd = os.open(path, os.O_RDONLY)
+        self._stat = self._stat_key(os.fstat(self._fd))
+        self._block_digests: dict[tuple[int, int, int], bytes] = {}
+        self._overview_digest: bytes | None = None
+
+    @staticmethod
+    def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+    @classmethod
+    def open(
+        cls, ds: Any, path: Path, handles: _PerThread[Any], tile_size: int, palette: np.ndarray | None
+    ) -> _TiffBlocks | None:
+        """None unless the raster is one plain GeoTIFF file whose validity comes from nodata, an alpha band
+        or nothing: masks and overviews in sidecar files, or an internal mask IFD, have blocks this
+        cannot locate."""
+        if ds.driver != "GTiff" or [Path(f).resolve() for f in ds.files] != [path.resolve()]:
+            return None
+        for flags in ds.mask_flag_enums:
+            if MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags:
+                return None
+        # Pixel-interleaved: band 1's blocks hold every band.
+        bands = [1] if ds.interleaving == Interleaving.pixel else list(range(1, ds.count + 1))
+        header = {
+            "profile": {k: v for k, v in ds.profile.items() if k != "crs"},
+            "crs": ds.crs.to_wkt() if ds.crs else None,
+            "colorinterp": [c.name for c in ds.colorinterp],
+            "mask_flags": [[f.name for f in flags] for flags in ds.mask_flag_enums],
+            "overviews": [ds.overviews(b) for b in bands],
+            "image_structure": ds.tags(ns="IMAGE_STRUCTURE"),
+            "palette": hashlib.sha256(palette.tobytes()).hexdigest() if palette is not None else None,
+            "gdal": rasterio.__gdal_version__,
+            "rasterio": rasterio.__version__,
+        }
+        try:
+            return cls(path, handles, bands, _decoder_identity("geotiff", tile_size, header))
+        except OSError:
+            return None
+
+    def unchanged(self) -> bool:
+        try:
+            return self._stat_key(os.stat(self.path)) == self._stat
+        except OSError:
+            return False
+
+    def _block(self, ds: Any, band: int, col: int, row: int, overview: int | None = None) -> bytes:
+        key = (band if overview is None else -(band * 1000 + overview), col, row)
+        cached = self._block_digests.get(key)
+        if cached is not None:
+            return cached
+        kwargs = {} if overview is None else {"ovr": overview}
+        offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=band, **kwargs)
+        size = ds.get_tag_item(f"BLOCK_SIZE_{col}_{row}", "TIFF", bidx=band, **kwargs)
+        digest = hashlib.sha256(f"{band}:{overview}:{col}:{row}:".encode())
+        if offset and size and int(offset) > 0:  # absent or sparse blocks decode as nodata/zero
+            digest.update(os.pread(self._fd, int(size), int(offset)))
+        else:
+            digest.update(b"sparse")
+        value = digest.digest()
+        self._block_digests[key] = value  # dict assignment is atomic; a race only hashes twice
+        return value
+
+    def _overviews(self, ds: Any) -> bytes:
+        if self._overview_digest is None:
+            digest = hashlib.sha256(b"overviews")
+            for band in self._bands:
+                for level, factor in enumerate(ds.overviews(band)):
+                    block_w, block_h = ds.block_shapes[band - 1][1], ds.block_shapes[band - 1][0]
+                    cols = math.ceil(math.ceil(ds.width / factor) / block_w)
+                    rows = math.ceil(math.ceil(ds.height / factor) / block_h)
+                    for row in range(rows + 1):  # one past GDAL's own rounding; absent blocks hash as such
+                        for col in range(cols + 1):
+                            digest.update(self._block(ds, band, col, row, overview=level))
+            self._overview_digest = digest.digest()
+        return self._overview_digest
+
+    def digest(self, window: Window, with_overviews: bool) -> str:
+        ds = self._handles.get(str(self.path))
+        digest = hashlib.sha256(f"window:{window.col_off}:{window.row_off}:{window.width}:{window.height}".encode())
+        for band in self._bands:
+            block_h, block_w = ds.block_shapes[band - 1]
+            c0, r0 = int(window.col_off), int(window.row_off)
+            c1, r1 = c0 + int(window.width), r0 + int(window.height)
+            for row in range(r0 // block_h, (r1 - 1) // block_h + 1):
+                for col in range(c0 // block_w, (c1 - 1) // block_w + 1):
+                    digest.update(self._block(ds, band, col, row))
+        if with_overviews:
+            digest.update(self._overviews(ds))
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        try:
+            os.close(self._fd)
+        except OSError:
+            pass
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,17 +730,27 @@ class XyzFolderSource(_SourceBase):
                 return candidate
         return None
 
-    def read_tile(self, tile: TileId) -> Tile | None:
+    def _tile_bytes(self, tile: TileId) -> tuple[bytes, Path] | None:
         if not in_grid(tile):
             return None
         path = self._tile_path(tile)
         if path is None:
             return None
         try:
-            data = path.read_bytes()
+            return path.read_bytes(), path
         except OSError as exc:
             raise SourceError(f"cannot read tile {tile} ({exc})", where=str(path)) from exc
-        return self._decode(data, str(path))
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        found = self._tile_bytes(tile)
+        return None if found is None else self._decode(found[0], str(found[1]))
+
+    def raw_identity(self) -> str:
+        return _decoder_identity("xyz", self.tile_size)
+
+    def raw_digest(self, tile: TileId) -> str | None:
+        found = self._tile_bytes(tile)
+        return _bytes_digest(None if found is None else found[0])
 
     def _tiles_at(self, zoom: int) -> Iterator[tuple[int, int]]:
         zdir = self.root / str(zoom)
@@ -701,7 +876,7 @@ class MBTilesSource(_SourceBase):
         n = tiles_at(zoom)
         return _lonlat_bounds_of_tiles(zoom, int(xmin), n - 1 - int(rmax), int(xmax), n - 1 - int(rmin))
 
-    def read_tile(self, tile: TileId) -> Tile | None:
+    def _tile_bytes(self, tile: TileId) -> bytes | None:
         if not in_grid(tile):
             return None
         row = tiles_at(tile.z) - 1 - tile.y  # XYZ → TMS
@@ -711,7 +886,17 @@ class MBTilesSource(_SourceBase):
         )
         if not rows or rows[0][0] is None:
             return None
-        return self._decode(bytes(rows[0][0]), f"{self.path} tile {tile}")
+        return bytes(rows[0][0])
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        data = self._tile_bytes(tile)
+        return None if data is None else self._decode(data, f"{self.path} tile {tile}")
+
+    def raw_identity(self) -> str:
+        return _decoder_identity("mbtiles", self.tile_size)
+
+    def raw_digest(self, tile: TileId) -> str | None:
+        return _bytes_digest(self._tile_bytes(tile))
 
     def bounds_lonlat(self) -> Bounds:
         return self._bounds

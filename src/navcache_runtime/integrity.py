@@ -22,6 +22,8 @@ from .errors import EngineHashMismatchError, EngineSidecarMissingError
 
 SIDECAR_SUFFIX = ".sha256"
 TEMP_PREFIX = ".navcache-tmp-"
+#: Ground-side scan-memo entries next to descriptor shards (not shipped artifacts; never in a manifest).
+SCAN_MEMO_PREFIX = ".navcache-scan-"
 _CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

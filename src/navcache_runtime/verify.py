@@ -25,9 +25,9 @@ a :class:`VerificationReport` (a step whose input is untrusted is skipped and na
    Artifacts are hashed in parallel threads (hashlib releases the GIL on large updates).
 7. **extra files** — files under the cache root that the manifest does not list are reported (warnings;
    failures with ``strict_extra=True``). Not reported: the manifest itself, temp files
-   ``.navcache-tmp-*``, lock files ``*.lock``, the device state file, and the ``.sha256`` sidecar of a
-   listed artifact (the manifest already pins the artifact's bytes; a bad sidecar only makes the engine
-   gate refuse, which is fail-closed).
+   ``.navcache-tmp-*``, ground-side scan-memo entries ``.navcache-scan-*``, lock files ``*.lock``, the
+   device state file, and the ``.sha256`` sidecar of a listed artifact (the manifest already pins the
+   artifact's bytes; a bad sidecar only makes the engine gate refuse, which is fail-closed).
 8. **coverage** — ``operator`` mode re-derives the coverage digest (and counts) from the signed coverage
    table; ``airborne`` mode trusts the signed aggregate (whose internal consistency is still checked).
 
@@ -72,7 +72,7 @@ from cryptography.exceptions import InvalidSignature
 
 from .coverage import coverage_digest
 from .errors import InferenceRuntimeError
-from .integrity import SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
+from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
 from .trust import TrustedKeys, TrustedKeysError, load_trusted_keys
 
 logger = logging.getLogger(__name__)
@@ -178,7 +178,7 @@ class VerifierConfig:
     clock_skew: timedelta = timedelta(minutes=5)
     hash_workers: int | None = None  # None → os.cpu_count()
     hash_chunk_bytes: int = 1 << 20
-    ignored_extra_patterns: tuple[str, ...] = (f"{TEMP_PREFIX}*", "*.lock")
+    ignored_extra_patterns: tuple[str, ...] = (f"{TEMP_PREFIX}*", f"{SCAN_MEMO_PREFIX}*", "*.lock")
     max_extra_reported: int = 1000
     strict_extra: bool = False
 

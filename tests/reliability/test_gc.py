@@ -159,3 +159,19 @@ def test_cli_gc_json(cache: Path) -> None:
         [sys.executable, "-m", "navcache", "gc", str(cache / "missing")], capture_output=True, text=True, env=env
     )
     assert bad.returncode != 0 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_scan_memos_go_with_their_shards(cache: Path) -> None:
+    old_key, live_key = "a" * 64, "b" * 64
+    _artifact(cache, f"descriptors/{old_key[:32]}.tiles.npy", 100, 50)  # unnamed, old: removed
+    _artifact(cache, f"descriptors/{live_key[:32]}.tiles.npy", 100, 1)  # within the TTL: kept
+    memos = {name: cache / "descriptors" / f".navcache-scan-{name}" for name in ("old", "live", "dangling")}
+    memos["old"].write_text(old_key)
+    memos["live"].write_text(live_key)
+    memos["dangling"].write_text("c" * 64)
+    dry = collect_garbage(cache, ttl_days=30, dry_run=True)
+    assert {"descriptors/.navcache-scan-old", "descriptors/.navcache-scan-dangling"} <= _paths(dry.removed)
+    assert all(m.exists() for m in memos.values())
+    report = collect_garbage(cache, ttl_days=30)
+    assert "descriptors/.navcache-scan-live" not in _paths(report.removed)
+    assert [name for name, m in memos.items() if m.exists()] == ["live"]

@@ -1,0 +1,192 @@
+"""Descriptor batching's scan memo: unchanged imagery is not decoded again, and nothing it remembers can
+stand in for pixels that changed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import navcache_runtime as nr
+from navcache.descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_shard
+from navcache.imagery import GeoTiffSource, TileSource
+from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
+from navcache.types import Tile, TileId
+from navcache_runtime.integrity import SCAN_MEMO_PREFIX
+from tests.conftest import TinyModel
+from tests.support.sorties import Assets, block_tiles
+
+
+@dataclass
+class CountingSource:
+    """A real source that counts decodes, and can pretend it cannot digest its bytes."""
+
+    inner: TileSource
+    digests: bool = True
+    reads: list[TileId] = field(default_factory=list)
+
+    @property
+    def tile_size(self) -> int:
+        return self.inner.tile_size
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        self.reads.append(tile)
+        return self.inner.read_tile(tile)
+
+    def raw_identity(self) -> str:
+        return self.inner.raw_identity()
+
+    def raw_digest(self, tile: TileId) -> str | None:
+        return self.inner.raw_digest(tile) if self.digests else None
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> DescriptorEngine:
+    runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(tmp_path_factory.mktemp("eng"))})
+    entry = runtime.compile_engine(tiny_model.onnx, tiny_model.build_config())
+    return DescriptorEngine(runtime, runtime.deserialize_engine(entry), "image", None, entry.sha256, 4)
+
+
+GRID = ChunkGrid(18, 256)
+
+
+def _plans() -> list[ShardPlan]:
+    first, second = block_tiles()
+    plans = plan_shards(first + second, 8)
+    assert len(plans) == 2
+    return plans
+
+
+def _describe(
+    assets: Assets,
+    engine: DescriptorEngine,
+    plan: ShardPlan,
+    out: Path,
+    *,
+    digests: bool = True,
+    ortho: Path | None = None,
+) -> tuple[ShardResult, CountingSource]:
+    with GeoTiffSource(ortho or assets.ortho) as inner:
+        source = CountingSource(inner, digests)
+        result = describe_shard(
+            plan, source=source, grid=GRID, engine=engine, preprocessing=Preprocessing(64, 64), out_dir=out
+        )
+    return result, source
+
+
+def _memo_entries(out: Path) -> list[Path]:
+    return sorted(out.glob(f"{SCAN_MEMO_PREFIX}*"))
+
+
+def test_an_unchanged_shard_is_reused_without_decoding_a_tile(
+    assets: Assets, engine: DescriptorEngine, tmp_path: Path
+) -> None:
+    plan = _plans()[0]
+    cold, cold_source = _describe(assets, engine, plan, tmp_path)
+    assert cold.computed and cold.described == len(plan.chunks) and cold_source.reads
+    assert len(_memo_entries(tmp_path)) == 1
+    warm, warm_source = _describe(assets, engine, plan, tmp_path)
+    assert warm_source.reads == []
+    assert not warm.computed and warm.batches == 0
+    assert (warm.key, warm.descriptors_path, warm.described, warm.blank, warm.missing) == (
+        cold.key,
+        cold.descriptors_path,
+        cold.described,
+        cold.blank,
+        cold.missing,
+    )
+
+
+def test_a_memo_never_vouches_for_a_damaged_shard_or_holds_garbage(
+    assets: Assets, engine: DescriptorEngine, tmp_path: Path
+) -> None:
+    plan = _plans()[0]
+    cold, _ = _describe(assets, engine, plan, tmp_path)
+    good = np.load(cold.descriptors_path)
+    cold.descriptors_path.write_bytes(cold.descriptors_path.read_bytes()[:-2] + b"\x00\x01")
+    again, source = _describe(assets, engine, plan, tmp_path)
+    assert again.computed and source.reads and again.key == cold.key
+    assert np.array_equal(np.load(again.descriptors_path), good)
+    (memo,) = _memo_entries(tmp_path)
+    memo.write_text("not a shard key")
+    third, source = _describe(assets, engine, plan, tmp_path)
+    assert source.reads and not third.computed and third.key == cold.key  # scanned, then reused by content
+    assert memo.read_text() == cold.key  # and the entry is repaired
+
+
+def test_a_source_that_cannot_digest_is_always_scanned(
+    assets: Assets, engine: DescriptorEngine, tmp_path: Path
+) -> None:
+    plan = _plans()[0]
+    for _ in range(2):
+        _, source = _describe(assets, engine, plan, tmp_path, digests=False)
+        assert source.reads
+    assert _memo_entries(tmp_path) == []
+
+
+def test_editing_imagery_under_one_shard_rescans_only_that_shard(
+    assets: Assets, engine: DescriptorEngine, tmp_path: Path
+) -> None:
+    import rasterio
+    from rasterio.warp import transform
+
+    from navcache.tiles import tile_bounds
+
+    ortho = tmp_path / "ortho.tif"
+    ortho.write_bytes(assets.ortho.read_bytes())
+    first_plan, second_plan = _plans()
+    out = tmp_path / "desc"
+    before = [_describe(assets, engine, p, out, ortho=ortho)[0] for p in (first_plan, second_plan)]
+    # Far corner of the second shard's last tile: GDAL rewrites only the source blocks under it.
+    w, s, e, n = tile_bounds(second_plan.chunks[-1])
+    with rasterio.open(ortho, "r+") as ds:
+        (x,), (y,) = transform("EPSG:4326", ds.crs, [e - (e - w) * 0.2], [s + (n - s) * 0.2])
+        row, col = ds.index(x, y)
+        noise = np.random.default_rng(3).integers(1, 256, (ds.count, 8, 8), dtype=np.uint8)
+        ds.write(noise, window=rasterio.windows.Window(col, row, 8, 8))
+    first_again, first_source = _describe(assets, engine, first_plan, out, ortho=ortho)
+    second_again, second_source = _describe(assets, engine, second_plan, out, ortho=ortho)
+    assert first_source.reads == [] and first_again.key == before[0].key
+    assert second_source.reads and second_again.computed and second_again.key != before[1].key
+
+
+def test_nothing_is_remembered_when_the_source_changes_during_the_scan(
+    assets: Assets, engine: DescriptorEngine, tmp_path: Path
+) -> None:
+    class EditedMidScan(CountingSource):
+        def raw_digest(self, tile: TileId) -> str | None:
+            digest = super().raw_digest(tile)
+            return None if digest is None or not self.reads else digest + "-edited"
+
+    plan = _plans()[0]
+    with GeoTiffSource(assets.ortho) as inner:
+        result = describe_shard(
+            plan,
+            source=EditedMidScan(inner),
+            grid=GRID,
+            engine=engine,
+            preprocessing=Preprocessing(64, 64),
+            out_dir=tmp_path,
+        )
+    assert result.computed
+    assert _memo_entries(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", [64, 256])
+def test_preprocessing_table_is_bit_identical_to_the_formula(size: int) -> None:
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    rgb[0, :256, :] = np.arange(256, dtype=np.uint8)[:, None]  # every level in every channel
+    prep = Preprocessing(size, size)
+    resized = rgb if size == 256 else np.asarray(Image.fromarray(rgb).resize((size, size), Image.Resampling.BILINEAR))
+    scaled = resized.astype(np.float32) * np.float32(1.0 / 255.0)
+    formula = ((scaled - np.asarray(prep.mean, np.float32)) / np.asarray(prep.std, np.float32)).transpose(2, 0, 1)
+    got = prep(rgb)
+    assert got.dtype == np.float32 and got.shape == (3, size, size) and got.flags.c_contiguous
+    assert np.array_equal(got, formula)
+    out = np.zeros((2, 3, size, size), np.float32)
+    prep(rgb, out=out[1])
+    assert np.array_equal(out[1], formula) and not out[0].any()
