@@ -257,6 +257,7 @@ def provision_sortie(
             "computed": computed,
             "reused": len(shards) - computed,
             "inference_batches": sum(s.batches for s in shards),
+            "inferred_chunks": sum(s.inferred for s in shards),
         },
         "index": {
             "type": index.index_type,

@@ -83,10 +83,6 @@ def describe_shard_task(plan: ShardPlan, job: DescriptorJob) -> ShardResult:
             out_dir=job.out_dir,
             on_batch=lambda n: _count(job, n),
         )
-    if not result.computed:
-        _count(job, len(plan.chunks))
-    else:
-        _count(job, result.blank + result.missing)
     return result
 
 

@@ -69,11 +69,19 @@ def _describe(
     digests: bool = True,
     ortho: Path | None = None,
 ) -> tuple[ShardResult, CountingSource]:
+    progress: list[int] = []
     with GeoTiffSource(ortho or assets.ortho) as inner:
         source = CountingSource(inner, digests)
         result = describe_shard(
-            plan, source=source, grid=GRID, engine=engine, preprocessing=Preprocessing(64, 64), out_dir=out
+            plan,
+            source=source,
+            grid=GRID,
+            engine=engine,
+            preprocessing=Preprocessing(64, 64),
+            out_dir=out,
+            on_batch=progress.append,
         )
+    assert sum(progress) == len(plan.chunks), progress  # the progress bar always ends at the shard's size
     return result, source
 
 
@@ -86,7 +94,8 @@ def test_an_unchanged_shard_is_reused_without_decoding_a_tile(
 ) -> None:
     plan = _plans()[0]
     cold, cold_source = _describe(assets, engine, plan, tmp_path)
-    assert cold.computed and cold.described == len(plan.chunks) and cold_source.reads
+    assert cold.computed and cold.described == len(plan.chunks) == cold.inferred
+    assert sorted(cold_source.reads) == sorted(plan.chunks)  # each chunk decoded once, scan and engine together
     assert len(_memo_entries(tmp_path)) == 1
     warm, warm_source = _describe(assets, engine, plan, tmp_path)
     assert warm_source.reads == []
@@ -111,19 +120,21 @@ def test_a_memo_never_vouches_for_a_damaged_shard_or_holds_garbage(
     assert again.computed and source.reads and again.key == cold.key
     assert np.array_equal(np.load(again.descriptors_path), good)
     (memo,) = _memo_entries(tmp_path)
-    memo.write_text("not a shard key")
+    written = memo.read_bytes()
+    memo.write_text("not a scan memo")
     third, source = _describe(assets, engine, plan, tmp_path)
     assert source.reads and not third.computed and third.key == cold.key  # scanned, then reused by content
-    assert memo.read_text() == cold.key  # and the entry is repaired
+    assert memo.read_bytes() == written  # and the entry is repaired
 
 
 def test_a_source_that_cannot_digest_is_always_scanned(
     assets: Assets, engine: DescriptorEngine, tmp_path: Path
 ) -> None:
     plan = _plans()[0]
-    for _ in range(2):
-        _, source = _describe(assets, engine, plan, tmp_path, digests=False)
-        assert source.reads
+    cold, source = _describe(assets, engine, plan, tmp_path, digests=False)
+    assert cold.computed and len(source.reads) == 2 * len(plan.chunks)  # scanned, then re-read for the engine
+    warm, source = _describe(assets, engine, plan, tmp_path, digests=False)
+    assert not warm.computed and warm.batches == 0 and len(source.reads) == len(plan.chunks)
     assert _memo_entries(tmp_path) == []
 
 
@@ -151,6 +162,17 @@ def test_editing_imagery_under_one_shard_rescans_only_that_shard(
     second_again, second_source = _describe(assets, engine, second_plan, out, ortho=ortho)
     assert first_source.reads == [] and first_again.key == before[0].key
     assert second_source.reads and second_again.computed and second_again.key != before[1].key
+    # Only chunks over the rewritten source blocks were decoded, and only changed pixels ran the engine.
+    assert set(second_source.reads) < set(second_plan.chunks)
+    assert 1 <= second_again.inferred < second_again.described
+    # The same shard as a from-scratch run without any memo (batch composition may move the last float16 bit).
+    scratch, _ = _describe(assets, engine, second_plan, tmp_path / "scratch", ortho=ortho, digests=False)
+    assert scratch.key == second_again.key and scratch.inferred == scratch.described
+    np.testing.assert_allclose(
+        np.load(second_again.descriptors_path).astype(np.float32),
+        np.load(scratch.descriptors_path).astype(np.float32),
+        atol=2e-3,
+    )
 
 
 def test_nothing_is_remembered_when_the_source_changes_during_the_scan(

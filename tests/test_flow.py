@@ -31,7 +31,7 @@ def test_cold_run_builds_everything_and_a_warm_run_reuses_everything(assets: Ass
     cold = provision(sortie)
     assert outcomes(cold) == {"tiny_vpr": "BUILT", "local_features": "BUILT"}
     assert all(e["max_abs_error"] is not None and e["max_abs_error"] < 5e-3 for e in cold["engines"])
-    assert cold["shards"] == {"total": 1, "computed": 1, "reused": 0, "inference_batches": 1}
+    assert cold["shards"] == {"total": 1, "computed": 1, "reused": 0, "inference_batches": 1, "inferred_chunks": 4}
     assert cold["tiles"] == {"storage_tiles": 4, "chunks": 4}
     assert cold["index"]["vectors"] == 4 and cold["index"]["type"] == "Flat"
     assert cold["coverage"]["percent"] == 100.0 and cold["verified"]
@@ -40,7 +40,7 @@ def test_cold_run_builds_everything_and_a_warm_run_reuses_everything(assets: Ass
 
     warm = provision(sortie)
     assert outcomes(warm) == {"tiny_vpr": "REUSED", "local_features": "REUSED"}
-    assert warm["shards"] == {"total": 1, "computed": 0, "reused": 1, "inference_batches": 0}
+    assert warm["shards"] == {"total": 1, "computed": 0, "reused": 1, "inference_batches": 0, "inferred_chunks": 0}
     assert warm["manifest_version"] == cold["manifest_version"] + 1
     assert warm["index"]["path"] == cold["index"]["path"]  # same descriptors → same content-addressed index
 
@@ -73,7 +73,7 @@ def test_adding_tiles_computes_only_the_new_shard(assets: Assets, tmp_path: Path
     provision(small)
     large = write_sortie(tmp_path / "large.toml", assets, area=tiles_polygon(first + second), cache_dir=cache)
     grown = provision(large)
-    assert grown["shards"] == {"total": 2, "computed": 1, "reused": 1, "inference_batches": 1}
+    assert grown["shards"] == {"total": 2, "computed": 1, "reused": 1, "inference_batches": 1, "inferred_chunks": 4}
     assert grown["tiles"]["chunks"] == 8 and grown["index"]["vectors"] == 8
 
 

@@ -86,7 +86,8 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     table.add_row("tiles", f"{tiles['storage_tiles']} storage tiles, {tiles['chunks']} retrieval chunks")
     table.add_row(
         "shards",
-        f"{shards['computed']} computed, {shards['reused']} reused ({shards['inference_batches']} inference batches)",
+        f"{shards['computed']} computed, {shards['reused']} reused ({shards['inferred_chunks']} chunks through the "
+        f"engine in {shards['inference_batches']} batches)",
     )
     table.add_row(
         "index",

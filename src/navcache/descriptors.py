@@ -6,21 +6,22 @@ A shard is two files in ``descriptors/``: ``{key}.desc.npy`` (float16, one row p
 and the preprocessing, so a re-run computes only shards whose tiles, engine or preprocessing changed, and an
 interrupted run resumes: finished shards are complete files, unfinished ones never got a name.
 
-Two passes per shard: the first reads and hashes the chunks (decides reuse), the second — only for a
-shard that must be computed — re-reads them in a background thread that decodes and preprocesses the next
-batch while the engine runs the current one.
-
-The first pass decodes (and, for a GeoTIFF, warps) every chunk, which costs more than the inference of a
-small backbone. So a **scan memo** skips it: when the source can digest its still-encoded bytes
-(:meth:`TileSource.raw_digest`), the digest of everything a shard reads maps to the shard key that scan
-produced last time (a ``.navcache-scan-*`` file next to the shards). Unchanged imagery then costs one pass
-over the encoded bytes plus the hash check of the shard files; changed blocks re-scan only their shards.
+Decoding (and, for a GeoTIFF, warping) a chunk costs more than a small backbone's inference, so each chunk
+is decoded at most once per run, in a background thread that overlaps the engine. When the source can digest
+its still-encoded bytes (:meth:`TileSource.raw_digest`), each shard keeps a **scan memo** (a ground-side
+``.navcache-scan-*`` file next to the shards, never in a manifest): per chunk, the raw digest, the status and
+the pixel content hash the last scan found, plus the shard key. A run then digests the raw bytes, decodes
+only chunks whose raw digest moved (none on a warm run, all on a cold one), and feeds the described ones
+whose content the previous shard lacks straight to the engine; the other rows are copied from the previous
+shard. The key is the same pixel-content key as without a memo, so the memo only ever saves work. A source
+without raw digests is scanned first and re-read only for a shard that must be computed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import queue
 import threading
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -53,7 +54,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 _PREFETCH_BATCHES = 2
 #: Bump when pass 1's decisions change (blank rule, content hash): older memo entries then never match.
 SCAN_VERSION = "navcache-scan-v1"
-_SHARD_KEY_CHARS = frozenset("0123456789abcdef")
+_HEX = frozenset("0123456789abcdef")
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class ShardResult:
     computed: bool
     seconds: float
     batches: int  # inference calls made for this shard (0 when reused)
+    inferred: int = 0  # chunks the engine ran on (described chunks not copied from the previous shard)
 
 
 class ChunkReader:
@@ -188,7 +190,7 @@ def classify(tile: Tile | None) -> int:
 
 
 def scan_shard(plan: ShardPlan, reader: ChunkReader) -> list[tuple[TileId, int, str]]:
-    """Pass 1: (chunk, status, content hash) for every chunk of the shard."""
+    """Pass 1 for a source without raw digests: (chunk, status, content hash) for every chunk."""
     rows = []
     for chunk in plan.chunks:
         tile = reader.read(chunk)
@@ -204,17 +206,44 @@ def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, pre
     return digest.hexdigest()
 
 
-def shard_source_digest(
-    plan: ShardPlan, source: TileSource, grid: ChunkGrid, engine_identity: str, preprocessing: Preprocessing
-) -> str | None:
-    """Digest of everything the shard key depends on, from the source's encoded bytes (no decoding); None
-    when the source cannot digest its bytes."""
-    digest = hashlib.sha256(
-        f"{SCAN_VERSION}\n{source.raw_identity()}\n{grid!r}\n{engine_identity}\n{preprocessing.spec()}\n".encode()
-    )
+@dataclass(frozen=True)
+class ScanMemo:
+    """What the last scan of one shard found: the shard key and, per chunk in plan order, (raw digest,
+    status, pixel content hash)."""
+
+    key: str
+    rows: tuple[tuple[str, int, str], ...]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": SCAN_VERSION, "key": self.key, "rows": self.rows}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes, n_chunks: int) -> ScanMemo | None:
+        """None for anything but a well-formed memo of ``n_chunks`` chunks (a damaged memo costs a scan)."""
+        try:
+            raw = json.loads(data)
+            key = raw["key"]
+            rows = tuple((str(d), int(s), str(c)) for d, s, c in raw["rows"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        if raw.get("version") != SCAN_VERSION or not _is_hex64(key) or len(rows) != n_chunks:
+            return None
+        if any(status not in STATUS_NAMES for _, status, _ in rows):
+            return None
+        return cls(key, rows)
+
+
+def _is_hex64(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and set(text) <= _HEX
+
+
+def chunk_raw_digests(plan: ShardPlan, source: TileSource, grid: ChunkGrid) -> list[str] | None:
+    """Per chunk, a digest of the encoded source bytes of its storage tiles (no decoding); None when the
+    source cannot digest its bytes."""
     seen: dict[TileId, str] = {}
+    digests = []
     for chunk in plan.chunks:
-        digest.update(f"{chunk}:".encode())
+        digest = hashlib.sha256()
         for tile in grid.storage_tiles_of_chunk(chunk):
             raw = seen.get(tile)
             if raw is None:
@@ -223,26 +252,33 @@ def shard_source_digest(
                     return None
                 seen[tile] = raw
             digest.update(f"{tile}={raw};".encode())
-    return digest.hexdigest()
+        digests.append(digest.hexdigest())
+    return digests
 
 
-def _memo_path(out_dir: Path, source_digest: str) -> Path:
-    return out_dir / f"{SCAN_MEMO_PREFIX}{source_digest[:40]}"
+def memo_path(
+    out_dir: Path, plan: ShardPlan, source: TileSource, grid: ChunkGrid, engine_identity: str, prep: Preprocessing
+) -> Path:
+    """One memo per shard plan, engine, preprocessing and source format: rows align with ``plan.chunks``."""
+    ident = hashlib.sha256(
+        f"{SCAN_VERSION}\n{source.raw_identity()}\n{grid!r}\n{engine_identity}\n{prep.spec()}\n".encode()
+    )
+    ident.update(";".join(str(c) for c in plan.chunks).encode())
+    return out_dir / f"{SCAN_MEMO_PREFIX}{ident.hexdigest()[:40]}"
 
 
-def recall_shard_key(out_dir: Path, source_digest: str) -> str | None:
+def _read_memo(path: Path, n_chunks: int) -> ScanMemo | None:
     try:
-        key = _memo_path(out_dir, source_digest).read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
+        return ScanMemo.from_json(path.read_bytes(), n_chunks)
+    except OSError:
         return None
-    return key if len(key) == 64 and set(key) <= _SHARD_KEY_CHARS else None
 
 
-def remember_shard_key(out_dir: Path, source_digest: str, key: str) -> None:
+def _write_memo(path: Path, memo: ScanMemo) -> None:
     try:
-        atomic_write_bytes(_memo_path(out_dir, source_digest), key.encode("ascii"))
+        atomic_write_bytes(path, memo.to_json())
     except OSError as exc:  # the memo only saves time; the shard itself is written and verified
-        log.warning("could not write the scan memo for shard %s: %s", key[:12], exc)
+        log.warning("could not write the scan memo %s: %s", path.name, exc)
 
 
 def shard_paths(out_dir: Path, key: str) -> tuple[Path, Path]:
@@ -262,26 +298,21 @@ def _is_complete(desc_path: Path, table_path: Path) -> bool:
     return True
 
 
-def _batches(
-    chunks: Sequence[TileId], reader: ChunkReader, preprocessing: Preprocessing, batch_size: int
-) -> Iterator[np.ndarray]:
-    """Pass 2 producer: decoded, preprocessed batches, computed in a background thread."""
-    pending: queue.Queue[np.ndarray | BaseException | None] = queue.Queue(maxsize=_PREFETCH_BATCHES)
+T = TypeVar("T")
+
+
+def _in_background(items: Iterator[T]) -> Iterator[T]:
+    """``items``, produced in a background thread up to _PREFETCH_BATCHES ahead (decoding, warping and
+    preprocessing release the GIL, so they overlap the engine)."""
+    pending: queue.Queue[tuple[T] | BaseException | None] = queue.Queue(maxsize=_PREFETCH_BATCHES)
     stop = threading.Event()
 
     def produce() -> None:
         try:
-            for start in range(0, len(chunks), batch_size):
-                members = chunks[start : start + batch_size]
-                batch = np.empty((len(members), 3, preprocessing.height, preprocessing.width), np.float32)
-                for row, chunk in enumerate(members):
-                    tile = reader.read(chunk)
-                    if tile is None:  # the source changed between the passes
-                        raise ProvisionError(f"chunk {chunk} disappeared from the orthophoto source during the run")
-                    preprocessing(tile.rgb, out=batch[row])
+            for item in items:
                 while not stop.is_set():
                     try:
-                        pending.put(batch, timeout=0.1)
+                        pending.put((item,), timeout=0.1)
                         break
                     except queue.Full:
                         continue
@@ -295,15 +326,78 @@ def _batches(
     worker.start()
     try:
         while True:
-            item = pending.get()
-            if item is None:
+            got = pending.get()
+            if got is None:
                 return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+            if isinstance(got, BaseException):
+                raise got
+            yield got[0]
     finally:
         stop.set()
         worker.join(timeout=5)
+
+
+def _new_batch(n: int, preprocessing: Preprocessing) -> np.ndarray:
+    return np.empty((n, 3, preprocessing.height, preprocessing.width), np.float32)
+
+
+def _reread_batches(
+    chunks: Sequence[TileId], reader: ChunkReader, preprocessing: Preprocessing, batch_size: int
+) -> Iterator[np.ndarray]:
+    """Pass 2: decoded, preprocessed batches of chunks pass 1 did not keep."""
+    for start in range(0, len(chunks), batch_size):
+        members = chunks[start : start + batch_size]
+        batch = _new_batch(len(members), preprocessing)
+        for row, chunk in enumerate(members):
+            tile = reader.read(chunk)
+            if tile is None:  # the source changed between the passes
+                raise ProvisionError(f"chunk {chunk} disappeared from the orthophoto source during the run")
+            preprocessing(tile.rgb, out=batch[row])
+        yield batch
+
+
+def _scan_batches(
+    plan: ShardPlan,
+    reader: ChunkReader,
+    raw: Sequence[str],
+    memo: ScanMemo | None,
+    known: Mapping[str, np.ndarray],
+    preprocessing: Preprocessing,
+    batch_size: int,
+    scan: list[tuple[TileId, int, str]],
+) -> Iterator[tuple[list[int], np.ndarray]]:
+    """Pass 1 for a source with raw digests, with inference folded in: appends every chunk's row to
+    ``scan`` and yields (chunk indices, preprocessed batch) of the described chunks it decoded whose
+    content ``known`` lacks. Those are the chunks the shard needs computed unless its key turns out to be
+    stored already (only if imagery reverts to an earlier version), so decoding each chunk once beats
+    reading the shard twice."""
+    indices: list[int] = []
+    tiles: list[Tile] = []
+
+    def flush() -> tuple[list[int], np.ndarray]:
+        batch = _new_batch(len(tiles), preprocessing)
+        for row, tile in enumerate(tiles):
+            preprocessing(tile.rgb, out=batch[row])
+        out = (list(indices), batch)
+        indices.clear()
+        tiles.clear()
+        return out
+
+    for i, chunk in enumerate(plan.chunks):
+        if memo is not None and memo.rows[i][0] == raw[i]:
+            scan.append((chunk, memo.rows[i][1], memo.rows[i][2]))
+            continue
+        tile = reader.read(chunk)
+        status = classify(tile)
+        content = tile_content_hash(tile) if tile is not None else "-"
+        scan.append((chunk, status, content))
+        if tile is not None and status == DESCRIBED and content not in known:
+            indices.append(i)
+            tiles.append(tile)
+            if len(tiles) == batch_size:
+                yield flush()
+    if tiles:
+        yield flush()
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -322,100 +416,126 @@ def describe_shard(
     out_dir: Path,
     on_batch: Callable[[int], None] | None = None,
 ) -> ShardResult:
-    """Compute (or reuse) the descriptors of one shard. ``on_batch(n)`` is told about every batch."""
+    """Compute (or reuse) the descriptors of one shard. ``on_batch(n)`` is told as chunks are done; over one
+    call the ``n`` add up to the shard's chunk count."""
     started = time.perf_counter()
     block = (plan.block_x, plan.block_y)
-    source_digest = shard_source_digest(plan, source, grid, engine.identity, preprocessing)
-    if source_digest is not None:
-        remembered = _reuse_remembered(plan, out_dir, source_digest)
-        if remembered is not None:
-            key, desc_path, table_path, counts = remembered
-            return ShardResult(
-                block,
-                key,
-                desc_path,
-                table_path,
-                counts[DESCRIBED],
-                counts[BLANK],
-                counts[MISSING],
-                computed=False,
-                seconds=time.perf_counter() - started,
-                batches=0,
-            )
-    result = _scan_and_describe(plan, source, grid, engine, preprocessing, out_dir, on_batch, started)
-    # Remember only what this run read: a source edited while the shard was scanned digests differently.
-    if source_digest is not None and shard_source_digest(plan, source, grid, engine.identity, preprocessing) == (
-        source_digest
-    ):
-        remember_shard_key(out_dir, source_digest, result.key)
-    return result
+    reported = 0
 
+    def report(n: int) -> None:
+        nonlocal reported
+        reported += n
+        if on_batch is not None and n:
+            on_batch(n)
 
-def _reuse_remembered(
-    plan: ShardPlan, out_dir: Path, source_digest: str
-) -> tuple[str, Path, Path, dict[int, int]] | None:
-    key = recall_shard_key(out_dir, source_digest)
-    if key is None:
-        return None
+    raw = chunk_raw_digests(plan, source, grid)
+    memo_file = memo_path(out_dir, plan, source, grid, engine.identity, preprocessing) if raw is not None else None
+    memo = _read_memo(memo_file, len(plan.chunks)) if memo_file is not None else None
+    known = _previous_rows(out_dir, memo) if memo is not None else {}
+    fresh: dict[int, np.ndarray] = {}
+    batches = 0
+    if raw is not None:
+        scan: list[tuple[TileId, int, str]] = []
+        reader = ChunkReader(source, grid)
+        for indices, batch in _in_background(
+            _scan_batches(plan, reader, raw, memo, known, preprocessing, engine.batch_size, scan)
+        ):
+            fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
+            batches += 1
+            report(len(indices))
+    else:  # no memo possible: scan first, so a stored shard costs no inference
+        scan = scan_shard(plan, ChunkReader(source, grid))
+    key = shard_key(scan, engine.identity, preprocessing)
     desc_path, table_path = shard_paths(out_dir, key)
+    counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_NAMES}
+    computed = not _is_complete(desc_path, table_path)
+    inferred = len(fresh)
+    if computed:
+        descriptors, more_batches, more_inferred = _compute_descriptors(
+            scan, known, fresh, source, grid, engine, preprocessing, report, block
+        )
+        batches, inferred = batches + more_batches, inferred + more_inferred
+        _write_shard(desc_path, table_path, descriptors, scan)
+    report(len(plan.chunks) - reported)
+    if memo_file is not None and raw is not None:
+        remembered = ScanMemo(key, tuple((r, s, c) for r, (_, s, c) in zip(raw, scan, strict=True)))
+        # Remember only what this run read: a source edited while the shard was scanned digests differently.
+        if remembered != memo and chunk_raw_digests(plan, source, grid) == raw:
+            _write_memo(memo_file, remembered)
+    return ShardResult(
+        block,
+        key,
+        desc_path,
+        table_path,
+        counts[DESCRIBED],
+        counts[BLANK],
+        counts[MISSING],
+        computed=computed,
+        seconds=time.perf_counter() - started,
+        batches=batches,
+        inferred=inferred,
+    )
+
+
+def _previous_rows(out_dir: Path, memo: ScanMemo) -> dict[str, np.ndarray]:
+    """Descriptor rows of the shard the memo points at, by pixel content hash (same engine and
+    preprocessing: both are part of the memo's name). Empty when that shard is gone or fails its check."""
+    desc_path, table_path = shard_paths(out_dir, memo.key)
     if not _is_complete(desc_path, table_path):
-        return None
-    table = np.load(table_path, allow_pickle=False)
-    if len(table) != len(plan.chunks):  # cannot happen for a key this memo wrote; never trust it blindly
-        return None
-    return key, desc_path, table_path, {s: int((table["status"] == s).sum()) for s in STATUS_NAMES}
+        return {}
+    descriptors = np.load(desc_path, allow_pickle=False)
+    described = [content for _, status, content in memo.rows if status == DESCRIBED]
+    if len(described) != len(descriptors):
+        return {}
+    return dict(zip(described, descriptors, strict=True))
 
 
-def _scan_and_describe(
-    plan: ShardPlan,
+def _compute_descriptors(
+    scan: Sequence[tuple[TileId, int, str]],
+    known: Mapping[str, np.ndarray],
+    fresh: Mapping[int, np.ndarray],
     source: TileSource,
     grid: ChunkGrid,
     engine: DescriptorEngine,
     preprocessing: Preprocessing,
-    out_dir: Path,
-    on_batch: Callable[[int], None] | None,
-    started: float,
-) -> ShardResult:
-    scan = scan_shard(plan, ChunkReader(source, grid))
-    key = shard_key(scan, engine.identity, preprocessing)
-    desc_path, table_path = shard_paths(out_dir, key)
-    counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_NAMES}
-    block = (plan.block_x, plan.block_y)
-
-    def result(computed: bool, batches: int) -> ShardResult:
-        return ShardResult(
-            block,
-            key,
-            desc_path,
-            table_path,
-            counts[DESCRIBED],
-            counts[BLANK],
-            counts[MISSING],
-            computed=computed,
-            seconds=time.perf_counter() - started,
-            batches=batches,
-        )
-
-    if _is_complete(desc_path, table_path):
-        return result(computed=False, batches=0)
-    to_describe = [chunk for chunk, status, _ in scan if status == DESCRIBED]
-    parts, batches = [], 0
-    for batch in _batches(to_describe, ChunkReader(source, grid), preprocessing, engine.batch_size):
-        parts.append(engine.describe(batch).astype(np.float16))
+    report: Callable[[int], None],
+    block: tuple[int, int],
+) -> tuple[np.ndarray, int, int]:
+    """(float16 descriptors of the described chunks in scan order, extra inference batches, chunks they
+    ran on). Rows come from the previous shard (same content), from pass 1 (``fresh``, by chunk index) or
+    from re-reading the rest."""
+    described = [(i, chunk, content) for i, (chunk, status, content) in enumerate(scan) if status == DESCRIBED]
+    rows: list[np.ndarray | None] = [
+        known[content] if content in known else fresh.get(i) for i, _, content in described
+    ]
+    todo = [k for k, row in enumerate(rows) if row is None]
+    batches = done = 0
+    chunks = [described[k][1] for k in todo]
+    reread = _reread_batches(chunks, ChunkReader(source, grid), preprocessing, engine.batch_size)
+    for batch in _in_background(reread):
+        for row in engine.describe(batch).astype(np.float16):
+            rows[todo[done]] = row
+            done += 1
         batches += 1
-        if on_batch is not None:
-            on_batch(len(batch))
-    descriptors = np.concatenate(parts) if parts else np.zeros((0, 0), np.float16)
+        report(len(batch))
+    filled = [row for row in rows if row is not None]
+    assert len(filled) == len(rows), "every described chunk has a row"
+    descriptors = np.stack(filled) if filled else np.zeros((0, 0), np.float16)
     if not np.isfinite(descriptors).all():
         raise ProvisionError(
             f"shard {block}: the VPR engine produced non-finite descriptors",
             hint="check the model's numerical stability at this precision (try fp32)",
         )
+    return descriptors, batches, len(todo)
+
+
+def _write_shard(
+    desc_path: Path, table_path: Path, descriptors: np.ndarray, scan: Sequence[tuple[TileId, int, str]]
+) -> None:
     table = np.array([(c.z, c.x, c.y, status) for c, status, _ in scan], dtype=TABLE_DTYPE)
     # Descriptors first, table last: a table on disk means its shard is complete.
     write_artifact(desc_path, _npy_bytes(descriptors))
     write_artifact(table_path, _npy_bytes(table))
-    return result(computed=True, batches=batches)
 
 
 def load_shard(result: ShardResult) -> tuple[np.ndarray, np.ndarray]:

@@ -189,10 +189,12 @@ def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now
     stale = []
     for path in sorted(directory.glob(f"{SCAN_MEMO_PREFIX}*")):
         try:
-            key = path.read_text(encoding="ascii").strip()
             stat = path.stat()
-        except (OSError, UnicodeDecodeError):
+            key = str(json.loads(path.read_bytes())["key"])
+        except OSError:
             continue
+        except (ValueError, KeyError, TypeError):
+            key = ""  # unreadable: points at nothing
         table = f"descriptors/{key[:32]}.tiles.npy"
         if len(key) == 64 and (cache_root / table).is_file() and table not in removed:
             continue

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from navcache_runtime.integrity import SIDECAR_SUFFIX, TEMP_PREFIX, verify_artifact
+from navcache_runtime.integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, verify_artifact
 from navcache_runtime.verify import MANIFEST_NAME, verify_cache
 from tests.support.isolation import REPO
 
@@ -88,6 +88,8 @@ def cache_state(root: Path) -> CacheState:
         rel = path.relative_to(root).as_posix()
         if path.name.startswith(TEMP_PREFIX):
             state.temps.add(rel)
+        elif path.name.startswith(SCAN_MEMO_PREFIX):
+            continue  # ground-side scan memo, written atomically; not an artifact
         elif rel.split("/")[0] in ARTIFACT_DIRS and not path.name.endswith(SIDECAR_SUFFIX):
             try:
                 verify_artifact(path)

@@ -166,9 +166,9 @@ def test_scan_memos_go_with_their_shards(cache: Path) -> None:
     _artifact(cache, f"descriptors/{old_key[:32]}.tiles.npy", 100, 50)  # unnamed, old: removed
     _artifact(cache, f"descriptors/{live_key[:32]}.tiles.npy", 100, 1)  # within the TTL: kept
     memos = {name: cache / "descriptors" / f".navcache-scan-{name}" for name in ("old", "live", "dangling")}
-    memos["old"].write_text(old_key)
-    memos["live"].write_text(live_key)
-    memos["dangling"].write_text("c" * 64)
+    memos["old"].write_text(json.dumps({"key": old_key, "rows": []}))
+    memos["live"].write_text(json.dumps({"key": live_key, "rows": []}))
+    memos["dangling"].write_text("not json")
     dry = collect_garbage(cache, ttl_days=30, dry_run=True)
     assert {"descriptors/.navcache-scan-old", "descriptors/.navcache-scan-dangling"} <= _paths(dry.removed)
     assert all(m.exists() for m in memos.values())
