@@ -11,10 +11,12 @@
   Ed25519 signature (sign) — goal ≤ 1.15.
 
 The sortie is the test suite's: the demo's synthetic orthophoto, both demo backbones, z18, a square area of
-10x10 tiles (``--quick``) or 22x22 tiles (full; the orthophoto spans about 24 tiles)."""
+10x10 tiles (``--quick``) or 44x44 tiles on a 5 km orthophoto generated for the full run; shards at the
+product's default size (64x64 chunks)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -162,17 +164,26 @@ def _bare_parts(sortie_path: Path, cache: Path, repeat: int) -> dict[str, float]
 def _measure(quick: bool) -> dict[str, Any]:
     from prefect.testing.utilities import prefect_test_harness
 
-    from tests.support.sorties import make_assets, write_sortie
+    import navcache_flows.provision_sortie  # noqa: F401  imported before timing, like the bare parts' libraries
+    from navcache.demo import generate_orthophoto
+    from navcache.sortie import TileSpec
+    from tests.support.sorties import CENTER_LAT, CENTER_LON, make_assets, write_sortie
 
-    repeat = 2 if quick else 5
-    side = 10 if quick else 22
+    repeat = 2 if quick else 3
+    side = 10 if quick else 44
     with tempfile.TemporaryDirectory(prefix="navcache-bench-prov-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
         assets = make_assets(tmp / "assets")
+        if not quick:  # 5 km x 5 km (84 MB) so the area can hold 44 x 44 z18 tiles
+            ortho = tmp / "ortho-5km.tif"
+            generate_orthophoto(ortho, center_lat=CENTER_LAT, center_lon=CENTER_LON, size_m=5000)
+            assets = dataclasses.replace(assets, ortho=ortho)
         area, tiles = _area(side)
         cache = tmp / "cache"
         sortie = write_sortie(tmp / "bench.toml", assets, area=area, cache_dir=cache, threshold=90.0)
+        # The product's default shard size (the test suite's sorties use 8 to get several shards).
+        sortie.write_text(sortie.read_text().replace("shard_block = 8", f"shard_block = {TileSpec.shard_block}"))
         with prefect_test_harness(server_startup_timeout=120):
             overhead = _noop_overhead(repeat)
             cold_s, cold = _provision(sortie)

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -11,7 +13,7 @@ from prefect.cache_policies import NO_CACHE
 
 from navcache import progress
 from navcache.descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_shard
-from navcache.imagery import open_tile_source
+from navcache.imagery import TileSource, open_tile_source
 from navcache.tiles import ChunkGrid, ShardPlan
 from navcache_runtime import EngineCacheEntry, RuntimeConfig, build_inference_runtime
 
@@ -60,33 +62,64 @@ def _engine(job: DescriptorJob) -> DescriptorEngine:
         return _engines[key]
 
 
+_sources: dict[tuple[object, ...], TileSource] = {}
+_sources_lock = threading.Lock()
+
+
+def _source(job: DescriptorJob) -> TileSource:
+    """One open orthophoto per process and file version, shared by the shard threads (sources are
+    thread-safe), so opening it and digesting its blocks is paid once per run rather than per shard."""
+    try:
+        st = os.stat(job.source_path)
+    except OSError:
+        st = None  # let open_tile_source name the problem
+    identity = (job.source_kind, str(job.source_path), job.grid.tile_size)
+    version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) if st is not None else None
+    with _sources_lock:
+        source = _sources.get((*identity, version))
+        if source is None or version is None:
+            for stale in [k for k in _sources if k[:3] == identity]:
+                del _sources[stale]  # not closed: a thread of another run may still read it; GC closes it
+            source = open_tile_source(job.source_kind, job.source_path, job.grid.tile_size)
+            _sources[(*identity, version)] = source
+        return source
+
+
+#: At most one progress-artifact update (an API round trip, made on the inference thread) per interval.
+PROGRESS_UPDATE_S = 1.0
+_last_update = 0.0
+
+
 def _count(job: DescriptorJob, n: int) -> None:
-    global _done
+    global _done, _last_update
     progress.advance("descriptors", n)
     if job.progress_artifact is None:
         return
     with _done_lock:
         _done += n
         done = _done
+        now = time.monotonic()
+        if done < job.total_chunks and now - _last_update < PROGRESS_UPDATE_S:
+            return
+        _last_update = now
     update_progress_artifact(job.progress_artifact, progress=min(100.0, 100.0 * done / max(1, job.total_chunks)))
 
 
 @task(name="describe-shard", task_run_name="shard-{plan.block_x}-{plan.block_y}", cache_policy=NO_CACHE, retries=1)
 def describe_shard_task(plan: ShardPlan, job: DescriptorJob) -> ShardResult:
-    with open_tile_source(job.source_kind, job.source_path, job.grid.tile_size) as source:
-        result = describe_shard(
-            plan,
-            source=source,
-            grid=job.grid,
-            engine=_engine(job),
-            preprocessing=Preprocessing.for_input_shape(job.input_shape),
-            out_dir=job.out_dir,
-            on_batch=lambda n: _count(job, n),
-        )
-    return result
+    return describe_shard(
+        plan,
+        source=_source(job),
+        grid=job.grid,
+        engine=_engine(job),
+        preprocessing=Preprocessing.for_input_shape(job.input_shape),
+        out_dir=job.out_dir,
+        on_batch=lambda n: _count(job, n),
+    )
 
 
 def reset_progress() -> None:
-    global _done
+    global _done, _last_update
     with _done_lock:
         _done = 0
+        _last_update = 0.0

@@ -21,6 +21,18 @@ def provision(sortie: Path) -> dict:
     return provision_sortie(str(sortie))
 
 
+def descriptor_progress(sortie_id: str) -> float:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from navcache_tasks.reporting import artifact_key
+
+    key = artifact_key("descriptors", sortie_id)
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
+    return float(latest.data)  # type: ignore[arg-type]
+
+
 def outcomes(summary: dict) -> dict[str, str]:
     return {e["backbone"]: e["outcome"] for e in summary["engines"]}
 
@@ -73,6 +85,7 @@ def test_adding_tiles_computes_only_the_new_shard(assets: Assets, tmp_path: Path
     provision(small)
     large = write_sortie(tmp_path / "large.toml", assets, area=tiles_polygon(first + second), cache_dir=cache)
     grown = provision(large)
+    assert descriptor_progress(grown["sortie_id"]) == 100.0  # updates are throttled, the last one is not
     assert grown["shards"] == {"total": 2, "computed": 1, "reused": 1, "inference_batches": 1, "inferred_chunks": 4}
     assert grown["tiles"]["chunks"] == 8 and grown["index"]["vectors"] == 8
 

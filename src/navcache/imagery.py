@@ -388,6 +388,7 @@ class GeoTiffSource(_SourceBase):
             )
         self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
         self._blocks: _TiffBlocks | None = None
+        self._plans: dict[TileId, tuple[Window, int, int, bool] | None] = {}
         ds = self._handles.get(self._where)
         try:
             self._inspect(ds)
@@ -463,7 +464,15 @@ class GeoTiffSource(_SourceBase):
 
     def _read_plan(self, tile: TileId) -> tuple[Window, int, int, bool] | None:
         """The source window ``read_tile`` reads for ``tile``, its output size and whether the read is
-        decimated; None when the tile lies outside the raster."""
+        decimated; None when the tile lies outside the raster. Remembered per tile: it depends only on the
+        raster's georeferencing, and a run asks for it up to three times (digest, read, digest again)."""
+        if tile in self._plans:
+            return self._plans[tile]
+        plan = self._plan(tile)
+        self._plans[tile] = plan  # dict assignment is atomic; a race only computes it twice
+        return plan
+
+    def _plan(self, tile: TileId) -> tuple[Window, int, int, bool] | None:
         if not in_grid(tile):
             return None
         bounds = mercator_bounds(tile)
