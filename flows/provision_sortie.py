@@ -19,6 +19,7 @@ from prefect import flow, task, unmapped
 from prefect.artifacts import create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.utilities.annotations import quote
 
 from navcache import progress
 from navcache.descriptors import ShardResult
@@ -117,12 +118,20 @@ def describe_shards_dask(plans: list[ShardPlan], job: DescriptorJob) -> list[Sha
     """The mapped shard tasks as a sub-flow, so only they go to the Dask cluster (the task runner is set
     with ``with_options`` at call time). The job is a frozen, picklable dataclass; each Dask worker process
     keeps its own engine cache."""
+    # Not quoted (see _quoted): Dask ships the parameters to its workers, where a quoted plan arrives as a
+    # bare tuple.
     return [future.result() for future in describe_shard_task.map(plans, unmapped(job))]
+
+
+def _quoted(items: list[ShardPlan]) -> list[Any]:
+    """Each shard plan wrapped in ``quote``: Prefect would otherwise walk every chunk of every plan looking
+    for futures (0.9 s of a 2,000-tile warm run); the tasks still receive the plain plans."""
+    return [quote(item) for item in items]
 
 
 def _describe_shards(plans: list[ShardPlan], job: DescriptorJob, dask_address: str | None) -> list[ShardResult]:
     if not dask_address:
-        return [future.result() for future in describe_shard_task.map(plans, unmapped(job))]
+        return [future.result() for future in describe_shard_task.map(_quoted(plans), unmapped(job))]
     from prefect_dask import DaskTaskRunner  # optional dependency, only needed for scale-out
 
     runner = DaskTaskRunner(address=dask_address)
@@ -194,7 +203,7 @@ def provision_sortie(
 
         takeoff_lonlat = (spec.takeoff[1], spec.takeoff[0])
         coverage, coverage_path, png = coverage_task(
-            shards, grid, storage_tiles, spec.coverage_threshold, cache_root / "coverage", takeoff_lonlat
+            shards, grid, quote(storage_tiles), spec.coverage_threshold, cache_root / "coverage", takeoff_lonlat
         )
         summary_cov = {
             "percent": coverage.percent,

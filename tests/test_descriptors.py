@@ -42,6 +42,10 @@ class CountingSource:
     def raw_digest(self, tile: TileId) -> str | None:
         return self.inner.raw_digest(tile) if self.digests else None
 
+    def raw_digests(self, tiles: list[TileId]) -> list[str] | None:
+        digests = [self.raw_digest(t) for t in tiles]
+        return None if None in digests else digests  # type: ignore[return-value]
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_model: TinyModel, tmp_path_factory: pytest.TempPathFactory) -> DescriptorEngine:

@@ -710,3 +710,16 @@ def test_tile_store_raw_digest_is_the_encoded_tile(tmp_path: Path, z17_tiles: di
         after = {t: source.raw_digest(t) for t in tiles}
     assert after[second] != before[second]
     assert after[first] == before[first] and after[third] == before[third]
+
+
+def test_geotiff_batch_digests_and_reads_do_not_depend_on_the_order_plans_were_made(
+    rasters: dict[str, Raster],
+) -> None:
+    with GeoTiffSource(rasters["wgs84"].path) as source:
+        tiles = [*tiles_of(source, 17), TileId(17, 0, 0)]
+    with GeoTiffSource(rasters["wgs84"].path) as one_by_one, GeoTiffSource(rasters["wgs84"].path) as batched:
+        singles = [(one_by_one.raw_digest(t), one_by_one.read_tile(t)) for t in tiles]
+        digests = batched.raw_digests(list(reversed(tiles)))
+        assert digests is not None and list(reversed(digests)) == [d for d, _ in singles]
+        for tile, (_, pixels) in zip(tiles, singles, strict=True):
+            assert _same_tile(batched.read_tile(tile), pixels), tile

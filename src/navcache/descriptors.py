@@ -240,20 +240,16 @@ def _is_hex64(text: object) -> bool:
 def chunk_raw_digests(plan: ShardPlan, source: TileSource, grid: ChunkGrid) -> list[str] | None:
     """Per chunk, a digest of the encoded source bytes of its storage tiles (no decoding); None when the
     source cannot digest its bytes."""
-    seen: dict[TileId, str] = {}
-    digests = []
-    for chunk in plan.chunks:
-        digest = hashlib.sha256()
-        for tile in grid.storage_tiles_of_chunk(chunk):
-            raw = seen.get(tile)
-            if raw is None:
-                raw = source.raw_digest(tile)
-                if raw is None:
-                    return None
-                seen[tile] = raw
-            digest.update(f"{tile}={raw};".encode())
-        digests.append(digest.hexdigest())
-    return digests
+    per_chunk = [grid.storage_tiles_of_chunk(chunk) for chunk in plan.chunks]
+    tiles = list(dict.fromkeys(t for chunk_tiles in per_chunk for t in chunk_tiles))
+    raw = source.raw_digests(tiles)
+    if raw is None:
+        return None
+    by_tile = dict(zip(tiles, raw, strict=True))
+    return [
+        hashlib.sha256("".join(f"{t}={by_tile[t]};" for t in chunk_tiles).encode()).hexdigest()
+        for chunk_tiles in per_chunk
+    ]
 
 
 def memo_path(

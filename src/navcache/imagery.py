@@ -22,13 +22,14 @@ import os
 import sqlite3
 import threading
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import quote
 
 import numpy as np
+import pyproj
 import rasterio
 import rasterio.errors
 import rasterio.warp
@@ -58,6 +59,9 @@ _ALPHA_VALID = 128
 # warnings.catch_warnings - not thread-safe, so concurrent tile reads leak it. Neither helps the crew; a
 # process-wide filter (narrowed to rasterio's own modules) replaces per-call catch_warnings, which races.
 warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning, module=r"rasterio(\.warp)?$")
+# Points added along each tile edge when projecting it into the source CRS (curved edges, e.g. UTM).
+_DENSIFY_PTS = 21
+_ReadPlan = tuple[Window, int, int, bool]  # source window, output width and height, decimated
 # Above this many source pixels per tile pixel, read decimated (overviews / average) before warping,
 # so low zooms neither alias nor read the whole raster at full resolution.
 _DECIMATE_ABOVE = 2.0
@@ -135,6 +139,11 @@ class TileSource(Protocol):
         it would return None): under one :meth:`raw_identity`, equal digests mean equal tiles, so callers
         can skip decoding tiles they have seen. None when this source cannot tell (then decode and hash
         the pixels)."""
+        ...
+
+    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
+        """:meth:`raw_digest` of many tiles at once (a GeoTIFF plans their windows in one vectorised
+        transform); None when any is unknown."""
         ...
 
     def close(self) -> None: ...
@@ -329,6 +338,16 @@ def _bytes_digest(data: bytes | None) -> str:
     return NO_TILE_DIGEST if data is None else hashlib.sha256(data).hexdigest()
 
 
+def _each_digest(digest: Callable[[TileId], str | None], tiles: Sequence[TileId]) -> list[str] | None:
+    out = []
+    for tile in tiles:
+        value = digest(tile)
+        if value is None:
+            return None
+        out.append(value)
+    return out
+
+
 def _decoder_identity(kind: str, tile_size: int, extra: Any = None) -> str:
     return json.dumps(
         [RAW_DIGEST_VERSION, kind, tile_size, Image.__version__, np.__version__, _ALPHA_VALID, extra],
@@ -388,7 +407,8 @@ class GeoTiffSource(_SourceBase):
             )
         self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
         self._blocks: _TiffBlocks | None = None
-        self._plans: dict[TileId, tuple[Window, int, int, bool] | None] = {}
+        self._plans: dict[TileId, _ReadPlan | None] = {}
+        self._transformers = threading.local()
         ds = self._handles.get(self._where)
         try:
             self._inspect(ds)
@@ -462,33 +482,45 @@ class GeoTiffSource(_SourceBase):
 
     # -- TileSource
 
-    def _read_plan(self, tile: TileId) -> tuple[Window, int, int, bool] | None:
-        """The source window ``read_tile`` reads for ``tile``, its output size and whether the read is
-        decimated; None when the tile lies outside the raster. Remembered per tile: it depends only on the
-        raster's georeferencing, and a run asks for it up to three times (digest, read, digest again)."""
-        if tile in self._plans:
-            return self._plans[tile]
-        plan = self._plan(tile)
-        self._plans[tile] = plan  # dict assignment is atomic; a race only computes it twice
-        return plan
+    def _read_plan(self, tile: TileId) -> _ReadPlan | None:
+        return self._read_plans([tile])[0]
 
-    def _plan(self, tile: TileId) -> tuple[Window, int, int, bool] | None:
-        if not in_grid(tile):
-            return None
-        bounds = mercator_bounds(tile)
+    def _read_plans(self, tiles: Sequence[TileId]) -> list[_ReadPlan | None]:
+        """Per tile, the source window ``read_tile`` reads, its output size and whether the read is
+        decimated; None when the tile lies outside the raster. Remembered per tile (it depends only on the
+        raster's georeferencing, and a run asks up to three times: digest, read, digest again) and computed
+        for all missing tiles in one vectorised transform."""
+        missing = [t for t in dict.fromkeys(tiles) if t not in self._plans]
+        if missing:
+            # dict assignment is atomic; a race only computes a plan twice, with the same result
+            self._plans.update(zip(missing, self._plan_many(missing), strict=True))
+        return [self._plans[t] for t in tiles]
+
+    def _plan_many(self, tiles: list[TileId]) -> list[_ReadPlan | None]:
+        plans: list[_ReadPlan | None] = [None] * len(tiles)
         mw, ms, me, mn = self._mercator
-        if bounds[0] >= me or bounds[2] <= mw or bounds[1] >= mn or bounds[3] <= ms:
-            return None
-        window, footprint = self._source_window(bounds)
-        if window is None:
-            return None
-        # Source pixels per tile pixel; decimate the read when the source is much finer than the tile.
-        scale = min(footprint[0], footprint[1]) / self.tile_size
-        out_w, out_h = int(window.width), int(window.height)
-        decimated = scale > _DECIMATE_ABOVE
-        if decimated:
-            out_w, out_h = max(1, round(out_w / scale)), max(1, round(out_h / scale))
-        return window, out_w, out_h, decimated
+        inside, boxes = [], []
+        for i, tile in enumerate(tiles):
+            if not in_grid(tile):
+                continue
+            bounds = mercator_bounds(tile)
+            if bounds[0] >= me or bounds[2] <= mw or bounds[1] >= mn or bounds[3] <= ms:
+                continue
+            inside.append(i)
+            boxes.append(bounds)
+        if not inside:
+            return plans
+        for i, (window, footprint) in zip(inside, self._source_windows(np.asarray(boxes)), strict=True):
+            if window is None:
+                continue
+            # Source pixels per tile pixel; decimate the read when the source is much finer than the tile.
+            scale = min(footprint[0], footprint[1]) / self.tile_size
+            out_w, out_h = int(window.width), int(window.height)
+            decimated = scale > _DECIMATE_ABOVE
+            if decimated:
+                out_w, out_h = max(1, round(out_w / scale)), max(1, round(out_h / scale))
+            plans[i] = (window, out_w, out_h, decimated)
+        return plans
 
     def read_tile(self, tile: TileId) -> Tile | None:
         plan = self._read_plan(tile)
@@ -538,27 +570,50 @@ class GeoTiffSource(_SourceBase):
         )
         return Tile(rgb=np.ascontiguousarray(np.moveaxis(dst[:3], 0, -1)), valid=dst[3] >= _ALPHA_VALID)
 
-    def _source_window(self, bounds: tuple[float, float, float, float]) -> tuple[Window | None, tuple[float, float]]:
-        """The source pixel window under a mercator box (padded for the resampling kernel, clipped to
-        the raster) and the box's unclipped footprint size in source pixels."""
-        try:
-            left, bottom, right, top = rasterio.warp.transform_bounds(_MERCATOR_CRS, self._crs, *bounds, densify_pts=21)
-        except Exception:  # the tile does not project into the source CRS (far outside its domain)
-            return None, (0.0, 0.0)
-        corners = [self._inverse @ (x, y) for x in (left, right) for y in (bottom, top)]
-        cols = [c for c, _ in corners]
-        rows = [r for _, r in corners]
-        if not all(math.isfinite(v) for v in cols + rows):
-            return None, (0.0, 0.0)
-        footprint = (max(cols) - min(cols), max(rows) - min(rows))
+    def _source_windows(self, boxes: np.ndarray) -> list[tuple[Window | None, tuple[float, float]]]:
+        """Per mercator box (west, south, east, north): the source pixel window under it (its edges
+        densified, projected, padded for the resampling kernel, clipped to the raster) and the box's
+        unclipped footprint size in source pixels."""
+        steps = np.linspace(0.0, 1.0, _DENSIFY_PTS + 2)
+        w, s_, e, n = (boxes[:, k : k + 1] for k in range(4))
+        along_x = w + (e - w) * steps
+        along_y = s_ + (n - s_) * steps
+        xs = np.concatenate([along_x, along_x, np.repeat(w, steps.size, 1), np.repeat(e, steps.size, 1)], axis=1)
+        ys = np.concatenate([np.repeat(s_, steps.size, 1), np.repeat(n, steps.size, 1), along_y, along_y], axis=1)
+        px, py = self._to_source().transform(xs.ravel(), ys.ravel(), errcheck=False)
+        px, py = np.asarray(px).reshape(xs.shape), np.asarray(py).reshape(xs.shape)
+        finite = np.isfinite(px).all(axis=1) & np.isfinite(py).all(axis=1)
+        out: list[tuple[Window | None, tuple[float, float]]] = []
         pad = 2
-        c0 = max(0, math.floor(min(cols)) - pad)
-        r0 = max(0, math.floor(min(rows)) - pad)
-        c1 = min(self._width, math.ceil(max(cols)) + pad)
-        r1 = min(self._height, math.ceil(max(rows)) + pad)
-        if c1 <= c0 or r1 <= r0:
-            return None, footprint
-        return Window(c0, r0, c1 - c0, r1 - r0), footprint
+        for k in range(len(boxes)):
+            if not finite[k]:  # the box does not project into the source CRS (far outside its domain)
+                out.append((None, (0.0, 0.0)))
+                continue
+            left, right, bottom, top = px[k].min(), px[k].max(), py[k].min(), py[k].max()
+            corners = [self._inverse @ (x, y) for x in (left, right) for y in (bottom, top)]
+            cols = [c for c, _ in corners]
+            rows = [r for _, r in corners]
+            if not all(math.isfinite(v) for v in cols + rows):
+                out.append((None, (0.0, 0.0)))
+                continue
+            footprint = (max(cols) - min(cols), max(rows) - min(rows))
+            c0 = max(0, math.floor(min(cols)) - pad)
+            r0 = max(0, math.floor(min(rows)) - pad)
+            c1 = min(self._width, math.ceil(max(cols)) + pad)
+            r1 = min(self._height, math.ceil(max(rows)) + pad)
+            if c1 <= c0 or r1 <= r0:
+                out.append((None, footprint))
+                continue
+            out.append((Window(c0, r0, c1 - c0, r1 - r0), footprint))
+        return out
+
+    def _to_source(self) -> Any:
+        """EPSG:3857 → the raster's CRS, one pyproj Transformer per thread (they are not shared)."""
+        transformer = getattr(self._transformers, "value", None)
+        if transformer is None:
+            transformer = pyproj.Transformer.from_crs(3857, self._crs.to_wkt(), always_xy=True)
+            self._transformers.value = transformer
+        return transformer
 
     def bounds_lonlat(self) -> Bounds:
         return self._lonlat
@@ -579,13 +634,17 @@ class GeoTiffSource(_SourceBase):
         return self._blocks.identity if self._blocks is not None else _decoder_identity("geotiff", self.tile_size)
 
     def raw_digest(self, tile: TileId) -> str | None:
-        if self._blocks is None or not self._blocks.unchanged():
+        digests = self.raw_digests([tile])
+        return None if digests is None else digests[0]
+
+    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
+        blocks = self._blocks
+        if blocks is None or not blocks.unchanged():
             return None
-        plan = self._read_plan(tile)
-        if plan is None:
-            return NO_TILE_DIGEST
-        window, _, _, decimated = plan
-        return self._blocks.digest(window, with_overviews=decimated)
+        return [
+            NO_TILE_DIGEST if plan is None else blocks.digest(plan[0], with_overviews=plan[3])
+            for plan in self._read_plans(tiles)
+        ]
 
     def close(self) -> None:
         self._handles.close()
@@ -757,6 +816,9 @@ class XyzFolderSource(_SourceBase):
     def raw_identity(self) -> str:
         return _decoder_identity("xyz", self.tile_size)
 
+    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
+        return _each_digest(self.raw_digest, tiles)
+
     def raw_digest(self, tile: TileId) -> str | None:
         found = self._tile_bytes(tile)
         return _bytes_digest(None if found is None else found[0])
@@ -903,6 +965,9 @@ class MBTilesSource(_SourceBase):
 
     def raw_identity(self) -> str:
         return _decoder_identity("mbtiles", self.tile_size)
+
+    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
+        return _each_digest(self.raw_digest, tiles)
 
     def raw_digest(self, tile: TileId) -> str | None:
         return _bytes_digest(self._tile_bytes(tile))
