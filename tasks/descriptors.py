@@ -88,6 +88,7 @@ def _source(job: DescriptorJob) -> TileSource:
 #: At most one progress-artifact update (an API round trip, made on the inference thread) per interval.
 PROGRESS_UPDATE_S = 1.0
 _last_update = 0.0
+_send_lock = threading.Lock()
 
 
 def _count(job: DescriptorJob, n: int) -> None:
@@ -97,12 +98,16 @@ def _count(job: DescriptorJob, n: int) -> None:
         return
     with _done_lock:
         _done += n
-        done = _done
         now = time.monotonic()
-        if done < job.total_chunks and now - _last_update < PROGRESS_UPDATE_S:
+        if _done < job.total_chunks and now - _last_update < PROGRESS_UPDATE_S:
             return
         _last_update = now
-    update_progress_artifact(job.progress_artifact, progress=min(100.0, 100.0 * done / max(1, job.total_chunks)))
+    # One update at a time, each sending the count as it is then: shard threads race, and an older value
+    # must never land after the final 100 %.
+    with _send_lock:
+        with _done_lock:
+            done = _done
+        update_progress_artifact(job.progress_artifact, progress=min(100.0, 100.0 * done / max(1, job.total_chunks)))
 
 
 @task(name="describe-shard", task_run_name="shard-{plan.block_x}-{plan.block_y}", cache_policy=NO_CACHE, retries=1)
