@@ -723,3 +723,31 @@ def test_geotiff_batch_digests_and_reads_do_not_depend_on_the_order_plans_were_m
         assert digests is not None and list(reversed(digests)) == [d for d, _ in singles]
         for tile, (_, pixels) in zip(tiles, singles, strict=True):
             assert _same_tile(batched.read_tile(tile), pixels), tile
+
+
+@pytest.mark.parametrize("kind", ["geotiff", "mbtiles"])
+def test_handles_of_ended_threads_are_closed(
+    kind: str, rasters: dict[str, Raster], z17_tiles: dict[TileId, Tile], tmp_path: Path
+) -> None:
+    # A source is shared for a process's lifetime while decode threads come and go.
+    path = rasters["utm"].path if kind == "geotiff" else write_mbtiles(tmp_path / "a.mbtiles", z17_tiles)
+    tile = next(iter(z17_tiles))
+    with open_tile_source(kind, path, 256) as source:
+        for _ in range(20):
+            reader = threading.Thread(target=source.read_tile, args=(tile,))
+            reader.start()
+            reader.join()
+        assert source.read_tile(tile) is not None
+        assert len(source._handles) <= 2  # type: ignore[attr-defined]  # this thread's and at most one ended
+
+
+def test_a_dropped_geotiff_source_releases_its_block_reader(rasters: dict[str, Raster]) -> None:
+    import gc
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        source = GeoTiffSource(rasters["utm"].path)
+        assert source.raw_digests([TileId(17, 0, 0)]) == ["none"]
+        del source  # never closed: tasks drop a stale source when its file changes
+        gc.collect()
+    assert len(os.listdir("/proc/self/fd")) <= before + 1

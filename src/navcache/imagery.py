@@ -22,6 +22,7 @@ import os
 import sqlite3
 import threading
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -238,14 +239,16 @@ H = TypeVar("H")
 
 
 class _PerThread(Generic[H]):
-    """One handle per thread, created on first use, all closed together."""
+    """One handle per thread, created on first use, all closed together. A source lives as long as its
+    process (one per orthophoto, shared by shard tasks) while decode threads come and go, so opening a
+    handle first closes those of threads that have ended: open handles stay bounded by live threads."""
 
     def __init__(self, opener: Callable[[], H], closer: Callable[[H], None]) -> None:
         self._opener = opener
         self._closer = closer
         self._local = threading.local()
         self._lock = threading.Lock()  # guards the registry only, never held while reading
-        self._handles: list[H] = []
+        self._handles: list[tuple[threading.Thread, H]] = []
         self._closed = False
 
     def get(self, where: str) -> H:
@@ -255,19 +258,29 @@ class _PerThread(Generic[H]):
                 raise SourceError("the tile source is closed", where=where, hint="open it again")
             handle = self._opener()
             with self._lock:
-                self._handles.append(handle)
+                ended = [h for thread, h in self._handles if not thread.is_alive()]
+                self._handles = [(t, h) for t, h in self._handles if t.is_alive()]
+                self._handles.append((threading.current_thread(), handle))
+            self._close_all(ended)
             self._local.handle = handle
         return handle
 
-    def close(self) -> None:
+    def __len__(self) -> int:
         with self._lock:
-            self._closed = True
-            handles, self._handles = self._handles, []
+            return len(self._handles)
+
+    def _close_all(self, handles: list[H]) -> None:
         for handle in handles:
             try:
                 self._closer(handle)
             except Exception:  # closing is best effort; the source is unusable either way
                 logger.debug("closing a tile source handle failed", exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            handles, self._handles = [h for _, h in self._handles], []
+        self._close_all(handles)
         self._local = threading.local()
 
 
@@ -666,6 +679,8 @@ class _TiffBlocks:
         self._handles = handles
         self._bands = bands
         self._fd = os.open(path, os.O_RDONLY)
+        # Closed by close(), or when the source is dropped (a process keeps one source per file version).
+        self._close_fd = weakref.finalize(self, os.close, self._fd)
         self._stat = self._stat_key(os.fstat(self._fd))
         self._block_digests: dict[tuple[int, int, int], bytes] = {}
         self._overview_digest: bytes | None = None
@@ -757,7 +772,7 @@ class _TiffBlocks:
 
     def close(self) -> None:
         try:
-            os.close(self._fd)
+            self._close_fd()
         except OSError:
             pass
 
