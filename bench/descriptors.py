@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .common import print_machine, print_table, ratio, write_result
+from .common import interleaved, print_machine, print_table, ratio, write_result
 
 GOAL = 0.9
 MODEL_CACHE = Path(tempfile.gettempdir()) / "navcache-bench-models"
@@ -169,14 +168,9 @@ def bench_model(
     }
     bare()  # warm-up: ORT allocates its arenas on the first runs
     pipeline(source)
-    samples: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeat):
-        for key, fn in fns.items():
-            started = time.perf_counter()
-            fn()
-            samples[key].append(time.perf_counter() - started)
+    stats = interleaved(fns, repeat)
     runtime.release_engine(handle)
-    rates = {k: n_images / float(np.median(v)) for k, v in samples.items()}
+    rates = {k: n_images / (s.p50_ms / 1000) for k, s in stats.items()}
     base = rates["bare ORT loop, preprocessed batches (baseline)"]
     return {
         "model": name,
