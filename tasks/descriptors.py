@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 
 from navcache import progress
 from navcache.descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_shard
-from navcache.imagery import TileSource, open_tile_source
+from navcache.imagery import TileSource, file_version, open_tile_source
 from navcache.tiles import ChunkGrid, ShardPlan
 from navcache_runtime import EngineCacheEntry, RuntimeConfig, build_inference_runtime
 
@@ -70,11 +69,10 @@ def _source(job: DescriptorJob) -> TileSource:
     """One open orthophoto per process and file version, shared by the shard threads (sources are
     thread-safe), so opening it and digesting its blocks is paid once per run rather than per shard."""
     try:
-        st = os.stat(job.source_path)
+        version: tuple[int, ...] | None = file_version(job.source_path)
     except OSError:
-        st = None  # let open_tile_source name the problem
+        version = None  # let open_tile_source name the problem
     identity = (job.source_kind, str(job.source_path), job.grid.tile_size)
-    version = (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) if st is not None else None
     with _sources_lock:
         source = _sources.get((*identity, version))
         if source is None or version is None:

@@ -305,6 +305,19 @@ class _SourceBase:
     ) -> None:
         self.close()
 
+    def raw_digest(self, tile: TileId) -> str | None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
+        """:meth:`raw_digest` tile by tile (stores of encoded tiles); GeoTIFF plans them all at once."""
+        digests = []
+        for tile in tiles:
+            digest = self.raw_digest(tile)
+            if digest is None:
+                return None
+            digests.append(digest)
+        return digests
+
     def _warn_resize_once(self, where: str, size: tuple[int, int]) -> None:
         with self._warn_lock:
             if self._warned_resize:
@@ -342,6 +355,13 @@ def _stat_fingerprint(paths: list[Path]) -> str:
     return hashlib.sha256(json.dumps(records).encode()).hexdigest()
 
 
+def file_version(path: Path | str | int) -> tuple[int, ...]:
+    """(size, mtime, ctime, inode) of a path or an open file descriptor: changes with every write, rename or
+    replacement of the file (ctime cannot be set back from user space). OSError when the file is gone."""
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
+
+
 #: Bump when read_tile's decoding changes: raw digests taken by an older navcache must not match.
 RAW_DIGEST_VERSION = "navcache-raw-v1"
 NO_TILE_DIGEST = "none"
@@ -349,16 +369,6 @@ NO_TILE_DIGEST = "none"
 
 def _bytes_digest(data: bytes | None) -> str:
     return NO_TILE_DIGEST if data is None else hashlib.sha256(data).hexdigest()
-
-
-def _each_digest(digest: Callable[[TileId], str | None], tiles: Sequence[TileId]) -> list[str] | None:
-    out = []
-    for tile in tiles:
-        value = digest(tile)
-        if value is None:
-            return None
-        out.append(value)
-    return out
 
 
 def _decoder_identity(kind: str, tile_size: int, extra: Any = None) -> str:
@@ -681,13 +691,9 @@ class _TiffBlocks:
         self._fd = os.open(path, os.O_RDONLY)
         # Closed by close(), or when the source is dropped (a process keeps one source per file version).
         self._close_fd = weakref.finalize(self, os.close, self._fd)
-        self._stat = self._stat_key(os.fstat(self._fd))
+        self._version = file_version(self._fd)  # the file this descriptor reads, not whatever the path holds now
         self._block_digests: dict[tuple[int, int, int], bytes] = {}
         self._overview_digest: bytes | None = None
-
-    @staticmethod
-    def _stat_key(st: os.stat_result) -> tuple[int, ...]:
-        return st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino
 
     @classmethod
     def open(
@@ -721,7 +727,7 @@ class _TiffBlocks:
 
     def unchanged(self) -> bool:
         try:
-            return self._stat_key(os.stat(self.path)) == self._stat
+            return file_version(self.path) == self._version
         except OSError:
             return False
 
@@ -830,9 +836,6 @@ class XyzFolderSource(_SourceBase):
 
     def raw_identity(self) -> str:
         return _decoder_identity("xyz", self.tile_size)
-
-    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
-        return _each_digest(self.raw_digest, tiles)
 
     def raw_digest(self, tile: TileId) -> str | None:
         found = self._tile_bytes(tile)
@@ -980,9 +983,6 @@ class MBTilesSource(_SourceBase):
 
     def raw_identity(self) -> str:
         return _decoder_identity("mbtiles", self.tile_size)
-
-    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
-        return _each_digest(self.raw_digest, tiles)
 
     def raw_digest(self, tile: TileId) -> str | None:
         return _bytes_digest(self._tile_bytes(tile))
