@@ -223,15 +223,18 @@ class ScanMemo:
         return json.dumps({"version": SCAN_VERSION, "key": self.key, "rows": self.rows}).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, n_chunks: int) -> ScanMemo | None:
-        """None for anything but a well-formed memo of ``n_chunks`` chunks (a damaged memo costs a scan)."""
+    def from_json(cls, data: bytes, n_chunks: int | None = None) -> ScanMemo | None:
+        """None for anything but a well-formed memo (of ``n_chunks`` chunks when given): a damaged memo
+        costs a scan."""
         try:
             raw = json.loads(data)
             key = raw["key"]
             rows = tuple((str(d), int(s), str(c)) for d, s, c in raw["rows"])
         except (ValueError, KeyError, TypeError):
             return None
-        if raw.get("version") != SCAN_VERSION or not _is_hex64(key) or len(rows) != n_chunks:
+        if raw.get("version") != SCAN_VERSION or not _is_hex64(key):
+            return None
+        if n_chunks is not None and len(rows) != n_chunks:
             return None
         if any(status not in STATUS_NAMES for _, status, _ in rows):
             return None

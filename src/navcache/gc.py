@@ -182,22 +182,23 @@ def sweep_orphan_temps(cache_root: Path, *, dry_run: bool = False, now: float | 
 
 
 def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
-    """Scan-memo entries pointing at a shard that is gone (or that this gc removes)."""
+    """Scan-memo entries pointing at a shard that is gone (or that this gc removes), or unreadable."""
     directory = cache_root / "descriptors"
     if not directory.is_dir():
         return []
+    from .descriptors import ScanMemo, shard_paths  # imagery and numpy: only when there are shards
+
     stale = []
     for path in sorted(directory.glob(f"{SCAN_MEMO_PREFIX}*")):
         try:
             stat = path.stat()
-            key = str(json.loads(path.read_bytes())["key"])
+            memo = ScanMemo.from_json(path.read_bytes())
         except OSError:
             continue
-        except (ValueError, KeyError, TypeError):
-            key = ""  # unreadable: points at nothing
-        table = f"descriptors/{key[:32]}.tiles.npy"
-        if len(key) == 64 and (cache_root / table).is_file() and table not in removed:
-            continue
+        if memo is not None:
+            table = shard_paths(directory, memo.key)[1]
+            if table.is_file() and table.relative_to(cache_root).as_posix() not in removed:
+                continue
         if not dry_run:
             path.unlink(missing_ok=True)
         rel = path.relative_to(cache_root).as_posix()

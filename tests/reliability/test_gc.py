@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from navcache.descriptors import ScanMemo
 from navcache.gc import GcError, collect_garbage, sweep_orphan_temps
 from navcache.lock import cache_lock
 from navcache_runtime.integrity import write_artifact
@@ -166,8 +167,8 @@ def test_scan_memos_go_with_their_shards(cache: Path) -> None:
     _artifact(cache, f"descriptors/{old_key[:32]}.tiles.npy", 100, 50)  # unnamed, old: removed
     _artifact(cache, f"descriptors/{live_key[:32]}.tiles.npy", 100, 1)  # within the TTL: kept
     memos = {name: cache / "descriptors" / f".navcache-scan-{name}" for name in ("old", "live", "dangling")}
-    memos["old"].write_text(json.dumps({"key": old_key, "rows": []}))
-    memos["live"].write_text(json.dumps({"key": live_key, "rows": []}))
+    memos["old"].write_bytes(ScanMemo(old_key, ()).to_json())
+    memos["live"].write_bytes(ScanMemo(live_key, ()).to_json())
     memos["dangling"].write_text("not json")
     dry = collect_garbage(cache, ttl_days=30, dry_run=True)
     assert {"descriptors/.navcache-scan-old", "descriptors/.navcache-scan-dangling"} <= _paths(dry.removed)
