@@ -27,6 +27,7 @@ from navcache_runtime.trust import (
     TrustedKeys,
     TrustedKeysError,
     keyid_for,
+    legacy_keyid_for,
     load_trusted_keys,
     trusted_key_entry,
 )
@@ -55,19 +56,33 @@ def test_generate_writes_a_0600_pkcs8_key_a_spki_public_key_and_the_allowlist(tm
     assert list(trusted.keys) == [keys.keyid] and trusted.threshold == 1
 
 
-def test_keyid_is_sha256_of_the_raw_public_key(tmp_path: Path) -> None:
+def test_keyid_is_securesystemslibs_default_keyid(tmp_path: Path) -> None:
+    from securesystemslib.signer import SSlibKey
+
     keys = generate_keypair(tmp_path)
     public = load_public_key(keys.public_key)
     raw = public.public_bytes(Encoding.Raw, PublicFormat.Raw)
     assert len(raw) == 32
-    assert keys.keyid == hashlib.sha256(raw).hexdigest() == keyid_for(public)
+    assert keys.keyid == SSlibKey.from_crypto(public).keyid == keyid_for(public)
     # The documented openssl one-liner gives the same value.
-    der = subprocess.run(
-        ["openssl", "pkey", "-pubin", "-in", str(keys.public_key), "-outform", "DER"],
-        capture_output=True,
-        check=True,
-    ).stdout
-    assert hashlib.sha256(der[-32:]).hexdigest() == keys.keyid
+    script = (
+        f'printf \'{{"keytype":"ed25519","keyval":{{"public":"%s"}},"scheme":"ed25519"}}\' '
+        f"\"$(openssl pkey -pubin -in {keys.public_key} -outform DER | tail -c 32 | od -An -tx1 | tr -d ' \\n')\" "
+        "| sha256sum | cut -d' ' -f1"
+    )
+    out = subprocess.run(["bash", "-c", script], capture_output=True, check=True, text=True).stdout.strip()
+    assert out == keys.keyid
+    # The legacy keyid (sha256 of the raw key) is still recognised.
+    assert legacy_keyid_for(public) == hashlib.sha256(raw).hexdigest() != keys.keyid
+
+
+def test_allowlist_written_with_legacy_keyids_still_loads(tmp_path: Path) -> None:
+    keys = generate_keypair(tmp_path)
+    public = load_public_key(keys.public_key)
+    doc = json.loads(keys.trusted_keys.read_text())
+    doc["keys"][0]["keyid"] = legacy_keyid_for(public)
+    keys.trusted_keys.write_text(json.dumps(doc))
+    assert list(load_trusted_keys(keys.trusted_keys).keys) == [keyid_for(public)]
 
 
 def test_second_key_is_appended_and_existing_keys_are_never_overwritten(tmp_path: Path) -> None:

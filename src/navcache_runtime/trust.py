@@ -14,10 +14,17 @@ File format (``trusted_keys.json``)::
       ]
     }
 
-**keyid** = lowercase hex sha256 of the raw 32-byte Ed25519 public key (RFC 8032 encoding), i.e.
-``sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw))``. It is recomputed from the PEM on
-load; a listed keyid that does not match its key is an error, never silently corrected. In a DSSE
-envelope the keyid is only a hint: the verifier tries every trusted key.
+**keyid** = the keyid that securesystemslib, python-tuf and in-toto compute from the key alone
+(``SSlibKey.from_crypto(public_key).keyid``): lowercase hex sha256 of the canonical JSON
+``{"keytype":"ed25519","keyval":{"public":"<64 hex of the raw 32-byte key>"},"scheme":"ed25519"}`` (sorted
+keys, no whitespace). So third-party DSSE tooling finds navcache's signatures with its own default keyid:
+``Envelope.verify([SSlibKey.from_crypto(pub)], 1)`` works as is.
+
+Caches and allowlists written before that change carry the *legacy* keyid, the sha256 of the raw 32-byte
+key (:func:`legacy_keyid_for`). Both keep working: a trusted-keys file may list a key under either keyid (it
+is re-indexed under the current one), and an envelope's keyid is only a hint anyway (the verifier tries
+every trusted key; a legacy hint for the key that verified is not reported as a mismatch). A listed keyid
+that matches neither form is an error, never silently corrected.
 """
 
 from __future__ import annotations
@@ -48,8 +55,23 @@ class TrustedKeysError(InferenceRuntimeError, ValueError):
     """The trusted-keys file is missing, too large, malformed, or lists a keyid that is not its key's."""
 
 
+def raw_public_hex(public_key: Ed25519PublicKey) -> str:
+    """Lowercase hex of the raw 32-byte public key (RFC 8032 encoding), as TUF's ``keyval.public``."""
+    return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
 def keyid_for(public_key: Ed25519PublicKey) -> str:
-    """sha256 hex of the raw 32-byte public key: the keyid used in envelopes and the allowlist."""
+    """The keyid securesystemslib computes from the key alone (see the module docstring).
+
+    The canonical JSON is written out literally: every value in it is lowercase hex or a fixed ASCII word,
+    so sorted-keys/no-whitespace JSON is this exact byte string (no escaping can arise)."""
+    public = raw_public_hex(public_key)
+    canonical = '{"keytype":"ed25519","keyval":{"public":"' + public + '"},"scheme":"ed25519"}'
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()
+
+
+def legacy_keyid_for(public_key: Ed25519PublicKey) -> str:
+    """The keyid navcache used before interop with securesystemslib: sha256 hex of the raw 32-byte key."""
     return hashlib.sha256(public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)).hexdigest()
 
 
@@ -65,11 +87,18 @@ def trusted_key_entry(public_key: Ed25519PublicKey, name: str) -> dict[str, str]
 
 @dataclass(frozen=True)
 class TrustedKeys:
-    """The verified allowlist: keyid → public key, the signature threshold, and display names."""
+    """The verified allowlist: keyid → public key, the signature threshold, and display names.
+
+    ``max_manifest_validity_s`` and ``min_manifest_version`` are the policy a signed trust root sets for the
+    manifests its operator keys sign (None/0 for a plain, pinned ``trusted_keys.json``: the verifier's
+    config decides); ``root_version`` is the trust root's version (None when pinned)."""
 
     keys: Mapping[str, Ed25519PublicKey]
     threshold: int = 1
     names: Mapping[str, str] = field(default_factory=dict)
+    max_manifest_validity_s: int | None = None
+    min_manifest_version: int = 0
+    root_version: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
@@ -157,11 +186,12 @@ def parse_trusted_keys(data: bytes, *, source: str = "trusted keys") -> TrustedK
         if not isinstance(key, Ed25519PublicKey):
             raise fail(f"{where} is a {type(key).__name__}, not an Ed25519 public key")
         actual = keyid_for(key)
-        if actual != keyid:
+        if keyid not in (actual, legacy_keyid_for(key)):
             raise fail(
-                f"{where}.keyid {keyid[:12]}… does not match its public key (sha256 of the raw key is {actual[:12]}…)",
+                f"{where}.keyid {keyid[:12]}… does not match its public key (its keyid is {actual[:12]}…)",
                 hint="re-add the key with `generate_keypair` or correct the keyid; never edit it by hand",
             )
+        keyid = actual  # a legacy keyid (sha256 of the raw key) is re-indexed under the current one
         if keyid in keys:
             raise fail(f"{where} lists keyid {keyid[:12]}… twice")
         keys[keyid] = key
