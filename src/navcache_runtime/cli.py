@@ -19,7 +19,7 @@ from typing import Any
 
 from .errors import InferenceRuntimeError
 from .naming import parse_engine_name
-from .verify import MANIFEST_NAME, VerificationReport, loads_strict, verify_cache
+from .verify import MANIFEST_NAME, VerificationReport, loads_strict, printable, verify_cache
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -31,7 +31,12 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def _print_report(report: VerificationReport) -> None:
-    rows = [[a.path, "OK" if a.ok else "FAIL", "" if a.ok else f"{a.reason}: {a.message}"] for a in report.artifacts]
+    """The text report. Every name and message goes through ``printable`` (no control character reaches
+    the terminal, so no line can be forged or erased), and the verdict is always the last line."""
+    rows = [
+        [printable(a.path), "OK" if a.ok else "FAIL", "" if a.ok else printable(f"{a.reason}: {a.message}")]
+        for a in report.artifacts
+    ]
     if rows:
         print(_table(rows, ["artifact", "status", "reason"]))
         print()
@@ -41,8 +46,9 @@ def _print_report(report: VerificationReport) -> None:
         print(f"warn  {warning}")
     verdict = "VERIFIED" if report.ok else "REFUSED"
     print(
-        f"{verdict}: {report.cache_root} ({report.mode}) sortie {report.sortie_id} version {report.version}, "
-        f"expires {report.expires}; {len(report.artifacts)} artifacts, {len(report.failures)} failures, "
+        f"{verdict}: {printable(report.cache_root)} ({report.mode}) sortie {printable(report.sortie_id)} "
+        f"version {report.version}, expires {printable(report.expires)}; {len(report.artifacts)} artifacts, "
+        f"{len(report.failures)} failures, "
         f"{report.bytes_hashed / 1e6:.1f} MB hashed in {report.elapsed_s:.2f} s"
     )
 
@@ -61,7 +67,7 @@ def _parse_now(text: str | None) -> datetime | None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if not args.cache.is_dir():
-        print(f"error: cache directory {args.cache} does not exist", file=sys.stderr)
+        print(f"error: cache directory {printable(args.cache)} does not exist", file=sys.stderr)
         return 2
     try:
         report = verify_cache(
@@ -73,7 +79,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             strict_extra=args.strict_extra or None,
         )
     except InferenceRuntimeError as exc:  # unreadable or invalid trusted-keys file
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)
         return 2
     if args.json:
         print(report.to_json())
@@ -93,7 +99,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         statement = _read_statement(args.cache)
     except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
-        print(f"error: cannot read {args.cache / MANIFEST_NAME}: {exc}", file=sys.stderr)
+        print(f"error: cannot read {printable(args.cache / MANIFEST_NAME)}: {printable(exc)}", file=sys.stderr)
         return 2
     predicate = statement.get("predicate", {})
     status = "UNVERIFIED (give --trusted-keys to verify)"
@@ -109,14 +115,18 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         sizes[name.split("/")[0]] += int(lengths.get(name, {}).get("length", 0))
     coverage = predicate.get("coverage", {})
     print(
-        f"cache      {args.cache}\nmanifest   version {predicate.get('version')}, issued {predicate.get('issued_at')}, "
-        f"expires {predicate.get('expires')} — {status}"
+        # Unverified, signed or not: every value from the manifest is escaped before it reaches the terminal.
+        f"cache      {printable(args.cache)}\nmanifest   version {printable(predicate.get('version'))}, "
+        f"issued {printable(predicate.get('issued_at'))}, expires {printable(predicate.get('expires'))} — {status}"
     )
     print(
-        f"sortie     {predicate.get('sortie_id')}; coverage {coverage.get('percent_x100', 0) / 100:.2f} % "
-        f"({coverage.get('covered')} of {coverage.get('total')} tiles)"
+        f"sortie     {printable(predicate.get('sortie_id'))}; coverage {coverage.get('percent_x100', 0) / 100:.2f} % "
+        f"({printable(coverage.get('covered'))} of {printable(coverage.get('total'))} tiles)"
     )
-    print(f"artifacts  {len(subjects)}: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items())))
+    print(
+        f"artifacts  {len(subjects)}: "
+        + ", ".join(f"{printable(k)} {v / 1e6:.1f} MB" for k, v in sorted(sizes.items()))
+    )
     engines = []
     for name in subjects:
         if name.startswith("engines/") and not name.endswith(".sha256"):
@@ -126,10 +136,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 continue
             engines.append(
                 [
-                    parsed.model,
+                    printable(parsed.model),
                     parsed.runtime_label,
                     parsed.precision,
-                    ", ".join(f"{k}={v}" for k, v in parsed.host.pinned().items()),
+                    printable(", ".join(f"{k}={v}" for k, v in parsed.host.pinned().items())),
                     "yes" if parsed.eager else "",
                 ]
             )
@@ -143,9 +153,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             except (OSError, ValueError):
                 continue
             print(
-                f"\nindex      {report_doc.get('index_type')} over {report_doc.get('n')} vectors of dim "
-                f"{report_doc.get('dim')}; recall@1 {report_doc.get('recall_at_1')}, "
-                f"recall@10 {report_doc.get('recall_at_10')}"
+                "\nindex      "
+                + printable(
+                    f"{report_doc.get('index_type')} over {report_doc.get('n')} vectors of dim "
+                    f"{report_doc.get('dim')}; recall@1 {report_doc.get('recall_at_1')}, "
+                    f"recall@10 {report_doc.get('recall_at_10')}"
+                )
             )
     return code
 

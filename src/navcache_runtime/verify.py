@@ -66,14 +66,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal, TypeGuard
+from typing import Any, BinaryIO, Literal, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 
 from .coverage import coverage_digest
 from .errors import InferenceRuntimeError
 from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
-from .trust import TrustedKeys, TrustedKeysError, load_trusted_keys
+from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, load_trusted_keys
 
 logger = logging.getLogger(__name__)
 
@@ -143,16 +143,49 @@ class FailureCode(enum.StrEnum):
     COVERAGE_MISMATCH = "coverage_mismatch"
 
 
+def printable(text: object) -> str:
+    """``text`` safe to print on a terminal, one line: every character that is not printable (control
+    characters such as ESC, CR and newline, Unicode format characters such as bidi overrides, lone
+    surrogates) and the backslash itself are written as Python escapes (``\\x1b``, ``\\n``, ``\\u202e``,
+    ``\\\\``); an undecodable file-name byte (surrogate-escaped by ``os.fsdecode``) is shown as ``\\xNN``.
+
+    File names and signed strings reach the text output through this function only, so a crafted name can
+    neither forge a ``VERIFIED`` line nor move the cursor to hide the ``REFUSED`` one. JSON output keeps the
+    raw values (``json.dumps`` escapes them itself)."""
+    value = str(text)
+    if value.isprintable() and "\\" not in value:
+        return value  # the common case: nothing to escape
+    out = []
+    for ch in value:
+        code = ord(ch)
+        if ch == "\\":
+            out.append("\\\\")
+        elif 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")  # os.fsdecode's stand-in for an undecodable byte
+        elif ch.isprintable() and not 0xD800 <= code <= 0xDFFF:
+            out.append(ch)
+        elif code <= 0xFF:
+            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{code:02x}"))
+        elif code <= 0xFFFF:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    return "".join(out)
+
+
 @dataclass(frozen=True)
 class Failure:
-    """One reason to refuse (or, in ``warnings``, to look closer). ``subject`` names what it is about."""
+    """One reason to refuse (or, in ``warnings``, to look closer). ``subject`` names what it is about.
+
+    ``subject`` and ``message`` hold the raw values (file names as found on disk); ``str()`` escapes them
+    for a terminal (see :func:`printable`)."""
 
     code: FailureCode
     subject: str
     message: str
 
     def __str__(self) -> str:
-        return f"[{self.code}] {self.subject}: {self.message}"
+        return f"[{self.code}] {printable(self.subject)}: {printable(self.message)}"
 
 
 @dataclass(frozen=True)
@@ -224,8 +257,9 @@ class VerificationReport:
     def summary(self) -> str:
         head = "VERIFIED" if self.ok else "REFUSED"
         lines = [
-            f"{head}: {self.cache_root} ({self.mode}) sortie={self.sortie_id} version={self.version} "
-            f"expires={self.expires} artifacts={len(self.artifacts)} failures={len(self.failures)} "
+            f"{head}: {printable(self.cache_root)} ({self.mode}) sortie={printable(self.sortie_id)} "
+            f"version={self.version} expires={printable(self.expires)} artifacts={len(self.artifacts)} "
+            f"failures={len(self.failures)} "
             f"warnings={len(self.warnings)}"
         ]
         lines += [f"  FAIL {failure}" for failure in self.failures]
@@ -271,6 +305,9 @@ def relpath_problem(name: object) -> tuple[FailureCode, str] | None:
         return FailureCode.PATH_INVALID, "path is longer than 4096 bytes"
     if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
         return FailureCode.PATH_INVALID, "path contains control characters"
+    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
+        # A lone surrogate (JSON "\\ud800") names no UTF-8 file; the OS path functions cannot even encode it.
+        return FailureCode.PATH_INVALID, "path contains a lone surrogate (not valid Unicode)"
     if "\\" in name:
         return FailureCode.PATH_INVALID, "path contains a backslash (POSIX separators only)"
     if name.startswith("/") or _DRIVE.match(name):
@@ -381,10 +418,8 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     """Read at most ``limit`` bytes; a larger file raises ``OSError(EFBIG)`` after reading ≤ limit + 1
     bytes (its size is checked with fstat first, so a huge file is not read at all)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with open(fd, "rb", buffering=0) as handle:
+    with _fdopen_regular(fd) as handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file")
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"{info.st_size} bytes exceeds the limit of {limit}")
         chunks: list[bytes] = []
@@ -399,6 +434,35 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"more than the limit of {limit} bytes (the file grew while read)")
     return data
+
+
+def _fdopen_regular(fd: int) -> BinaryIO:
+    """Wrap an open descriptor in an unbuffered binary file, or close it and raise ``OSError(EINVAL)``
+    when it is not a regular file. The type is checked on the raw descriptor first: ``open(fd)`` itself
+    raises a bare ``IsADirectoryError`` for a directory and leaves the descriptor open."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(info.st_mode)})")
+    return open(fd, "rb", buffering=0)
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 def hash_open_file(handle: Any, limit: int, chunk_size: int = 1 << 20) -> tuple[int, str]:
@@ -793,7 +857,8 @@ class CacheVerifier:
                 )
             else:
                 verified[matched] = index
-                if hint and hint != matched:
+                # A legacy keyid (sha256 of the raw key, before securesystemslib's convention) still names it.
+                if hint and hint not in (matched, legacy_keyid_for(self.trusted.keys[matched])):
                     self._warn(FailureCode.KEYID_HINT_MISMATCH, where, "keyid hint does not name the key that verified")
         self.report.verified_keyids = sorted(verified)
         if len(verified) >= self.trusted.threshold:
@@ -1234,7 +1299,19 @@ def _check_artifact(
     root_real: str, name: str, length: int, sha: str, chunk: int
 ) -> tuple[FailureCode | None, str, int]:
     """One artifact: containment, type, length (fstat) before any hashing, then a bounded streamed sha256.
-    Returns (failure code or None, message, bytes hashed). Runs in a worker thread."""
+    Returns (failure code or None, message, bytes hashed). Runs in a worker thread; never raises for what
+    it finds on disk (an unexpected OSError or encoding error is an unreadable artifact, not a traceback
+    that would hide every other artifact's result)."""
+    try:
+        return _check_artifact_unguarded(root_real, name, length, sha, chunk)
+    except (OSError, ValueError) as exc:
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return FailureCode.ARTIFACT_UNREADABLE, f"cannot check: {type(exc).__name__}: {detail}", 0
+
+
+def _check_artifact_unguarded(
+    root_real: str, name: str, length: int, sha: str, chunk: int
+) -> tuple[FailureCode | None, str, int]:
     full = os.path.join(root_real, *name.split("/"))
     real = os.path.realpath(full)
     if real != root_real and not real.startswith(root_real + os.sep):
@@ -1247,10 +1324,14 @@ def _check_artifact(
         return FailureCode.ARTIFACT_MISSING, "dangling link or removed while checked", 0
     except OSError as exc:
         return FailureCode.ARTIFACT_UNREADABLE, f"cannot open: {exc.strerror or exc}", 0
-    with open(fd, "rb", buffering=0) as handle:
+    try:
+        handle = _fdopen_regular(fd)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return FailureCode.ARTIFACT_NOT_REGULAR, str(exc.strerror), 0
+        return FailureCode.ARTIFACT_UNREADABLE, f"cannot open: {exc.strerror or exc}", 0
+    with handle:
         info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            return FailureCode.ARTIFACT_NOT_REGULAR, "not a regular file", 0
         if info.st_size != length:
             return FailureCode.ARTIFACT_LENGTH_MISMATCH, f"{info.st_size} bytes, manifest says {length} (not hashed)", 0
         try:
