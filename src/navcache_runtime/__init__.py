@@ -40,6 +40,9 @@ from .types import (
     ZoneReading,
 )
 
+# The public surface, spelled out (not computed) so that it changes only by an edit a reviewer sees. It is
+# frozen by docs/runtime-contract.md, whose version __version__ is; tests/test_runtime_contract.py holds the
+# two together. The names from TrustedKeys on load lazily (see _LAZY below).
 __all__ = [
     "CONTRACT_ERRORS",
     "PRECISIONS",
@@ -79,8 +82,30 @@ __all__ = [
     "sidecar_path",
     "verify_artifact",
     "write_artifact",
+    "TrustedKeys",
+    "TrustedKeysError",
+    "keyid_for",
+    "load_trusted_keys",
+    "MANIFEST_NAME",
+    "ArtifactResult",
+    "CacheVerificationError",
+    "CacheVerifier",
+    "Failure",
+    "FailureCode",
+    "VerificationReport",
+    "VerifierConfig",
+    "verify_cache",
+    "Candidate",
+    "CacheOpenError",
+    "OnboardCache",
+    "open_cache",
+    "preprocess",
+    "CacheIndexError",
 ]
-__version__ = "0.1.0"
+
+#: The version of the runtime contract (docs/runtime-contract.md) this package implements: semver, bumped
+#: with every change of the public surface (MAJOR: removed or changed, MINOR: added, PATCH: wording only).
+__version__ = "1.0.0"
 
 # The verifier and trust store load lazily: most users of the runtime never verify in-process, and this
 # keeps `import navcache_runtime` (and so the factory's first call) light.
@@ -105,7 +130,6 @@ _LAZY = {
     "preprocess": "cache",
     "CacheIndexError": "index",
 }
-__all__ += list(_LAZY)
 
 
 def __getattr__(name: str) -> object:
@@ -115,3 +139,7 @@ def __getattr__(name: str) -> object:
     import importlib
 
     return getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
