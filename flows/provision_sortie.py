@@ -23,13 +23,13 @@ from prefect.utilities.annotations import quote
 
 from navcache import progress
 from navcache.descriptors import ShardResult
-from navcache.engines import BackboneBuild, EngineResult, Outcome
+from navcache.engines import EngineResult, Outcome, backbone_build
 from navcache.errors import CoverageError, ProvisionError
 from navcache.gc import sweep_orphan_temps
 from navcache.index import IndexBudget
 from navcache.lock import cache_lock
-from navcache.preflight import preflight
-from navcache.sortie import BackboneSpec, Sortie
+from navcache.preflight import run_preflight
+from navcache.sortie import Sortie
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache.types import TileId
 from navcache_runtime import RuntimeConfig, sidecar_path
@@ -55,17 +55,6 @@ def _run_name() -> str:
         return str(tomllib.loads(path.read_text())["sortie_id"])
     except (OSError, KeyError, tomllib.TOMLDecodeError, UnicodeDecodeError):
         return path.stem
-
-
-def backbone_build(spec: BackboneSpec, runtime_label: str) -> BackboneBuild:
-    config = spec.build_config()
-    if runtime_label == "pytorch_fp16":
-        import onnx  # the PyTorch engine names its outputs like the ONNX graph so checks and lookups agree
-
-        graph = onnx.load(str(spec.onnx), load_external_data=False).graph
-        options = dict(config.builder_options) | {"output_names": ",".join(o.name for o in graph.output)}
-        config = dataclasses.replace(config, builder_options=tuple(options.items()))
-    return BackboneBuild(spec.name, spec.onnx, config)
 
 
 @task(name="plan-tiles", cache_policy=NO_CACHE)
@@ -145,7 +134,8 @@ def provision_sortie(
 ) -> dict[str, Any]:
     """``dask_address`` (e.g. ``tcp://scheduler:8786``): describe the shards on that existing Dask cluster;
     by default they run in this process's thread pool."""
-    spec = preflight(Path(sortie), Path(cache_dir) if cache_dir else None)
+    checked = run_preflight(Path(sortie), Path(cache_dir) if cache_dir else None)
+    spec = checked.sortie
     cache_root = spec.cache_dir
     with cache_lock(cache_root, lock_timeout_s):
         swept = sweep_orphan_temps(cache_root)  # what a killed run left half-written; we hold the lock
@@ -182,6 +172,8 @@ def provision_sortie(
             out_dir=cache_root / "descriptors",
             total_chunks=total_chunks,
             progress_artifact=progress_id,
+            preprocessing=spec.vpr.preprocess,
+            source_paths=spec.orthophoto.paths,
         )
         shards = _describe_shards(plans, job, dask_address)
 
@@ -239,8 +231,11 @@ def provision_sortie(
             artifacts,
             sortie_id=spec.sortie_id,
             takeoff=spec.takeoff,
-            area_geojson=spec.area_geojson,
+            area_geojson=spec.signed_area_geojson,
+            route_geojson=spec.area_geojson if spec.corridor_m is not None else None,
+            corridor_m=spec.corridor_m,
             host=host.identity(),
+            preprocess={spec.vpr.name: spec.vpr.preprocess},
             coverage=coverage.manifest_fields(coverage_path.relative_to(cache_root).as_posix()),
             expires_hours=spec.expires_hours,
             signing_key=spec.signing_key,
@@ -276,5 +271,6 @@ def provision_sortie(
             "path": str(index.index_path),
         },
         "coverage": summary_cov,
+        "imagery": checked.imagery.summary(),  # preflight's estimate and upsampling factor
         "verified": report.ok,
     }

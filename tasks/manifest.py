@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 import navcache
 from navcache.manifest import build_statement, next_version, sign_manifest
 from navcache_runtime.integrity import sidecar_path
+from navcache_runtime.preprocessing import Preprocess
 from navcache_runtime.verify import VerificationReport, verify_cache
 
 PASSPHRASE_ENV = "NAVCACHE_KEY_PASSPHRASE"
@@ -34,9 +36,12 @@ def sign_manifest_task(
     sortie_id: str,
     takeoff: tuple[float, float],
     area_geojson: dict[str, Any],
+    route_geojson: dict[str, Any] | None = None,
+    corridor_m: float | None = None,
     host: dict[str, str],
     coverage: dict[str, Any],
     expires_hours: int,
+    preprocess: Mapping[str, Preprocess] | None = None,
     signing_key: Path,
     trusted_keys: Path,
 ) -> tuple[Path, int]:
@@ -48,8 +53,11 @@ def sign_manifest_task(
         sortie_id=sortie_id,
         takeoff=takeoff,
         area_geojson=area_geojson,
+        route=route_geojson,
+        corridor_m=corridor_m,
         host=host,
         coverage=coverage,
+        preprocess=preprocess,
         version=version,
         issued_at=issued,
         expires=issued + timedelta(hours=expires_hours),

@@ -13,8 +13,13 @@ Statement::
      "predicateType": "https://navcache.dev/manifest/v1",
      "predicate": {"artifacts": {"<path>": {"length": <int>}}, "sortie_id": "...",
                    "takeoff": {"lat_e7": <int>, "lon_e7": <int>}, "area": <GeoJSON Polygon|MultiPolygon>,
+                   "route": {"type": "LineString", "coordinates": [...], "corridor_cm": <int>},   # routes only
                    "host": {"<key>": "<str>"}, "coverage": {"digest", "total", "covered", "percent_x100", "path"},
-                   "version": <int>, "issued_at": "...Z", "expires": "...Z", "tool_version": "..."}}
+                   "version": <int>, "issued_at": "...Z", "expires": "...Z", "tool_version": "...",
+                   "preprocess": {"<vpr model>": {"resize", "mean_e6": [3 ints], "std_e6": [3 ints], "scale",
+                                                  "channels", "layout", "height", "width"}}}}
+                   # preprocess: how the tiles were fed to the VPR backbone (navcache_runtime.preprocessing);
+                   # open_cache applies exactly this to camera frames. mean/std are integers x 10^6.
 """
 
 from __future__ import annotations
@@ -36,7 +41,9 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from navcache_runtime.integrity import fsync_dir, temp_path_for
-from navcache_runtime.trust import TrustedKeysError, keyid_for, load_trusted_keys
+from navcache_runtime.preprocessing import Preprocess
+from navcache_runtime.trust import TrustedKeysError, keyid_for
+from navcache_runtime.trustroot import TrustRoot, load_trust_anchor
 from navcache_runtime.verify import (
     E7,
     MANIFEST_NAME,
@@ -61,7 +68,7 @@ from navcache_runtime.verify import (
 )
 
 from .errors import ManifestError
-from .keys import load_private_key
+from .keys import Signer, load_signer
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +103,9 @@ def build_statement(
     expires: datetime,
     tool_version: str,
     predicate_type: str = PREDICATE_TYPE,
+    preprocess: Mapping[str, Preprocess] | None = None,
+    route: Mapping[str, Any] | None = None,
+    corridor_m: float | None = None,
 ) -> dict[str, Any]:
     """The in-toto Statement for the artifacts under ``cache_root`` (paths relative to it).
 
@@ -103,7 +113,11 @@ def build_statement(
     :class:`ManifestError`: absolute paths, ``..``, backslashes, duplicates, symlinks anywhere on an
     artifact's path, anything that is not a regular file inside ``cache_root``, and floats anywhere in the
     result (``takeoff`` (lat, lon) and the area's coordinates are converted to integers, degrees * 10^7,
-    rounded half-even from their shortest decimal representation)."""
+    rounded half-even from their shortest decimal representation).
+
+    For a route sortie ``area_geojson`` is the corridor actually provisioned (what the drone checks its
+    takeoff against); ``route`` (a GeoJSON LineString in degrees) and ``corridor_m`` are recorded beside it
+    as information, as ``{"type": "LineString", "coordinates": [[lon_e7, lat_e7], ...], "corridor_cm": int}``."""
     root = Path(cache_root)
     if not root.is_dir():
         raise ManifestError("cache root is not a directory", where=str(root))
@@ -136,6 +150,8 @@ def build_statement(
     if expiry <= issued:  # one fixed-width UTC format: string order is time order
         raise ManifestError(f"expires ({expiry}) must be later than issued_at ({issued})", where="expires")
     coverage_block = _coverage_block(coverage, names)
+    preprocess_block = {model: prep.to_signed() for model, prep in sorted((preprocess or {}).items())}
+    route_block = _route_block(route, corridor_m) if route is not None else None
 
     hashes = _hash_all(root_real, names)
     statement: dict[str, Any] = {
@@ -155,6 +171,10 @@ def build_statement(
             "tool_version": tool_version,
         },
     }
+    if route_block is not None:
+        statement["predicate"]["route"] = route_block
+    if preprocess_block:
+        statement["predicate"]["preprocess"] = preprocess_block
     reject_floats(statement)
     return statement
 
@@ -249,6 +269,24 @@ def _scale_area(area: Mapping[str, Any]) -> dict[str, Any]:
     return {"type": kind, "coordinates": scaled}
 
 
+def _route_block(route: Mapping[str, Any], corridor_m: float | None) -> dict[str, Any]:
+    if not isinstance(route, Mapping) or route.get("type") != "LineString":
+        raise ManifestError("route must be a GeoJSON LineString", where="route")
+    coords = route.get("coordinates")
+    if not isinstance(coords, list | tuple) or len(coords) < 2:
+        raise ManifestError("a route needs at least two positions", where="route")
+    if corridor_m is None or isinstance(corridor_m, bool) or not isinstance(corridor_m, int | float):
+        raise ManifestError("a route needs its corridor_m (metres)", where="corridor_m")
+    if not (math.isfinite(corridor_m) and corridor_m > 0):
+        raise ManifestError(f"corridor_m must be a positive number of metres, got {corridor_m!r}", where="corridor_m")
+    positions = []
+    for pos in coords:
+        if not isinstance(pos, list | tuple) or len(pos) < 2:
+            raise ManifestError(f"route positions must be [lon, lat] pairs, got {pos!r}", where="route")
+        positions.append([_to_e7(pos[0], "route longitude", MAX_LON_E7), _to_e7(pos[1], "route latitude", MAX_LAT_E7)])
+    return {"type": "LineString", "coordinates": positions, "corridor_cm": round(corridor_m * 100)}
+
+
 def _utc_seconds(moment: object, what: str) -> str:
     if not isinstance(moment, datetime) or moment.tzinfo is None or moment.utcoffset() is None:
         raise ManifestError(
@@ -321,9 +359,12 @@ def canonical_payload(statement: Mapping[str, Any]) -> bytes:
         raise ManifestError(f"cannot canonicalise the statement: {exc}", where="statement") from None
 
 
-def make_envelope(payload: bytes, signing_keys: Sequence[Ed25519PrivateKey], payload_type: str = PAYLOAD_TYPE) -> bytes:
-    """A DSSE JSON envelope over ``payload`` with one signature per key (over ``PAE(payload_type,
-    payload)``); each signature carries its keyid as a hint."""
+def make_envelope(
+    payload: bytes, signing_keys: Sequence[Ed25519PrivateKey | Signer], payload_type: str = PAYLOAD_TYPE
+) -> bytes:
+    """A DSSE JSON envelope over ``payload`` with one signature per key or :class:`~navcache.keys.Signer`
+    (over ``PAE(payload_type, payload)``); each signature carries its keyid (securesystemslib's default
+    keyid of the key) as a hint."""
     message = pae(payload_type, payload)
     envelope = {
         "payloadType": payload_type,
@@ -378,12 +419,13 @@ def sign_manifest(
     version: int = predicate["version"]
     payload = canonical_payload(statement)
 
-    key = load_private_key(signing_key, passphrase)
-    keyid = keyid_for(key.public_key())
     try:
-        trusted = load_trusted_keys(trusted_keys)
+        anchor = load_trust_anchor(trusted_keys)  # a trusted_keys.json or a signed trust root (root-N.json)
     except TrustedKeysError as exc:
         raise ManifestError(str(exc), where=str(trusted_keys)) from None
+    trusted = anchor.operator_keys() if isinstance(anchor, TrustRoot) else anchor
+    key = load_signer(signing_key, passphrase, public_keys=trusted.keys.items())
+    keyid = keyid_for(key.public_key())
     if keyid not in trusted.keys:
         raise ManifestError(
             f"signing key {Path(signing_key).name} (keyid {keyid[:12]}…) is not on the operator allowlist",
@@ -399,6 +441,12 @@ def sign_manifest(
                 hint=f"use next_version(cache_root) (= {previous + 1})",
             )
     issued_at = parse_rfc3339(predicate.get("issued_at")) or datetime.now(UTC)
+    if isinstance(anchor, TrustRoot) and anchor.expires <= issued_at:
+        raise ManifestError(
+            f"trust root v{anchor.version} expired at {format_rfc3339(anchor.expires)}; drones would refuse the cache",
+            where=str(trusted_keys),
+            hint="publish a new trust-root version (`navcache trust add-key`/`sign`) and point the sortie at it",
+        )
     envelope = make_envelope(payload, [key])
 
     tmp = temp_path_for(final)

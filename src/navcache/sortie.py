@@ -29,9 +29,16 @@ Layout (every field, with its default; relative paths are resolved against this 
     overlap = 0.0                     # 0..0.75 between neighbouring chunks (aerial VPR: 0.4-0.5, span >= 2)
     budget = 250000                   # most retrieval chunks the area may need
     shard_block = 64                  # 8..256: a descriptor shard holds block x block chunks
+    max_upsampling = 4.0              # >= 1: warn when a tile pixel is this many times finer than the
+    #                                 # imagery's (imagery m/px / tile m/px at the area; 130 m/px imagery at
+    #                                 # zoom 17 is ~150x: flat tiles whose descriptors cannot tell neighbours apart)
 
     [orthophoto]                      # (required) exactly one of:
     geotiff = "ortho.tif"             # or xyz = "tiles/" (a {z}/{x}/{y} folder) or mbtiles = "area.mbtiles"
+    # geotiff = "sheets/*.tif"        # sheets: a glob, or an array of files and globs ["a.tif", "b/*.tif"];
+    #                                 # any CRSs (e.g. two UTM zones), composited in sorted-path order, the
+    #                                 # first valid pixel winning; the scan memo works per sheet
+    # geotiff = "ortho.vrt"           # a GDAL VRT (alone), read as one raster; decoded on every run (no memo)
 
     [descriptors]
     batch_size = 16
@@ -69,12 +76,13 @@ from typing import Any, cast
 
 import numpy as np
 import shapely
-from shapely.geometry import LineString, MultiPolygon, Point, Polygon
+from shapely.geometry import LineString, MultiPolygon, Point, Polygon, mapping
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
 from navcache_runtime.errors import EngineSchemaMismatchError
 from navcache_runtime.naming import EngineName
+from navcache_runtime.preprocessing import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES, SCALES, Preprocess
 from navcache_runtime.types import (
     PRECISIONS,
     RUNTIME_LABELS,
@@ -84,6 +92,7 @@ from navcache_runtime.types import (
     Precision,
     RuntimeLabel,
 )
+from navcache_runtime.verify import VerifierConfig
 
 from .errors import SortieError, TileBudgetError
 from .tiles import MAX_LATITUDE, ChunkGrid
@@ -118,11 +127,23 @@ _TOP = (
 _TABLES: dict[str, tuple[str, ...]] = {
     "takeoff": ("lat", "lon"),
     "area": ("geojson", "file", "corridor_m"),
-    "tiles": ("zoom", "size", "chunk_span", "overlap", "budget", "shard_block"),
+    "tiles": ("zoom", "size", "chunk_span", "overlap", "budget", "shard_block", "max_upsampling"),
     "orthophoto": ORTHOPHOTO_KINDS,
     "descriptors": ("batch_size",),
-    "backbones": ("name", "onnx", "role", "precision", "input", "shape", "profile", "output", "builder_options"),
+    "backbones": (
+        "name",
+        "onnx",
+        "role",
+        "precision",
+        "input",
+        "shape",
+        "profile",
+        "output",
+        "builder_options",
+        "preprocess",
+    ),
     "backbones.profile": ("min", "opt", "max"),
+    "backbones.preprocess": ("resize", "mean", "std", "scale", "channels", "layout"),
 }
 
 
@@ -139,6 +160,7 @@ class TileSpec:
     overlap: float = 0.0
     budget: int = 250_000
     shard_block: int = 64
+    max_upsampling: float = 4.0  # warn above this imagery-to-tile resolution ratio (see the module docstring)
 
     def grid(self) -> ChunkGrid:
         return ChunkGrid(self.zoom, self.size, self.chunk_span, self.overlap)
@@ -146,8 +168,16 @@ class TileSpec:
 
 @dataclass(frozen=True)
 class OrthophotoSpec:
+    """The imagery: ``paths`` are every file read (several only for GeoTIFF sheets, sorted by path, which
+    is also their compositing order); ``path`` is the first of them (the only one for the other kinds)."""
+
     kind: str  # "geotiff" | "xyz" | "mbtiles"
     path: Path
+    paths: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            object.__setattr__(self, "paths", (self.path,))
 
 
 @dataclass(frozen=True)
@@ -160,6 +190,21 @@ class BackboneSpec:
     profile: InputProfile = field(kw_only=True)  # the shape range of input_name
     output_name: str | None = None  # vpr: the descriptor output; None = the model's first output
     builder_options: tuple[tuple[str, OptionValue], ...] = ()
+    # [backbones.preprocess] as given (resize, mean, std, scale, channels, layout); the rest are defaults
+    preprocess_options: tuple[tuple[str, Any], ...] = ()
+    # vpr with a fixed shape of batch > 1: the profile's min batch was lowered to 1 (see validate_models)
+    batch_defaulted: bool = False
+
+    @property
+    def layout(self) -> str:
+        return str(dict(self.preprocess_options).get("layout", "NCHW"))
+
+    @property
+    def preprocess(self) -> Preprocess:
+        """The tiles' (and the drone's frames') preprocessing at the input size of the profile's opt shape.
+        Raises InferenceError when that shape is not a 3-channel image in the declared layout (which
+        :func:`validate_models` refuses first, naming the fix)."""
+        return Preprocess.for_input_shape(self.profile.opt, **dict(self.preprocess_options))
 
     def build_config(self) -> BuildConfig:
         return BuildConfig(
@@ -192,6 +237,14 @@ class Sortie:
     @property
     def vpr(self) -> BackboneSpec:
         return next(b for b in self.backbones if b.role == "vpr")
+
+    @property
+    def signed_area_geojson(self) -> dict[str, Any]:
+        """The area the cache is provisioned for, as the manifest signs it: the polygon as given, or for a
+        route the buffered corridor (the drone checks its takeoff against this, not against the line)."""
+        if self.corridor_m is None:
+            return self.area_geojson
+        return _geojson_lists(mapping(self.area))
 
     @property
     def grid(self) -> ChunkGrid:
@@ -403,6 +456,7 @@ def load_sortie(path: Path, *, cache_dir_override: Path | None = None) -> Sortie
     area_t = top.table("area", "area", required=True)
     geometry, corridor_m = _read_area(area_t)
     area = _area_geometry(area_t, geometry, corridor_m)
+    _check_signable(area_t, area)
     _check_takeoff(takeoff_t, area, lat, lon, corridor_m)
 
     tiles_t = top.table("tiles", "tiles")
@@ -413,6 +467,7 @@ def load_sortie(path: Path, *, cache_dir_override: Path | None = None) -> Sortie
         overlap=tiles_t.number("overlap", TileSpec.overlap, lo=0.0, hi=0.75),
         budget=tiles_t.integer("budget", TileSpec.budget, lo=1),
         shard_block=tiles_t.integer("shard_block", TileSpec.shard_block, lo=8, hi=256),
+        max_upsampling=tiles_t.number("max_upsampling", TileSpec.max_upsampling, lo=1.0, hi=1e6),
     )
     try:
         count = tiles.grid().count_chunks(area, tiles.budget)
@@ -483,8 +538,80 @@ def _read_orthophoto(table: _Table) -> OrthophotoSpec:
             hint='give one of geotiff = "ortho.tif", xyz = "tiles/" or mbtiles = "area.mbtiles"',
         )
     kind = given[0]
+    if kind == "geotiff":
+        paths = _geotiff_paths(table)
+        return OrthophotoSpec(kind, paths[0], paths)
     path = table.path(kind, must="dir" if kind == "xyz" else "file", what=f"orthophoto ({kind})")
     return OrthophotoSpec(kind, path)
+
+
+_GLOB_CHARS = frozenset("*?[")
+# Files that sit next to rasters and that a loose glob ("sheets/*") also matches; never sheets themselves.
+_SIDECAR_SUFFIXES = (".ovr", ".msk", ".aux.xml", ".tfw", ".tifw", ".wld", ".prj", ".xml", ".txt", ".md5")
+
+
+def _geotiff_paths(table: _Table) -> tuple[Path, ...]:
+    """``geotiff`` as one file, a ``.vrt``, a glob, or an array of files and globs: the files, sorted by
+    path (their compositing order), each existing; a ``.vrt`` only alone."""
+    value = table.raw("geotiff")
+    entries = value if isinstance(value, list) else [value]
+    fix = 'give a file, a glob or a list of files: geotiff = "sheets/*.tif" or geotiff = ["a.tif", "b.tif"]'
+    if not entries or not all(isinstance(e, str) for e in entries):
+        got = "an empty array" if not entries else f"{_type_name(value)} ({_short(value)})"
+        raise table.error("geotiff", f"geotiff must be a path, a glob or an array of them, got {got}", hint=fix)
+    found: list[Path] = []
+    for entry in entries:
+        if not entry.strip() or "\x00" in entry:
+            raise table.error("geotiff", f"geotiff entry {_short(entry)} is not a usable path", hint=fix)
+        if _GLOB_CHARS & set(entry):
+            found.extend(_glob(table, entry))
+            continue
+        try:
+            path = _resolve(table.base, entry)
+        except (RuntimeError, OSError, ValueError) as exc:
+            raise table.error(
+                "geotiff", f"geotiff {entry!r} cannot be resolved: {exc}", hint="give a plain path"
+            ) from None
+        if not path.is_file():
+            state = "is not a file" if path.exists() else "does not exist"
+            raise table.error(
+                "geotiff",
+                f"orthophoto (geotiff) {path} {state}",
+                hint=f"fix the path (relative paths start at {table.base})",
+            )
+        found.append(path)
+    paths = tuple(sorted(dict.fromkeys(found), key=str))
+    vrts = [p for p in paths if p.suffix.lower() == ".vrt"]
+    if vrts and len(paths) > 1:
+        raise table.error(
+            "geotiff",
+            f"geotiff mixes a VRT ({vrts[0].name}) with {len(paths) - 1} other file(s)",
+            hint="give the .vrt alone, or list the sheets (a glob) without it",
+        )
+    return paths
+
+
+def _glob(table: _Table, pattern: str) -> list[Path]:
+    base = Path(pattern).expanduser()
+    root, rel = (Path(base.anchor), base.relative_to(base.anchor)) if base.is_absolute() else (table.base, base)
+    try:
+        matches = sorted(p.resolve() for p in root.glob(str(rel)) if p.is_file())
+    except (ValueError, OSError) as exc:
+        raise table.error("geotiff", f"geotiff glob {pattern!r} is not usable: {exc}", hint="fix the pattern") from None
+    if not matches:
+        raise table.error(
+            "geotiff",
+            f"geotiff glob {pattern!r} matches no file under {root}",
+            hint=f'fix the pattern (relative patterns start at {table.base}), e.g. "sheets/*.tif"',
+        )
+    sidecars = [p for p in matches if p.name.lower().endswith(_SIDECAR_SUFFIXES)]
+    if sidecars:
+        raise table.error(
+            "geotiff",
+            f"geotiff glob {pattern!r} also matches {sidecars[0].name}, which is not a sheet",
+            hint='narrow the pattern to the rasters, e.g. "sheets/*.tif"',
+        )
+    return matches
 
 
 def _read_backbones(top: _Table) -> tuple[BackboneSpec, ...]:
@@ -544,9 +671,16 @@ def _read_backbone(table: _Table) -> BackboneSpec:
             f"backbone {name!r} needs exactly one of shape = [...] or [backbones.profile]",
             hint="give a fixed shape = [8, 3, 224, 224], or a profile table with min, opt and max",
         )
+    batch_defaulted = False
     if table.has("shape"):
         shape = _shape(table, "shape", table.raw("shape"))
-        profile = _profile(table, "shape", input_name, shape, shape, shape)
+        low = shape
+        if role == "vpr" and shape[0] > 1:
+            # A profile that starts at batch 1 lets the drone run one frame at the cost of one; validate_models
+            # puts the given batch back (with a warning) when the model's batch axis is fixed.
+            low = (1, *shape[1:])
+            batch_defaulted = True
+        profile = _profile(table, "shape", input_name, low, shape, shape)
     else:
         sub = table.table("profile", "backbones.profile")
         lo, mid, hi = (_shape(sub, k, sub.raw(k, hint=f"add {k} = [1, 3, 224, 224]")) for k in ("min", "opt", "max"))
@@ -569,12 +703,53 @@ def _read_backbone(table: _Table) -> BackboneSpec:
         profile=profile,
         output_name=output,
         builder_options=tuple(sorted(options.items())),
+        preprocess_options=_read_preprocess(table, role),
+        batch_defaulted=batch_defaulted,
     )
     try:
         config = spec.build_config()
     except ValueError as exc:
         raise table.error("builder_options", f"backbone {name!r}: {exc}") from None
     return replace(spec, builder_options=config.builder_options)  # normalised (sorted) by BuildConfig
+
+
+def _read_preprocess(table: _Table, role: str) -> tuple[tuple[str, Any], ...]:
+    """[backbones.preprocess]: the declared options, checked (the input size comes from the shape later)."""
+    if not table.has("preprocess"):
+        return ()
+    sub = table.table("preprocess", "backbones.preprocess")
+    if role != "vpr":
+        raise sub.error(
+            None,
+            "preprocess applies to the vpr backbone only (navcache feeds tiles to that model alone)",
+            hint="remove [backbones.preprocess] from this backbone",
+        )
+    options: dict[str, Any] = {}
+    choices_of = {"resize": RESIZE_MODES, "scale": SCALES, "channels": CHANNEL_ORDERS, "layout": LAYOUTS}
+    for key, choices in choices_of.items():
+        if sub.has(key):
+            options[key] = sub.string(key, choices=choices)
+    for key in ("mean", "std"):
+        if not sub.has(key):
+            continue
+        value = sub.raw(key)
+        if (
+            not isinstance(value, list)
+            or len(value) != 3
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        ):
+            raise sub.error(
+                key,
+                f"{key} must be 3 numbers, one per channel in the model's channel order, got {_short(value)}",
+                hint=f"e.g. {key} = {list(Preprocess(1, 1).mean if key == 'mean' else Preprocess(1, 1).std)}",
+            )
+        options[key] = tuple(float(v) for v in value)
+    try:
+        Preprocess(1, 1, **options)  # mean/std ranges, positive std
+    except ValueError as exc:
+        key = "std" if "std" in str(exc) else "mean"
+        raise sub.error(key, str(exc), hint="std must be positive; both at most 1e6 in size") from None
+    return tuple(sorted(options.items()))
 
 
 def _shape(table: _Table, key: str, value: Any) -> tuple[int, ...]:
@@ -853,6 +1028,15 @@ def _buffer_route(table: _Table, key: str, points: np.ndarray, corridor_m: float
     return area
 
 
+def _geojson_lists(value: Any) -> Any:
+    """shapely's ``mapping`` gives tuples; GeoJSON (and the manifest's canonical JSON) has lists."""
+    if isinstance(value, dict):
+        return {k: _geojson_lists(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_geojson_lists(v) for v in value]
+    return value
+
+
 def _distance_m(area: BaseGeometry, lon: float, lat: float) -> float:
     """Geodesic distance from a point to the area: in an azimuthal-equidistant projection centred on
     the point, distances from the centre are true."""
@@ -862,6 +1046,19 @@ def _distance_m(area: BaseGeometry, lon: float, lat: float) -> float:
     dense = shapely.segmentize(area, 0.01)
     local = shapely.transform(dense, lambda xy: np.column_stack(forward.transform(xy[:, 0], xy[:, 1])))
     return float(local.distance(Point(0.0, 0.0)))
+
+
+def _check_signable(table: _Table, area: BaseGeometry) -> None:
+    """The manifest signs the area's vertices and the drone's verifier caps their number; a route corridor
+    is densified, so a very long route can pass that cap. Refuse it now, not after the run."""
+    limit = VerifierConfig().max_area_vertices
+    vertices = int(shapely.get_num_coordinates(area))
+    if vertices > limit:
+        raise table.error(
+            None,
+            f"the area has {vertices:,} vertices; a signed manifest holds at most {limit:,}",
+            hint="simplify the area or the route, or split the flight into several sorties",
+        )
 
 
 def _check_takeoff(table: _Table, area: BaseGeometry, lat: float, lon: float, corridor_m: float | None) -> None:
@@ -879,17 +1076,25 @@ def _check_takeoff(table: _Table, area: BaseGeometry, lat: float, lon: float, co
 # --- models -----------------------------------------------------------------------------------------------
 
 
-def validate_models(sortie: Sortie) -> None:
-    """Check each backbone's ONNX file: it parses and passes the ONNX checker, has the configured input
-    with the configured rank (and fixed axes that match the profile), and, for the vpr backbone, a
-    float descriptor output. Needs the ``onnx`` package. Raises :class:`SortieError`."""
+def validate_models(sortie: Sortie) -> Sortie:
+    """Check each backbone's ONNX file against the sortie, the way it will run, in about a second: it parses
+    and passes the ONNX checker; has the configured input with the configured rank, fixed axes that match the
+    profile and, for the vpr backbone, 3 channels where the declared layout puts them; the vpr backbone's
+    descriptor output is a float [N, D] tensor (several outputs or a feature map need an explicit
+    ``output``); and this host's runtime can build the precision. Needs the ``onnx`` package. Raises
+    :class:`SortieError`.
+
+    Returns the sortie to run: a vpr ``shape`` with batch > 1 got a profile from batch 1 at load time; where
+    the model's batch axis is fixed that batch is put back (and a warning says what it costs onboard)."""
+    backbones = []
     for index, backbone in enumerate(sortie.backbones):
         where = f"{sortie.path.name} [[backbones]][{index}]"
-        _validate_model(backbone, where)
+        backbones.append(_validate_model(backbone, where, sortie.runtime))
         logger.info("backbone %s: ONNX model %s checked", backbone.name, backbone.onnx.name)
+    return replace(sortie, backbones=tuple(backbones))
 
 
-def _validate_model(backbone: BackboneSpec, where: str) -> None:
+def _validate_model(backbone: BackboneSpec, where: str, runtime: str | None = None) -> BackboneSpec:
     import onnx
     from google.protobuf.message import DecodeError
     from onnx.external_data_helper import uses_external_data
@@ -918,28 +1123,140 @@ def _validate_model(backbone: BackboneSpec, where: str) -> None:
             where=f"{where}.input",
             hint=f"set input = {next(iter(inputs), 'image')!r}",
         )
-    profile = backbone.profile
     tensor = graph_input.type.tensor_type
-    if tensor.HasField("shape"):
-        dims = tensor.shape.dim
-        if len(dims) != len(profile.opt):
-            raise SortieError(
-                f"backbone {name!r}: input {backbone.input_name!r} has rank {len(dims)} "
-                f"({_dims_text(dims)}) but the configured shape has rank {len(profile.opt)} {list(profile.opt)}",
-                where=f"{where}.shape",
-                hint=f"give a shape with {len(dims)} axes",
-            )
-        for axis, dim in enumerate(dims):
-            if dim.HasField("dim_value") and dim.dim_value > 0:
-                lo, hi = profile.min[axis], profile.max[axis]
-                if not lo == hi == dim.dim_value:
-                    raise SortieError(
-                        f"backbone {name!r}: input {backbone.input_name!r} axis {axis} is fixed at "
-                        f"{dim.dim_value} in the model but the configured range is {lo}..{hi}",
-                        where=f"{where}.shape",
-                        hint=f"use {dim.dim_value} on axis {axis}, or export the model with a dynamic axis",
-                    )
+    dims = list(tensor.shape.dim) if tensor.HasField("shape") else None
+    if dims is not None and len(dims) != len(backbone.profile.opt):
+        raise SortieError(
+            f"backbone {name!r}: input {backbone.input_name!r} has rank {len(dims)} "
+            f"({_dims_text(dims)}) but the configured shape has rank {len(backbone.profile.opt)} "
+            f"{list(backbone.profile.opt)}",
+            where=f"{where}.shape",
+            hint=f"give a shape with {len(dims)} axes",
+        )
+    if backbone.role == "vpr":
+        _check_layout(backbone, where, dims)
+    if dims is not None:
+        backbone = _check_fixed_axes(backbone, where, dims)
+    if backbone.role == "vpr":
+        _check_descriptor_output(model, backbone, where)
+    if runtime is not None:
+        _check_precision(backbone, where, runtime)
+    return backbone
 
+
+def _fixed(dim: Any) -> int | None:
+    return int(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value > 0 else None
+
+
+def _check_layout(backbone: BackboneSpec, where: str, dims: list[Any] | None) -> None:
+    """The vpr input is a 3-channel image where the declared layout (default NCHW) puts the channels, in the
+    configured shape and, where the model fixes them, in the model's dims."""
+    name, shape, layout = backbone.name, list(backbone.profile.opt), backbone.layout
+    declared = "layout" in dict(backbone.preprocess_options)
+    channel_axis, other_axis = (3, 1) if layout == "NHWC" else (1, 3)
+    other = "NCHW" if layout == "NHWC" else "NHWC"
+    if len(shape) != 4:
+        raise SortieError(
+            f"backbone {name!r}: the vpr input shape {shape} is not an image batch "
+            f"({'[N, H, W, 3]' if layout == 'NHWC' else '[N, 3, H, W]'} for layout {layout})",
+            where=f"{where}.shape",
+            hint="give the model's 4-axis image input shape",
+        )
+    swapped = [shape[0], shape[3], shape[1], shape[2]] if layout == "NCHW" else [shape[0], shape[2], shape[3], shape[1]]
+    if shape[channel_axis] != 3:
+        looks_other = shape[other_axis] == 3
+        raise SortieError(
+            f"backbone {name!r}: shape {shape} has {shape[channel_axis]} channels on axis {channel_axis}, but "
+            f"layout {layout}{'' if declared else ' (the default)'} puts the 3 image channels there"
+            + (f"; the shape is {other}" if looks_other else ""),
+            where=f"{where}.shape",
+            hint=(
+                f"for an {layout} model give shape = {swapped}; for an {other} model declare layout = "
+                f'"{other}" in [backbones.preprocess]'
+                if looks_other
+                else "give the model's image input shape with 3 channels"
+            ),
+        )
+    if dims is None or len(dims) != 4:
+        return
+    model_channels = [axis for axis in (1, 3) if _fixed(dims[axis]) == 3]
+    if model_channels == [other_axis]:
+        # the shape fits the declared layout; the model wants the other one
+        swapped = (
+            [shape[0], shape[2], shape[3], shape[1]] if layout == "NCHW" else [shape[0], shape[3], shape[1], shape[2]]
+        )
+        raise SortieError(
+            f"backbone {name!r}: the model's input {backbone.input_name!r} is {_dims_text(dims)}, channels on "
+            f"axis {other_axis} ({other}), but the sortie declares layout {layout} with shape {shape}",
+            where=f"{where}.preprocess.layout" if layout == "NHWC" else f"{where}.shape",
+            hint=(
+                f'declare layout = "NHWC" in [backbones.preprocess] and give shape = {swapped}'
+                if other == "NHWC"
+                else f'remove layout = "NHWC" (the model is NCHW) and give shape = {swapped}'
+            ),
+        )
+
+
+def _check_fixed_axes(backbone: BackboneSpec, where: str, dims: list[Any]) -> BackboneSpec:
+    name, profile = backbone.name, backbone.profile
+    batch = _fixed(dims[0]) if dims else None
+    if backbone.batch_defaulted and batch is not None and batch == profile.max[0]:
+        logger.warning(
+            "backbone %s: the model's batch axis is fixed at %d, so the engine always runs %d images: one onboard "
+            "frame costs a batch of %d; export the model with a dynamic batch axis to run single frames",
+            name,
+            batch,
+            batch,
+            batch,
+        )
+        profile = InputProfile(profile.name, profile.max, profile.max, profile.max)
+        backbone = replace(backbone, profile=profile, batch_defaulted=False)
+    for axis, dim in enumerate(dims):
+        value = _fixed(dim)
+        if value is None:
+            continue
+        lo, hi = profile.min[axis], profile.max[axis]
+        if not lo == hi == value:
+            raise SortieError(
+                f"backbone {name!r}: input {backbone.input_name!r} axis {axis} is fixed at "
+                f"{value} in the model but the configured range is {lo}..{hi}",
+                where=f"{where}.shape",
+                hint=f"use {value} on axis {axis}, or export the model with a dynamic axis",
+            )
+    return backbone
+
+
+def _value_shapes(model: Any) -> dict[str, str]:
+    """Output name → its dims as text ("[N, 384]"), from the graph's declarations, completed by ONNX shape
+    inference where an output declares none (cheap: no weights are loaded)."""
+    import onnx
+
+    shapes = {}
+    missing = False
+    for output in model.graph.output:
+        tensor = output.type.tensor_type
+        if output.type.HasField("tensor_type") and tensor.HasField("shape"):
+            shapes[output.name] = _dims_text(tensor.shape.dim)
+        else:
+            missing = True
+    if missing:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model)
+        except Exception:  # inference is a courtesy: unknown shapes are checked when the engine runs
+            return shapes
+        for info in list(inferred.graph.output) + list(inferred.graph.value_info):
+            tensor = info.type.tensor_type
+            if info.name not in shapes and tensor.HasField("shape") and tensor.shape.dim:
+                shapes[info.name] = _dims_text(tensor.shape.dim)
+    return shapes
+
+
+def _check_descriptor_output(model: Any, backbone: BackboneSpec, where: str) -> None:
+    """The vpr output is a FLOAT/FLOAT16 tensor of rank 2, [N, D]; with several outputs, or a first output
+    that is not [N, D], ``output`` must name it."""
+    import onnx
+
+    name = backbone.name
     outputs = list(model.graph.output)
     if backbone.output_name is not None:
         chosen = next((o for o in outputs if o.name == backbone.output_name), None)
@@ -952,29 +1269,79 @@ def _validate_model(backbone: BackboneSpec, where: str) -> None:
             )
     else:
         chosen = outputs[0] if outputs else None
-    if backbone.role == "vpr":
-        floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-        float_names = [
-            o.name for o in outputs if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in floats
-        ]
-        if chosen is None:
+    if chosen is None:
+        raise SortieError(
+            f"backbone {name!r}: the model has no outputs", where=f"{where}.onnx", hint="re-export the model"
+        )
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    float_names = [o.name for o in outputs if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in floats]
+    if chosen.name not in float_names:
+        elem = chosen.type.tensor_type.elem_type if chosen.type.HasField("tensor_type") else None
+        kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
+        hint = (
+            f"set output = {float_names[0]!r} (float outputs: {', '.join(map(repr, float_names))})"
+            if float_names
+            else "export the model with a FLOAT or FLOAT16 descriptor output"
+        )
+        raise SortieError(
+            f"backbone {name!r}: output {chosen.name!r} used as the descriptor is {kind}, not a FLOAT/FLOAT16 tensor",
+            where=f"{where}.output",
+            hint=hint,
+        )
+    shapes = _value_shapes(model)
+    rank = {o: text.count(",") + 1 if text != "[]" else 0 for o, text in shapes.items()}
+    listing = ", ".join(f"{o.name!r} {shapes.get(o.name, '[?]')}" for o in outputs)
+    descriptors = [o for o in float_names if rank.get(o) == 2]
+    fix = (
+        f'set output = "{descriptors[0]}" in {where}'
+        if descriptors
+        else "export the model with an [N, D] descriptor output (pool or flatten the feature map in the graph)"
+    )
+    if chosen.name in rank and rank[chosen.name] != 2:
+        which = "the descriptor output" if backbone.output_name is not None else "the first output (no output set)"
+        raise SortieError(
+            f"backbone {name!r}: {which} {chosen.name!r} is {shapes[chosen.name]}, but a descriptor must be [N, D]; "
+            f"the model's outputs: {listing}",
+            where=f"{where}.output",
+            hint=fix,
+        )
+    if backbone.output_name is None and len(outputs) > 1:
+        raise SortieError(
+            f"backbone {name!r}: the model has {len(outputs)} outputs ({listing}); say which one is the descriptor",
+            where=f"{where}.output",
+            hint=fix,
+        )
+
+
+def _check_precision(backbone: BackboneSpec, where: str, runtime: str) -> None:
+    """Refuse a precision no available provider of the runtime builds (what compile_engine would find out
+    after loading the model)."""
+    name, precision = backbone.name, backbone.precision
+    if runtime == "onnx_trt_ep" and precision in ("fp16", "int8"):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            return  # the runtime check names the missing package
+        available = list(ort.get_available_providers())
+        needs = (
+            ["TensorrtExecutionProvider"]
+            if precision == "int8"
+            else ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
+        )
+        if not set(needs) & set(available):
             raise SortieError(
-                f"backbone {name!r}: the model has no outputs", where=f"{where}.onnx", hint="re-export the model"
+                f"backbone {name!r}: precision {precision!r} needs the "
+                f"{' or '.join(n.removesuffix('ExecutionProvider') for n in needs)} execution provider, but "
+                f"this host's ONNX Runtime offers {', '.join(available)} (the CPU provider builds fp32 engines only)",
+                where=f"{where}.precision",
+                hint='use precision = "fp32" on this host, or provision on the airframe with onnxruntime-gpu',
             )
-        if chosen.name not in float_names:
-            elem = chosen.type.tensor_type.elem_type if chosen.type.HasField("tensor_type") else None
-            kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
-            hint = (
-                f"set output = {float_names[0]!r} (float outputs: {', '.join(map(repr, float_names))})"
-                if float_names
-                else "export the model with a FLOAT or FLOAT16 descriptor output"
-            )
-            raise SortieError(
-                f"backbone {name!r}: output {chosen.name!r} used as the descriptor is {kind}, "
-                "not a FLOAT/FLOAT16 tensor",
-                where=f"{where}.output",
-                hint=hint,
-            )
+    elif runtime == "pytorch_fp16" and precision == "int8":
+        raise SortieError(
+            f"backbone {name!r}: the pytorch_fp16 runtime cannot build int8 engines",
+            where=f"{where}.precision",
+            hint='use precision = "fp16" or "fp32", or runtime = "tensorrt" for int8',
+        )
 
 
 def _dims_text(dims: Any) -> str:
