@@ -8,9 +8,12 @@ on a host without it (verification does not need it). Every failure is a :class:
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import io
 import logging
 import math
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InferenceRuntimeError, RuntimeNotAvailableError
+from .integrity import open_regular
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +105,75 @@ def load_index(index_path: Path | str, *, mmap: bool = True) -> FaissIndex:
             hint="verify the cache (navcache verify) and re-provision if it is corrupt",
             path=path,
         ) from exc
+
+
+def load_verified_index(index_path: Path | str, sha256: str, *, mmap: bool = True) -> FaissIndex:
+    """Open an index from exactly the bytes whose sha256 is ``sha256`` (the signed digest): the file is
+    opened once and never reopened by name, so an index swapped in after verification is not the one
+    loaded.
+
+    ``mmap=True``: the open file is mapped read-only, the *mapping* is hashed, and faiss reads the index
+    from that mapping without copying (``ZeroCopyIOReader`` with ``IO_FLAG_MMAP_IFC``: flat and IVF codes
+    stay in the mapped pages; other types are copied out of it). ``mmap=False``: the file is read into
+    memory once, hashed, and deserialised from that buffer. Either way a rename over the path after the
+    open changes nothing; an in-place write to the same file (which needs write permission on the file
+    itself) could still reach mapped pages later: mount the cache read-only on the airframe.
+    """
+    import mmap as mmap_module
+
+    faiss = faiss_module()
+    path = Path(index_path)
+    where = str(path)
+    try:
+        with open_regular(path) as handle:
+            if not mmap:
+                data = handle.read()
+                mapped: Any = None
+            else:
+                size = os.fstat(handle.fileno()).st_size
+                if size == 0:
+                    raise OSError(errno.EINVAL, "the file is empty")
+                mapped = mmap_module.mmap(handle.fileno(), size, access=mmap_module.ACCESS_READ)
+                data = None
+    except OSError as exc:
+        raise CacheIndexError(
+            f"cannot open index {path.name}: {exc.strerror or exc}",
+            where=where,
+            hint="verify the cache (navcache verify) and re-provision it",
+            path=path,
+        ) from exc
+    buffer = np.frombuffer(mapped if mapped is not None else data, dtype=np.uint8)
+    actual = hashlib.sha256(buffer).hexdigest()  # what faiss reads below, byte for byte
+    if actual != sha256:
+        raise CacheIndexError(
+            f"{path.name} changed after the cache verified (sha256 {actual[:12]}… != signed {sha256[:12]}…)",
+            where=where,
+            hint="mount the cache read-only and open it again",
+            path=path,
+        )
+    try:
+        if mapped is None:
+            return faiss.deserialize_index(buffer)
+        reader = faiss.ZeroCopyIOReader(faiss.swig_ptr(buffer), buffer.nbytes)
+        flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY
+        try:
+            index = faiss.read_index(reader, flags)
+        except RuntimeError as exc:
+            logger.warning("%s cannot be read in place (%s); copying it into memory", path.name, _faiss_message(exc))
+            return faiss.deserialize_index(buffer)
+    except RuntimeError as exc:
+        raise CacheIndexError(
+            f"cannot read index {path.name}: {_faiss_message(exc)}",
+            where=where,
+            hint="verify the cache (navcache verify) and re-provision if it is corrupt",
+            path=path,
+        ) from exc
+    # Codes (of the core, or of a wrapped storage index) may point into the mapping: it lives as long as
+    # the index does, whatever the type.
+    index.referenced_objects = [mapped, buffer, reader]
+    if not _mappable(faiss, index):
+        logger.info("%s: %s cannot be memory-mapped; it was read into memory", path.name, _core_name(faiss, index))
+    return index
 
 
 def _core(faiss: Any, index: FaissIndex) -> Any:

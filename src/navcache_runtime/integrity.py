@@ -15,8 +15,11 @@ import hashlib
 import os
 import re
 import secrets
+import stat
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import EngineHashMismatchError, EngineSidecarMissingError
 
@@ -70,6 +73,90 @@ def sha256_file(path: Path | str, chunk_size: int = _CHUNK) -> str:
     return digest.hexdigest()
 
 
+def file_kind(mode: int) -> str:
+    """What a non-regular file is, in words, for error messages."""
+    for test, kind in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def fdopen_regular(fd: int) -> BinaryIO:
+    """Wrap an open descriptor in an unbuffered binary file, or close it and raise ``OSError(EINVAL)``
+    when it is not a regular file. The type is checked on the raw descriptor first: ``open(fd)`` itself
+    raises a bare ``IsADirectoryError`` for a directory (and leaves the descriptor open)."""
+    try:
+        info = os.fstat(fd)
+    except OSError:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, f"not a regular file ({file_kind(info.st_mode)})")
+    return open(fd, "rb", buffering=0)
+
+
+def open_regular(path: Path | str) -> BinaryIO:
+    """Open ``path`` for reading, refusing anything but a regular file (``OSError(EINVAL)``) without
+    blocking on a FIFO."""
+    return fdopen_regular(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)))
+
+
+def read_hashed(path: Path | str) -> tuple[bytes, str]:
+    """Read a regular file once and hash exactly the bytes read: (the bytes, their sha256 hex).
+
+    What a caller deserialises is then exactly what it verified: a file swapped on disk after this read
+    cannot reach the loader. One allocation of the file's size (no second copy). Raises ``OSError``
+    (``EINVAL`` for a non-regular file, ``EAGAIN`` when the file changed size while it was read)."""
+    with open_regular(path) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        parts = [handle.read(size + 1)]  # one spare byte: a file that grows meanwhile is noticed
+        while sum(map(len, parts)) <= size and parts[-1]:  # short reads (rare on regular files)
+            parts.append(handle.read(size + 1 - sum(map(len, parts))))
+    data = parts[0] if len(parts) == 1 else b"".join(parts)
+    if len(data) != size:
+        raise OSError(errno.EAGAIN, f"{Path(path).name} changed size while it was read ({len(data)} != {size} bytes)")
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def copy_hashed(path: Path | str, directory: Path | str, chunk_size: int = _CHUNK) -> tuple[Path, str]:
+    """Copy a regular file into ``directory`` (which the caller keeps private, e.g. a ``mkdtemp``),
+    hashing the bytes as they are copied: (the copy, its sha256 hex). For loaders that only take a path
+    (AOTInductor packages): the copy is what was hashed, and nobody else can write it."""
+    source = Path(path)
+    target = Path(directory) / source.name
+    digest = hashlib.sha256()
+    buffer = bytearray(chunk_size)
+    view = memoryview(buffer)
+    with open_regular(source) as handle:
+        size = os.fstat(handle.fileno()).st_size
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        total = 0
+        with open(fd, "wb", buffering=0) as out:
+            while True:
+                n = handle.readinto(buffer)
+                if not n:
+                    break
+                digest.update(view[:n])
+                out.write(view[:n])
+                total += n
+    if total != size:
+        raise OSError(errno.EAGAIN, f"{source.name} changed size while it was copied ({total} != {size} bytes)")
+    return target, digest.hexdigest()
+
+
+def private_directory(prefix: str = "navcache-") -> Path:
+    """A new directory only this user can enter (``mkdtemp`` makes it mode 0700)."""
+    return Path(tempfile.mkdtemp(prefix=prefix))
+
+
 def sidecar_path(path: Path | str) -> Path:
     path = Path(path)
     return path.with_name(path.name + SIDECAR_SUFFIX)
@@ -107,12 +194,18 @@ def read_sidecar(path: Path | str) -> str:
     """The digest recorded for ``path``; raises if the sidecar is missing or malformed."""
     side = sidecar_path(path)
     try:
-        with open(side, "rb") as handle:
+        with open_regular(side) as handle:
             raw = handle.read(1024)  # bounded: a sidecar is 64 hex chars
     except FileNotFoundError:
         raise EngineSidecarMissingError(
             f"{Path(path).name} has no {SIDECAR_SUFFIX} sidecar, so it cannot be trusted",
             hint="rebuild the artifact (compile_engine writes it with its sidecar)",
+            path=side,
+        ) from None
+    except OSError as exc:  # a directory, FIFO, dangling loop... in place of the sidecar: fail closed, typed
+        raise EngineHashMismatchError(
+            f"sidecar {side.name} cannot be read: {exc.strerror or exc}",
+            hint="rebuild the artifact, or re-provision the cache",
             path=side,
         ) from None
     text = raw.decode("ascii", errors="replace").strip()
@@ -133,6 +226,10 @@ def verify_artifact(path: Path | str) -> str:
         actual = sha256_file(path)
     except FileNotFoundError:
         raise EngineHashMismatchError(f"{path.name} is missing but its sidecar exists", path=path) from None
+    except OSError as exc:  # e.g. a directory in its place
+        raise EngineHashMismatchError(
+            f"{path.name} cannot be read: {exc.strerror or exc}", hint="re-provision the cache", path=path
+        ) from None
     if actual != expected:
         raise EngineHashMismatchError(
             f"{path.name} does not match its sidecar (sha256 {actual[:12]}… != {expected[:12]}…): "

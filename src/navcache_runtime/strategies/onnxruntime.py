@@ -274,7 +274,10 @@ class OnnxRuntime(RuntimeBase):
         return used
 
     def deserialize_engine(self, entry: EngineCacheEntry) -> OrtEngineHandle:
-        entry = self.gate.admit(entry)
+        # The gate reads the artifact once; the session is built from those hashed bytes, never reopened by
+        # path, so a file swapped after the check is not what runs (EP-context engines are embedded).
+        verified = self.gate.admit_verified(entry)
+        entry = verified.entry
         if entry.host.trt:
             asked = [TRT_EP, CUDA_EP, CPU_EP]
         elif entry.host.sm:
@@ -293,7 +296,7 @@ class OnnxRuntime(RuntimeBase):
         options = self._session_options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
         try:
             session = ort.InferenceSession(
-                str(entry.path),
+                verified.data,
                 options,
                 providers=asked,
                 provider_options=[self._provider_options(p, None) for p in asked],
@@ -305,6 +308,8 @@ class OnnxRuntime(RuntimeBase):
                 path=entry.path,
                 hint="rebuild the engine on this host",
             ) from exc
+        finally:
+            verified.discard()  # ORT keeps its own copy of the model
         used = list(session.get_providers())
         note = self._check_fallback(asked, used, f"loading {entry.path.name}", EngineDeserializeError)
         inputs = session.get_inputs()

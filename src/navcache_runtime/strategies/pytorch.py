@@ -12,10 +12,11 @@ AOTInductor fails, the exported program itself is saved instead (``__eager`` in 
 ``eager_fallback=True``); a per-process circuit breaker stops retrying AOTInductor for a source that keeps
 failing.
 
-Deserialize: engine gate first, then ``aoti_load_package`` (milliseconds, no recompilation) or, for an
-eager artifact, ``torch.export.load(...).module()``. The engine's call signature (input/output names,
-input dtypes, shape profile) travels inside the artifact: AOTInductor metadata or a ``torch.export``
-extra file.
+Deserialize: engine gate first, then ``aoti_load_package`` (milliseconds, no recompilation) of the private
+copy the gate wrote while hashing (its loader takes only a path; the copy is removed once loaded) or, for an
+eager artifact, ``torch.export.load(...).module()`` of the bytes the gate hashed. The engine's call
+signature (input/output names, input dtypes, shape profile) travels inside the artifact: AOTInductor
+metadata or a ``torch.export`` extra file.
 
 Outputs are returned in the engine's dtype: float32 for fp32 engines, float16 for fp16 engines.
 """
@@ -23,6 +24,7 @@ Outputs are returned in the engine's dtype: float32 for fp32 engines, float16 fo
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -542,9 +544,9 @@ class PyTorchRuntime(RuntimeBase):
         index = self.device.index if self.device.type == "cuda" and self.device.index is not None else -1
         return torch._inductor.aoti_load_package(str(path), device_index=index)
 
-    def _load_eager(self, path: Path) -> tuple[Callable[..., Any], EngineSignature]:
+    def _load_eager(self, source: Path | io.BytesIO) -> tuple[Callable[..., Any], EngineSignature]:
         extra: dict[str, Any] = {EAGER_META_FILE: ""}
-        program = torch.export.load(path, extra_files=extra)
+        program = torch.export.load(source, extra_files=extra)
         signature = EngineSignature.from_metadata(json.loads(extra[EAGER_META_FILE]))
         dtype = _DTYPES[signature.precision]
         # A program saved before re-export (fallback from a failed export) is still fp32 on CPU: cast here.
@@ -573,14 +575,19 @@ class PyTorchRuntime(RuntimeBase):
 
     # -- deserialize / infer / release ---------------------------------------------------------------
     def deserialize_engine(self, entry: EngineCacheEntry) -> EngineHandle:
-        entry = self.gate.admit(entry)
+        # Load exactly what the gate hashed: an eager program from the bytes it read, an AOTInductor package
+        # (its loader takes only a path) from the private copy it wrote while hashing, removed once loaded.
+        verified = self.gate.admit_verified(entry, private_copy=not entry.eager_fallback)
+        entry = verified.entry
         path = entry.path
         started = time.perf_counter()
         try:
             if entry.eager_fallback:
-                module, signature = self._load_eager(path)
+                assert verified.data is not None
+                module, signature = self._load_eager(io.BytesIO(verified.data))
             else:
-                module = self._load_package(path)
+                assert verified.private_copy is not None
+                module = self._load_package(verified.private_copy)
                 signature = EngineSignature.from_metadata(module.get_metadata())
         except (torch.OutOfMemoryError, MemoryError) as exc:
             raise OutOfMemoryError(
@@ -594,6 +601,8 @@ class PyTorchRuntime(RuntimeBase):
                 hint="rebuild the artifact with compile_engine on this host",
                 path=path,
             ) from exc
+        finally:
+            verified.discard()
         if signature.precision != entry.precision:
             raise EngineDeserializeError(
                 f"{path.name} is named {entry.precision} but contains a {signature.precision} engine",

@@ -12,7 +12,8 @@ What it does:
   ``BuildConfig.input_shapes`` and a few builder options; reuse and update a timing cache kept next to the
   engines (``timing__sm{SM}_trt{TRT}.cache``); write the plan atomically with its ``.sha256`` sidecar under a
   name pinned to the GPU SM, JetPack, TensorRT version and device model.
-- ``deserialize_engine``: the engine gate first, then ``trt.Runtime.deserialize_cuda_engine``.
+- ``deserialize_engine``: the engine gate first, then ``trt.Runtime.deserialize_cuda_engine`` of the very
+  bytes the gate read and hashed (the file is not read again).
 - ``infer``: ``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``. Device buffers come from a
   small :class:`DeviceMemory` seam; the default implementation uses torch CUDA tensors (imported lazily).
 
@@ -41,7 +42,6 @@ from ..errors import (
     CalibrationCacheError,
     EngineBuildError,
     EngineDeserializeError,
-    EngineHashMismatchError,
     InferenceError,
     InferenceRuntimeError,
     OutOfMemoryError,
@@ -704,20 +704,10 @@ class TensorRTRuntime(RuntimeBase):
             return self._runtime
 
     def deserialize_engine(self, entry: EngineCacheEntry) -> TensorRTEngineHandle:
-        entry = self.gate.admit(entry)
-        path = entry.path
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise EngineDeserializeError(
-                f"cannot read engine {path}: {exc}", path=path, hint="re-provision the cache"
-            ) from exc
-        if hashlib.sha256(data).hexdigest() != entry.sha256:  # replaced between the gate's hash and this read
-            raise EngineHashMismatchError(
-                f"{path.name} changed after it was verified",
-                path=path,
-                hint="re-provision the cache; nothing may write engines while loading",
-            )
+        # The gate reads the plan once and returns the bytes it hashed: those, not the file, are deserialised.
+        verified = self.gate.admit_verified(entry)
+        entry, path, data = verified.entry, verified.entry.path, verified.data
+        verified.discard()
         self._select_device()
         hint = "rebuild it on this host with compile_engine (engines are tied to the GPU and TensorRT version)"
         with _trt_call(EngineDeserializeError, f"loading {path.name}", hint=hint, path=path) as errors:
