@@ -24,7 +24,7 @@ from prefect.utilities.annotations import quote
 from navcache import progress
 from navcache.descriptors import ShardResult
 from navcache.engines import EngineResult, Outcome, backbone_build
-from navcache.errors import CoverageError, ProvisionError
+from navcache.errors import ProvisionError
 from navcache.gc import sweep_orphan_temps
 from navcache.index import IndexBudget
 from navcache.lock import cache_lock
@@ -208,13 +208,7 @@ def provision_sortie(
         }
         reporting.coverage_report(spec.sortie_id, summary_cov, png, [str(t) for t in coverage.missing_tiles])
         if not coverage.passed:
-            raise CoverageError(
-                f"coverage {coverage.percent:.2f} % is below the threshold {coverage.threshold} % "
-                f"({coverage.missing} missing, {coverage.blank} blank of {coverage.total} tiles)",
-                where=spec.sortie_id,
-                hint="extend the orthophoto over the missing tiles or lower coverage_threshold; "
-                "the previous manifest stays in force",
-            )
+            raise coverage.failure(where=spec.sortie_id)  # its hint tells blank tiles from missing ones
 
         artifacts = [e.entry.path for e in engines]
         artifacts += [p for s in shards for p in (s.descriptors_path, s.table_path)]

@@ -120,7 +120,7 @@ def test_imagery_that_is_nodata_everywhere_fails_clearly_and_writes_no_manifest(
     import rasterio
     from rasterio.transform import from_bounds
 
-    from navcache.errors import ProvisionError
+    from navcache.errors import SourceError
     from navcache.tiles import tile_bounds
 
     first, _ = block_tiles()
@@ -143,6 +143,6 @@ def test_imagery_that_is_nodata_everywhere_fails_clearly_and_writes_no_manifest(
         dst.write(np.zeros((3, 64, 64), np.uint8))
     sortie = write_sortie(tmp_path / "s.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "cache")
     sortie.write_text(sortie.read_text().replace(str(assets.ortho), str(blank)))
-    with pytest.raises(ProvisionError, match="no tile of the area has imagery to describe"):
+    with pytest.raises(SourceError, match="no valid pixels over the area"):  # preflight's survey, before any write
         provision(sortie)
     assert not (tmp_path / "cache" / "manifest.dsse.json").exists()

@@ -11,13 +11,14 @@ outputs match ONNX Runtime's CPU reference on sample inputs within the precision
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -33,6 +34,9 @@ from navcache_runtime import (
 )
 
 from .errors import ProvisionError
+
+if TYPE_CHECKING:
+    from .sortie import BackboneSpec
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +115,19 @@ def find_reusable(runtime: Any, backbone: BackboneBuild) -> tuple[EngineCacheEnt
             reason = f"tampered or corrupt {candidate.name}: {exc.message}"
         log.warning("%s: %s; rebuilding it", backbone.name, reason)
     return None, reason
+
+
+def backbone_build(spec: BackboneSpec, runtime_label: str) -> BackboneBuild:
+    """What the flow compiles for a sortie backbone (and what ``navcache plan`` looks up): its build config,
+    plus, for the PyTorch runtime, the ONNX graph's output names, so checks and lookups agree."""
+    config = spec.build_config()
+    if runtime_label == "pytorch_fp16":
+        import onnx
+
+        graph = onnx.load(str(spec.onnx), load_external_data=False).graph
+        options = dict(config.builder_options) | {"output_names": ",".join(o.name for o in graph.output)}
+        config = dataclasses.replace(config, builder_options=tuple(options.items()))
+    return BackboneBuild(spec.name, spec.onnx, config)
 
 
 def sample_inputs(build_config: BuildConfig, seed: int = 0) -> dict[str, np.ndarray]:

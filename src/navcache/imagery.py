@@ -1,5 +1,6 @@
-"""Orthophoto tile sources: a GeoTIFF (any CRS), an XYZ tile folder or an MBTiles file, all read as
-Web-Mercator (EPSG:3857, XYZ / WebMercatorQuad) tiles of ``tile_size`` pixels.
+"""Orthophoto tile sources: a GeoTIFF (any CRS; or a GDAL VRT), GeoTIFF sheets (many files, any CRSs,
+composited), an XYZ tile folder or an MBTiles file, all read as Web-Mercator (EPSG:3857, XYZ /
+WebMercatorQuad) tiles of ``tile_size`` pixels.
 
 Every source returns ``Tile(rgb uint8 (H, W, 3), valid bool (H, W))``; ``None`` means the source has
 nothing at that tile at all. Failures the ground crew can fix raise :class:`SourceError` naming the file.
@@ -28,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, runtime_checkable
 from urllib.parse import quote
+from xml.etree import ElementTree
 
 import numpy as np
 import pyproj
@@ -217,8 +219,22 @@ def read_window(source: TileSource, zoom: int, x0: int, y0: int, x1: int, y1: in
     return out
 
 
-def open_tile_source(kind: str, path: Path, tile_size: int = 256) -> TileSource:
-    """Open an orthophoto source of ``kind`` (one of :data:`SOURCE_KINDS`)."""
+def open_tile_source(kind: str, path: Path | Sequence[Path], tile_size: int = 256) -> TileSource:
+    """Open an orthophoto source of ``kind`` (one of :data:`SOURCE_KINDS`). A ``geotiff`` may be several
+    sheets (a sequence of paths: a :class:`GeoTiffMosaicSource`, composited in the given order) or one file,
+    a GDAL ``.vrt`` included; the other kinds take one path."""
+    paths = [Path(path)] if isinstance(path, (str, os.PathLike)) else [Path(p) for p in path]
+    if not paths:
+        raise SourceError(f"no {kind} orthophoto path given", where="[orthophoto]", hint="name at least one file")
+    if kind == "geotiff" and len(paths) > 1:
+        return GeoTiffMosaicSource(paths, tile_size)
+    if len(paths) > 1:
+        raise SourceError(
+            f"an orthophoto of kind {kind!r} is one path, got {len(paths)}",
+            where=str(paths[0]),
+            hint="only geotiff sources may be several sheets",
+        )
+    path = paths[0]
     if kind == "geotiff":
         return GeoTiffSource(path, tile_size)
     if kind == "xyz":
@@ -418,6 +434,10 @@ class GeoTiffSource(_SourceBase):
     EPSG:3857 grid. Validity comes from the dataset mask (nodata value, internal mask or alpha band),
     carried through the warp as an alpha band so invalid pixels never blend into valid ones; pixels
     outside the raster are invalid. Thread safety: one rasterio dataset handle per thread.
+
+    A GDAL VRT (``.vrt``, e.g. from ``gdalbuildvrt sheets/*.tif``) reads as one raster too, but gives no raw
+    digests (its blocks live in other files, behind the VRT's own placement and resampling), so the scan
+    memo decodes every chunk of a VRT on each run; list the sheets instead (a glob) to keep the memo.
     """
 
     def __init__(self, path: Path | str, tile_size: int = 256) -> None:
@@ -434,6 +454,7 @@ class GeoTiffSource(_SourceBase):
         self._transformers = threading.local()
         ds = self._handles.get(self._where)
         try:
+            self._check_vrt_sources(ds)
             self._inspect(ds)
             self._blocks = _TiffBlocks.open(ds, self.path, self._handles, self.tile_size, self._palette)
         except BaseException:
@@ -449,6 +470,19 @@ class GeoTiffSource(_SourceBase):
                 where=self._where,
                 hint="the file is corrupt or not a raster GDAL reads; re-export it as a GeoTIFF",
             ) from exc
+
+    def _check_vrt_sources(self, ds: Any) -> None:
+        """GDAL opens a VRT whose source files are gone and fails only when a tile reads them: name them now."""
+        if ds.driver != "VRT":
+            return
+        missing = [f for f in vrt_source_files(self.path) if not f.is_file()]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise SourceError(
+                f"the VRT names source file {missing[0]}{more}, which does not exist",
+                where=self._where,
+                hint="restore the sheets, or rebuild the VRT over the files you have (gdalbuildvrt)",
+            )
 
     def _inspect(self, ds: Any) -> None:
         if ds.transform.is_identity and ds.gcps[0]:
@@ -784,6 +818,204 @@ class _TiffBlocks:
 
 
 # --------------------------------------------------------------------------------------------------
+# Sheets: many GeoTIFFs (any CRSs) composited into one source; GDAL VRTs
+
+
+def vrt_source_files(path: Path) -> list[Path]:
+    """The files a GDAL VRT names (``SourceFilename``, relative to the VRT when ``relativeToVRT="1"``);
+    ``/vsi…`` virtual paths are left out. Empty for an unparseable file (GDAL then names the problem)."""
+    try:
+        root = ElementTree.parse(path).getroot()
+    except (ElementTree.ParseError, OSError):
+        return []
+    files = []
+    for element in root.iter("SourceFilename"):
+        name = (element.text or "").strip()
+        if not name or name.startswith("/vsi"):
+            continue
+        relative = element.get("relativeToVRT", "0").strip() == "1"
+        files.append(path.parent / name if relative else Path(name))
+    return list(dict.fromkeys(files))
+
+
+def source_version(paths: Sequence[Path]) -> tuple[tuple[int, ...], ...]:
+    """:func:`file_version` of every path, and of every file a ``.vrt`` among them names: changes whenever
+    any byte the source reads may have changed. OSError when a file is gone."""
+    files: list[Path] = []
+    for path in paths:
+        files.append(path)
+        if path.suffix.lower() == ".vrt":
+            files.extend(vrt_source_files(path))
+    return tuple(file_version(f) for f in files)
+
+
+def _raise_fd_limit(wanted: int) -> None:
+    """Raise this process's soft open-file limit towards ``wanted`` (within the hard limit): every sheet
+    holds a block-digest descriptor plus one GDAL handle per reading thread, and Linux's usual soft limit
+    (1024) is below what a few hundred sheets need. Best effort; a warning says when it stays too low."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= wanted:
+        return
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft < wanted:
+        logger.warning(
+            "the open-file limit is %d but %d orthophoto handles may be needed; raise it (ulimit -n) if reads fail",
+            soft,
+            wanted,
+        )
+
+
+class GeoTiffMosaicSource(_SourceBase):
+    """Orthophoto sheets (GeoTIFFs in any CRSs, e.g. 1 km² sheets on both sides of a UTM zone boundary)
+    read as one source.
+
+    Each tile reads only the sheets whose footprint (padded read window) it touches, each warped to the tile
+    exactly as :class:`GeoTiffSource` does, and composites them: the first valid pixel wins, in the order the
+    sheets were given (the sortie sorts them by path, so the result is deterministic). GDAL's warper splits
+    abutting sheets exactly at their common edge (a destination pixel is valid in the sheet its centre
+    falls in), so sheets cut from one raster give that raster's tiles except within half a source pixel of a
+    seam, where each side extrapolates its edge pixel instead of interpolating across. A tile no sheet
+    touches is None.
+
+    Raw digests: a tile's digest covers, in compositing order, each sheet under it (its decoder identity:
+    CRS, georeferencing, format) and that sheet's block digest for the tile, so editing or replacing one
+    sheet moves only the digests of tiles over it; adding or removing a sheet, only those of tiles it
+    touches. None when any sheet under the requested tiles cannot digest its blocks.
+
+    Thread safety: as :class:`GeoTiffSource` (one GDAL handle per sheet and thread, opened on first read).
+    """
+
+    def __init__(self, paths: Sequence[Path | str], tile_size: int = 256) -> None:
+        super().__init__(tile_size)
+        self.paths = list(dict.fromkeys(Path(p) for p in paths))
+        if not self.paths:
+            raise SourceError("no orthophoto sheets given", where="[orthophoto]", hint="name at least one GeoTIFF")
+        _raise_fd_limit(len(self.paths) * 6 + 256)
+        self._sheets: list[GeoTiffSource] = []
+        try:
+            for path in self.paths:
+                sheet = GeoTiffSource(path, tile_size)
+                self._sheets.append(sheet)
+        except BaseException:
+            self.close()
+            raise
+        # (west, south, east, north) in EPSG:3857 per sheet: the cheap first test of which sheets a tile touches.
+        self._mercator = np.asarray([sheet._mercator for sheet in self._sheets], np.float64)
+        # Per sheet, a short digest of everything but its blocks that decides what it contributes.
+        self._sheet_ids = [
+            hashlib.sha256(sheet.raw_identity().encode()).hexdigest()[:32].encode() for sheet in self._sheets
+        ]
+        self._covers: dict[TileId, tuple[int, ...]] = {}
+        west, south, east, north = zip(*(sheet.bounds_lonlat() for sheet in self._sheets), strict=True)
+        self._lonlat: Bounds = (min(west), min(south), max(east), max(north))
+
+    def _cover(self, tiles: Sequence[TileId]) -> list[tuple[int, ...]]:
+        """Per tile, the indices of the sheets it reads (those with a read window under it), in order.
+        Remembered per tile; computed for all missing tiles at once, one vectorised plan per sheet."""
+        missing = [t for t in dict.fromkeys(tiles) if t not in self._covers and in_grid(t)]
+        if missing:
+            boxes = np.asarray([mercator_bounds(t) for t in missing], np.float64)
+            sheets = self._mercator
+            touches = (
+                (boxes[:, None, 0] < sheets[None, :, 2])
+                & (boxes[:, None, 2] > sheets[None, :, 0])
+                & (boxes[:, None, 1] < sheets[None, :, 3])
+                & (boxes[:, None, 3] > sheets[None, :, 1])
+            )
+            found: dict[TileId, list[int]] = {t: [] for t in missing}
+            for k in np.flatnonzero(touches.any(axis=0)):
+                rows = np.flatnonzero(touches[:, k])
+                candidates = [missing[i] for i in rows]
+                for tile, plan in zip(candidates, self._sheets[k]._read_plans(candidates), strict=True):
+                    if plan is not None:
+                        found[tile].append(int(k))
+            # dict assignment is atomic; a race only computes a cover twice, with the same result
+            self._covers.update((t, tuple(sorted(ks))) for t, ks in found.items())
+        return [self._covers.get(t, ()) for t in tiles]
+
+    def read_tile(self, tile: TileId) -> Tile | None:
+        cover = self._cover([tile])[0]
+        if not cover:
+            return None
+        size = self.tile_size
+        rgb = np.zeros((size, size, 3), np.uint8)
+        valid = np.zeros((size, size), bool)
+        for k in cover:
+            sheet_tile = self._sheets[k].read_tile(tile)
+            if sheet_tile is None:  # pragma: no cover - the cover holds only sheets with a read plan
+                continue
+            if not valid.any():
+                rgb, valid = sheet_tile.rgb.copy(), sheet_tile.valid.copy()
+            else:
+                take = sheet_tile.valid & ~valid
+                rgb[take] = sheet_tile.rgb[take]
+                valid |= take
+            if valid.all():
+                break
+        return Tile(rgb=rgb, valid=valid)
+
+    def sheets_of(self, tile: TileId) -> list[Path]:
+        """The sheets ``tile`` reads, in compositing order."""
+        return [self.paths[k] for k in self._cover([tile])[0]]
+
+    def raw_identity(self) -> str:
+        # Per-sheet identities are inside each tile's digest, so one sheet's new header moves only its tiles.
+        return _decoder_identity("geotiff-sheets", self.tile_size, {"composite": "first-valid"})
+
+    def raw_digest(self, tile: TileId) -> str | None:
+        digests = self.raw_digests([tile])
+        return None if digests is None else digests[0]
+
+    def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
+        covers = self._cover(tiles)
+        by_sheet: dict[int, list[TileId]] = {}
+        for tile, cover in zip(tiles, covers, strict=True):
+            for k in cover:
+                by_sheet.setdefault(k, []).append(tile)
+        sheet_digests: dict[tuple[int, TileId], str] = {}
+        for k, sheet_tiles in by_sheet.items():
+            unique = list(dict.fromkeys(sheet_tiles))
+            digests = self._sheets[k].raw_digests(unique)
+            if digests is None:
+                return None
+            sheet_digests.update(((k, t), d) for t, d in zip(unique, digests, strict=True))
+        out = []
+        for tile, cover in zip(tiles, covers, strict=True):
+            if not cover:
+                out.append(NO_TILE_DIGEST)
+                continue
+            digest = hashlib.sha256(b"sheets")
+            for k in cover:
+                digest.update(b"|" + self._sheet_ids[k] + b":" + sheet_digests[(k, tile)].encode())
+            out.append(digest.hexdigest())
+        return out
+
+    def bounds_lonlat(self) -> Bounds:
+        return self._lonlat
+
+    def describe(self) -> str:
+        crss = sorted({sheet._crs.to_string() for sheet in self._sheets})
+        return f"{len(self._sheets)} GeoTIFF sheets ({self.paths[0].name} ... {self.paths[-1].name}; {', '.join(crss)})"
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256("".join(sheet.fingerprint() for sheet in self._sheets).encode()).hexdigest()
+
+    def close(self) -> None:
+        for sheet in self._sheets:
+            sheet.close()
+
+
+# --------------------------------------------------------------------------------------------------
 # XYZ folder: {root}/{z}/{x}/{y}.{png,jpg,jpeg,webp}
 
 
@@ -1001,3 +1233,182 @@ class MBTilesSource(_SourceBase):
 
     def close(self) -> None:
         self._handles.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Looks before a run (preflight, plan): cheap, read-only estimates of what a source holds over an area
+
+#: Pixels of one decimated mask read over the area's window (GDAL serves it from an overview when the
+#: raster has one): enough to place a corridor's samples, small enough to read in well under a second.
+SURVEY_MAX_PIXELS = 1 << 20
+#: Blocks whose on-disk extent is checked against the file's size (evenly spaced beyond this many).
+SURVEY_MAX_BLOCKS = 50_000
+_EARTH_CIRCUMFERENCE_M = 2 * math.pi * 6378137.0
+
+
+def ground_m_per_px(lat: float, zoom: int, tile_size: int) -> float:
+    """Ground metres per pixel of a Web-Mercator tile of ``tile_size`` pixels at ``zoom`` and ``lat``."""
+    return _EARTH_CIRCUMFERENCE_M * math.cos(math.radians(lat)) / (tile_size * (1 << zoom))
+
+
+def valid_at(source: TileSource, lon: np.ndarray, lat: np.ndarray) -> np.ndarray | None:
+    """Whether a GeoTIFF source (one file, a VRT, or sheets) holds a valid pixel at each WGS84 point, from
+    one decimated read of each raster's dataset mask under the points. Raises :class:`SourceError` when
+    the blocks under them cannot be read (a truncated or corrupt file). None for tile stores (XYZ,
+    MBTiles: see :func:`tiles_present`) and sources this does not know."""
+    lon, lat = np.asarray(lon, np.float64), np.asarray(lat, np.float64)
+    if isinstance(source, GeoTiffSource):
+        return _raster_valid_at(source, lon, lat)
+    if isinstance(source, GeoTiffMosaicSource):
+        found = np.zeros(lon.shape, bool)
+        for sheet in source._sheets:
+            found |= _raster_valid_at(sheet, lon, lat)
+        return found
+    return None
+
+
+def _raster_valid_at(source: GeoTiffSource, lon: np.ndarray, lat: np.ndarray) -> np.ndarray:
+    found = np.zeros(lon.shape, bool)
+    to_source = pyproj.Transformer.from_crs(4326, source._crs.to_wkt(), always_xy=True)
+    x, y = to_source.transform(lon, lat, errcheck=False)
+    x, y, inv = np.asarray(x, np.float64), np.asarray(y, np.float64), source._inverse
+    col, row = inv.a * x + inv.b * y + inv.c, inv.d * x + inv.e * y + inv.f
+    inside = np.isfinite(col) & np.isfinite(row)
+    inside &= (col >= 0) & (col < source._width) & (row >= 0) & (row < source._height)
+    if not inside.any():
+        return found
+    c0, r0 = int(col[inside].min()), int(row[inside].min())
+    c1, r1 = int(col[inside].max()) + 1, int(row[inside].max()) + 1
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    ds = source._handles.get(source._where)
+    _check_blocks_on_disk(source, ds, window)
+    factor = max(1.0, math.sqrt(window.width * window.height / SURVEY_MAX_PIXELS))
+    out_w, out_h = max(1, math.ceil(window.width / factor)), max(1, math.ceil(window.height / factor))
+    try:
+        mask = ds.dataset_mask(window=window, out_shape=(out_h, out_w))
+        # A mask from nodata reads the pixels; an all-valid mask reads nothing: read the bands too.
+        ds.read(source._indexes, window=window, out_shape=(len(source._indexes), out_h, out_w))
+    except rasterio.errors.RasterioError as exc:
+        raise SourceError(
+            f"the blocks under the area cannot be read ({_gdal_reason(exc)})",
+            where=source._where,
+            hint="the file is truncated or corrupt; copy or export it again (check it with gdalinfo -checksum)",
+        ) from exc
+    ci = np.clip(((col[inside] - c0) * out_w / window.width).astype(np.int64), 0, out_w - 1)
+    ri = np.clip(((row[inside] - r0) * out_h / window.height).astype(np.int64), 0, out_h - 1)
+    found[inside] = mask[ri, ci] > 0
+    return found
+
+
+def _check_blocks_on_disk(source: GeoTiffSource, ds: Any, window: Window) -> None:
+    """A GeoTIFF cut short (an interrupted copy or download) still opens: its header is at the start. Its
+    blocks past the cut point beyond the end of the file; find them from the block table alone."""
+    if ds.driver != "GTiff":
+        return
+    try:
+        size = os.stat(source.path).st_size
+    except OSError:
+        return
+    bands = [1] if ds.interleaving == Interleaving.pixel else list(range(1, ds.count + 1))
+    block_h, block_w = ds.block_shapes[0]
+    rows = range(int(window.row_off) // block_h, (int(window.row_off + window.height) - 1) // block_h + 1)
+    cols = range(int(window.col_off) // block_w, (int(window.col_off + window.width) - 1) // block_w + 1)
+    blocks = [(c, r) for r in rows for c in cols]
+    if len(blocks) > SURVEY_MAX_BLOCKS:  # evenly spaced, always including the last (written last)
+        step = len(blocks) / SURVEY_MAX_BLOCKS
+        blocks = [blocks[int(i * step)] for i in range(SURVEY_MAX_BLOCKS)] + [blocks[-1]]
+    for band in bands:
+        for c, r in blocks:
+            offset = ds.get_tag_item(f"BLOCK_OFFSET_{c}_{r}", "TIFF", bidx=band)
+            length = ds.get_tag_item(f"BLOCK_SIZE_{c}_{r}", "TIFF", bidx=band)
+            if offset and length and int(offset) + int(length) > size:
+                raise SourceError(
+                    f"the file is truncated: it is {size:,} bytes, but block ({c}, {r}) of band {band} under "
+                    f"the area ends at byte {int(offset) + int(length):,}",
+                    where=source._where,
+                    hint="the copy or download stopped early; copy or export the orthophoto again",
+                )
+
+
+def tiles_present(source: TileSource, zoom: int, xy: np.ndarray) -> np.ndarray | None:
+    """Whether an XYZ folder or MBTiles file holds each tile ``(x, y)`` (an (N, 2) array) at ``zoom``:
+    tile existence, no decoding. None for other sources."""
+    xy = np.asarray(xy, np.int64).reshape(-1, 2)
+    if isinstance(source, XyzFolderSource):
+        return np.fromiter((source._tile_path(TileId(zoom, int(x), int(y))) is not None for x, y in xy), bool, len(xy))
+    if isinstance(source, MBTilesSource):
+        if not len(xy):
+            return np.zeros(0, bool)
+        n = tiles_at(zoom)
+        rows = source._query(
+            "SELECT tile_column, tile_row FROM tiles WHERE zoom_level = ? AND tile_column BETWEEN ? AND ? "
+            "AND tile_row BETWEEN ? AND ?",
+            (zoom, int(xy[:, 0].min()), int(xy[:, 0].max()), n - 1 - int(xy[:, 1].max()), n - 1 - int(xy[:, 1].min())),
+        )
+        held = np.asarray([c * n + (n - 1 - r) for c, r in rows], np.int64)
+        return np.isin(xy[:, 0] * n + xy[:, 1], held)
+    return None
+
+
+def zoom_levels(source: TileSource) -> tuple[int, ...] | None:
+    """The zoom levels a tile store holds (XYZ folder, MBTiles); None for rasters."""
+    if isinstance(source, XyzFolderSource):
+        return tuple(source._zooms)
+    if isinstance(source, MBTilesSource):
+        return tuple(int(z) for (z,) in source._query("SELECT DISTINCT zoom_level FROM tiles ORDER BY zoom_level"))
+    return None
+
+
+def native_m_per_px(source: TileSource, lon: float, lat: float) -> float | None:
+    """The imagery's own ground resolution (metres per pixel) near (``lon``, ``lat``): a raster's pixel
+    measured on the ellipsoid (the geometric mean of its two sides); a tile store's finest zoom level at
+    its tiles' pixel size. None when unknown."""
+    if isinstance(source, GeoTiffMosaicSource):
+        return min((r for s in source._sheets if (r := native_m_per_px(s, lon, lat)) is not None), default=None)
+    if isinstance(source, GeoTiffSource):
+        return _raster_m_per_px(source, lon, lat)
+    zooms = zoom_levels(source)
+    if not zooms:
+        return None
+    size = _stored_tile_px(source, zooms[-1])
+    return None if size is None else ground_m_per_px(lat, zooms[-1], size)
+
+
+def _raster_m_per_px(source: GeoTiffSource, lon: float, lat: float) -> float | None:
+    to_source = pyproj.Transformer.from_crs(4326, source._crs.to_wkt(), always_xy=True)
+    geod = pyproj.Geod(ellps="WGS84")
+    t = source._transform
+    candidates = [(lon, lat)]
+    west, south, east, north = source._lonlat
+    candidates.append(((west + east) / 2, (south + north) / 2))  # the raster's centre, if the point fails
+    for plon, plat in candidates:
+        x, y = to_source.transform(plon, plat, errcheck=False)
+        lons, lats = to_source.transform([x + t.a, x + t.b], [y + t.d, y + t.e], direction="INVERSE", errcheck=False)
+        values = [x, y, *lons, *lats]
+        if not all(math.isfinite(v) for v in values):
+            continue
+        along_x = geod.inv(plon, plat, lons[0], lats[0])[2]
+        along_y = geod.inv(plon, plat, lons[1], lats[1])[2]
+        if along_x > 0 and along_y > 0:
+            return math.sqrt(along_x * along_y)
+    return None
+
+
+def _stored_tile_px(source: TileSource, zoom: int) -> int | None:
+    """The pixel width of one stored tile at ``zoom`` (its image header only)."""
+    data: bytes | None = None
+    if isinstance(source, XyzFolderSource):
+        for x, y in source._tiles_at(zoom):
+            found = source._tile_bytes(TileId(zoom, x, y))
+            data = found[0] if found else None
+            break
+    elif isinstance(source, MBTilesSource):
+        rows = source._query("SELECT tile_data FROM tiles WHERE zoom_level = ? LIMIT 1", (zoom,))
+        data = bytes(rows[0][0]) if rows and rows[0][0] is not None else None
+    if data is None:
+        return None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return int(image.size[0])
+    except (UnidentifiedImageError, OSError, ValueError):
+        return None

@@ -1,0 +1,280 @@
+"""Preflight refuses in about a second what would fail minutes later (issue 12, points 4 and 5), on inputs
+shaped like a real crew's: coarse EPSG:4326 imagery with a ragged nodata border, long bending routes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import rasterio
+
+from navcache.errors import SortieError, SourceError
+from navcache.imagery import GeoTiffSource, ground_m_per_px
+from navcache.preflight import COVERAGE_MARGIN, check_cache_dir, run_preflight
+from navcache.sortie import load_sortie
+from tests.support.realistic import (
+    bending_route,
+    coarse_orthophoto,
+    cut_tiles,
+    mbtiles_file,
+    route_sortie,
+    truncated_copy,
+    xyz_folder,
+)
+from tests.support.sorties import Assets
+
+# A 22 x 22 km orthophoto at 100 m/px; routes start inside it and fly east.
+BOX = {"west": 11.0, "south": 47.6, "east": 11.3, "north": 47.8}
+START = (11.05, 47.70)
+
+
+@pytest.fixture(scope="module")
+def ortho(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return coarse_orthophoto(tmp_path_factory.mktemp("imagery") / "ortho.tif", **BOX)
+
+
+def _sortie(tmp_path: Path, assets: Assets, ortho: Path, *, km: float = 15, **kwargs: object) -> Path:
+    route = bending_route(*START, km, heading_deg=90)
+    options: dict = {"corridor_m": 300, "orthophoto": ortho, "cache_dir": tmp_path / "cache", "zoom": 14} | kwargs
+    return route_sortie(tmp_path / "s.toml", assets, route=route, **options)
+
+
+def test_a_long_route_over_a_sliver_of_imagery_is_refused_in_about_a_second(
+    assets: Assets, ortho: Path, tmp_path: Path
+) -> None:
+    # 300 km of trail, 15 of them over the imagery: the run would describe every tile, then fail at coverage.
+    sortie = _sortie(tmp_path, assets, ortho, km=300, zoom=16)
+    started = time.perf_counter()
+    with pytest.raises(SourceError, match=r"valid pixels cover only about \d+\.\d % of the area") as refused:
+        run_preflight(sortie)
+    elapsed = time.perf_counter() - started
+    assert elapsed < 5.0, f"preflight took {elapsed:.1f} s"
+    text = str(refused.value)
+    assert "below coverage_threshold 99 %" in text and "the imagery spans lon 11.00000..11.30" in text
+    assert "clip the area or route to the imagery" in text
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_estimate_matches_the_valid_pixels_of_the_decoded_tiles(
+    assets: Assets, tmp_path: Path, ortho: Path
+) -> None:
+    """Over the ragged nodata border (255, and an explicit nodata value 0), the estimate agrees with the
+    valid pixels of the area's tiles read as provisioning reads them."""
+    for nodata in (255, 0):
+        image = coarse_orthophoto(tmp_path / f"ortho-{nodata}.tif", **BOX, nodata=nodata, seed=3)
+        # From inside the imagery out across its eastern edge and beyond.
+        sortie = _sortie(tmp_path, assets, image, km=25, zoom=14, threshold=0.0)
+        report = run_preflight(sortie)
+        spec = load_sortie(sortie)
+        tiles = spec.grid.storage_tiles_for_area(spec.area)
+        with GeoTiffSource(image) as source:
+            decoded = [source.read_tile(t) for t in tiles]
+        actual = 100.0 * np.mean([0.0 if t is None else t.valid_fraction for t in decoded])
+        assert 20.0 < report.imagery.estimated_coverage_percent < 90.0
+        assert report.imagery.estimated_coverage_percent == pytest.approx(actual, abs=8.0)
+
+
+def test_a_threshold_within_the_margin_of_the_estimate_passes_and_beyond_it_is_refused(
+    assets: Assets, ortho: Path, tmp_path: Path
+) -> None:
+    estimate = run_preflight(_sortie(tmp_path, assets, ortho, km=25, threshold=0.0)).imagery.estimated_coverage_percent
+    run_preflight(_sortie(tmp_path, assets, ortho, km=25, threshold=round(estimate + COVERAGE_MARGIN - 1, 1)))
+    with pytest.raises(SourceError, match="below coverage_threshold"):
+        run_preflight(_sortie(tmp_path, assets, ortho, km=25, threshold=round(estimate + COVERAGE_MARGIN + 1, 1)))
+
+
+def test_imagery_that_is_nodata_over_the_whole_area_is_refused(assets: Assets, tmp_path: Path) -> None:
+    blank = coarse_orthophoto(tmp_path / "blank.tif", **BOX, all_nodata=True)
+    with pytest.raises(SourceError, match="has no valid pixels over the area") as refused:
+        run_preflight(_sortie(tmp_path, assets, blank, threshold=0.0))  # refused whatever the threshold
+    assert "gdalinfo -stats" in str(refused.value)
+
+
+def test_a_truncated_geotiff_is_refused_naming_the_cut(assets: Assets, ortho: Path, tmp_path: Path) -> None:
+    cut = truncated_copy(ortho, tmp_path / "cut.tif", keep=0.6)
+    with rasterio.open(cut) as ds:  # GDAL still opens it: the header comes first
+        assert ds.width > 0
+    with pytest.raises(SourceError, match=r"the file is truncated: it is [\d,]+ bytes") as refused:
+        run_preflight(_sortie(tmp_path, assets, cut))
+    assert "copy or export the orthophoto again" in str(refused.value)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_corrupt_block_under_the_area_is_refused(assets: Assets, ortho: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(ortho.read_bytes())
+    with rasterio.open(broken) as ds:
+        offset = int(ds.get_tag_item("BLOCK_OFFSET_0_0", "TIFF", bidx=1))
+        size = int(ds.get_tag_item("BLOCK_SIZE_0_0", "TIFF", bidx=1))
+    with broken.open("r+b") as f:  # same length, garbage DEFLATE stream
+        f.seek(offset)
+        f.write(bytes(range(256)) * (size // 256) + b"\xff" * (size % 256))
+    with pytest.raises(SourceError, match="the blocks under the area cannot be read"):
+        run_preflight(_sortie(tmp_path, assets, broken))
+
+
+def test_a_cache_dir_below_a_file_is_refused_creating_nothing(assets: Assets, ortho: Path, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    sortie = _sortie(tmp_path, assets, ortho, cache_dir=blocker / "deep" / "cache")
+    with pytest.raises(SortieError, match="is a file, not a folder") as refused:
+        run_preflight(sortie)
+    assert str(refused.value).startswith("s.toml cache_dir: cache directory")
+    with pytest.raises(SortieError, match="--cache-dir: cache directory"):
+        run_preflight(sortie, cache_dir=blocker / "cache")
+    assert blocker.is_file() and not (tmp_path / "cache").exists()
+
+
+def _unprivileged(check: object) -> str | None:
+    """Run ``check()`` as user nobody (root may write anywhere); its SortieError message, or None."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        message = ""
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            check()  # type: ignore[operator]
+        except SortieError as exc:
+            message = str(exc)
+        except BaseException as exc:
+            message = f"unexpected {type(exc).__name__}: {exc}"
+        os.write(write, json.dumps(message).encode())
+        os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        return json.loads(pipe.read()) or None
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to drop privileges")
+def test_a_read_only_cache_dir_or_parent_is_refused_creating_nothing() -> None:
+    base = Path(tempfile.mkdtemp(prefix="navcache-ro-"))  # pytest's own folders are closed to other users
+    base.chmod(0o755)  # anyone may look inside, only its owner write
+    (base / "cache" / "engines").mkdir(parents=True)
+    (base / "cache").chmod(0o777)
+    (base / "cache" / "engines").chmod(0o555)
+
+    def sortie_for(cache: Path) -> SimpleNamespace:
+        return SimpleNamespace(cache_dir=cache, path=base / "s.toml")
+
+    def run(cache: Path) -> str | None:
+        def check() -> None:
+            check_cache_dir(sortie_for(cache))  # type: ignore[arg-type]
+
+        return _unprivileged(check) if os.geteuid() == 0 else _catch(check)
+
+    new = run(base / "new" / "cache")
+    assert new is not None and "cannot be created" in new and f"{base} is not writable by this user" in new
+    engines = run(base / "cache")
+    assert engines is not None and "cannot be written" in engines and "engines is not writable" in engines
+    assert "choose a writable cache_dir (or --cache-dir)" in engines
+    assert not (base / "new").exists()
+    (base / "cache" / "engines").chmod(0o755)
+    shutil.rmtree(base)
+
+
+def _catch(check: object) -> str | None:
+    try:
+        check()  # type: ignore[operator]
+    except SortieError as exc:
+        return str(exc)
+    return None
+
+
+def test_upsampling_is_measured_and_warned_above_max_upsampling(
+    assets: Assets, ortho: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="navcache.preflight"):
+        report = run_preflight(_sortie(tmp_path, assets, ortho, zoom=17))
+    survey = report.imagery
+    tile = ground_m_per_px(47.70, 17, 256)
+    assert survey.imagery_m_per_px == pytest.approx(100.0, rel=0.03)
+    assert survey.tile_m_per_px == pytest.approx(tile, rel=0.01)
+    assert survey.upsampling == pytest.approx(100.0 / tile, rel=0.04)  # ~125x
+    (warning,) = report.warnings
+    assert "upsampled 125x" in warning and "max_upsampling = 4" in warning and "zoom = 12 or lower" in warning
+    assert warning in caplog.text and "imagery: valid pixels over about" in caplog.text
+
+    quiet = run_preflight(_sortie(tmp_path, assets, ortho, zoom=17, tiles_extra="max_upsampling = 200"))
+    assert quiet.warnings == ()
+    assert run_preflight(_sortie(tmp_path, assets, ortho, zoom=12)).warnings == ()  # ~2x: fine
+
+
+def test_max_upsampling_is_validated(assets: Assets, ortho: Path, tmp_path: Path) -> None:
+    with pytest.raises(SortieError, match=r"\[tiles\]\.max_upsampling"):
+        load_sortie(_sortie(tmp_path, assets, ortho, tiles_extra="max_upsampling = 0.5"))
+
+
+def test_tile_stores_are_surveyed_by_tile_index_and_resolution_by_their_finest_zoom(
+    assets: Assets, ortho: Path, tmp_path: Path
+) -> None:
+    tiles = cut_tiles(ortho, range(12, 14))
+    folder, mbtiles = xyz_folder(tiles, tmp_path / "xyz"), mbtiles_file(tiles, tmp_path / "ortho.mbtiles")
+    geotiff = run_preflight(_sortie(tmp_path, assets, ortho, km=25, zoom=13, threshold=0.0)).imagery
+    for kind, path in (("xyz", folder), ("mbtiles", mbtiles)):
+        survey = run_preflight(_sortie(tmp_path, assets, path, km=25, zoom=13, threshold=0.0, kind=kind)).imagery
+        assert survey.zoom_levels == (12, 13)
+        assert survey.upsampling == pytest.approx(1.0)  # the sortie zoom is the finest level, same tile size
+        # Tile existence counts a tile with any valid pixel: a little more than the raster's valid pixels.
+        assert geotiff.estimated_coverage_percent - 2 <= survey.estimated_coverage_percent
+        assert survey.estimated_coverage_percent <= geotiff.estimated_coverage_percent + 20
+        with pytest.raises(SourceError, match=r"zoom levels 12, 13, not the sortie's zoom 14") as refused:
+            run_preflight(_sortie(tmp_path, assets, path, zoom=14, kind=kind))
+        assert "set [tiles] zoom to one of 12, 13" in str(refused.value)
+
+
+def test_provision_refuses_the_sliver_with_exit_2_before_prefect_or_any_write(
+    assets: Assets, ortho: Path, tmp_path: Path
+) -> None:
+    sortie = _sortie(tmp_path, assets, ortho, km=300, zoom=16)
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), NO_COLOR="1", COLUMNS="200")
+    env.pop("PREFECT_API_URL", None)
+    started = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "navcache", "provision", str(sortie)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    elapsed = time.perf_counter() - started
+    assert proc.returncode == 2, proc.stderr
+    assert "valid pixels cover only about" in proc.stderr and "Traceback" not in proc.stderr
+    assert elapsed < 20, f"refused after {elapsed:.1f} s"  # interpreter start and imports included
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "prefect-home").exists()
+
+
+@pytest.mark.slow
+def test_the_full_size_unclipped_trail_is_refused_quickly(assets: Assets, ortho: Path, tmp_path: Path) -> None:
+    """The case from the issue: a 4,026 km trail at zoom 17 over a small orthophoto (it ran 57 s over 67,549
+    tiles and stopped at 1.96 % coverage)."""
+    route = bending_route(*START, 4026, heading_deg=90, bend_km=20, swing_deg=60)
+    sortie = route_sortie(
+        tmp_path / "s.toml", assets, route=route, corridor_m=300, orthophoto=ortho, cache_dir=tmp_path / "c", zoom=17
+    )
+    started = time.perf_counter()
+    with pytest.raises(SourceError, match="valid pixels cover only about 0.6 %"):
+        run_preflight(sortie)
+    assert time.perf_counter() - started < 15.0
+
+
+def test_the_survey_of_a_tile_never_decodes_it(ortho: Path) -> None:
+    """valid_at reads the mask once for all points; no tile is warped (read_tile is never called)."""
+    from navcache.imagery import valid_at
+
+    with GeoTiffSource(ortho) as source:
+        source.read_tile = None  # type: ignore[method-assign,assignment]
+        inside = valid_at(source, np.array([11.15, 11.15, 12.0]), np.array([47.70, 47.601, 47.70]))
+    assert inside is not None and inside.tolist() == [True, False, False]  # centre, ragged corner, outside
