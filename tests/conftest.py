@@ -14,6 +14,13 @@ from navcache_runtime import BuildConfig, HostFields, InputProfile, detect_host_
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(os.environ.get("TMPDIR", "/tmp")) / "navcache-test-inductor"))
 
 
+@pytest.fixture(autouse=True)
+def _device_state(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rollback protection is on by default onboard (state in /var/lib/navcache): each test gets its own
+    device state instead, so tests never share (or need root for) a real device's state."""
+    monkeypatch.setenv("NAVCACHE_STATE", str(tmp_path_factory.mktemp("device") / "state.json"))
+
+
 def _has_cuda() -> bool:
     try:
         import torch

@@ -195,17 +195,34 @@ def keygen(
     directory: Annotated[Path, typer.Option("--dir", help="where to write the key pair")] = Path("keys"),
     name: Annotated[str, typer.Option(help="key name (file stem)")] = "operator",
     passphrase_env: Annotated[str | None, typer.Option(help="encrypt the private key with $VAR's value")] = None,
+    no_passphrase: Annotated[
+        bool, typer.Option("--no-passphrase", help="leave the private key unencrypted (CI, the demo)")
+    ] = False,
 ) -> None:
-    """Write an Ed25519 key pair (private key mode 0600) and add it to trusted_keys.json."""
+    """Write an Ed25519 key pair (private key mode 0600, passphrase-encrypted PKCS#8 unless --no-passphrase)
+    and add it to trusted_keys.json. The passphrase comes from --passphrase-env or a prompt on a terminal."""
     _setup_logging(False)
     from .keys import generate_keypair
 
     passphrase = None
+    if passphrase_env and no_passphrase:
+        _fail("--passphrase-env and --no-passphrase contradict each other; give one", 2)
     if passphrase_env:
         value = os.environ.get(passphrase_env)
         if not value:
             _fail(f"${passphrase_env} is empty or unset", 2)
         passphrase = value.encode() if value else None
+    elif not no_passphrase:
+        if not sys.stdin.isatty():
+            _fail(
+                "the private key is encrypted with a passphrase by default, and there is no terminal to ask for one "
+                "(fix: --passphrase-env VAR, or --no-passphrase for CI and tests)",
+                2,
+            )
+        value = typer.prompt("passphrase for the private key", hide_input=True, confirmation_prompt=True)
+        if not value:
+            _fail("empty passphrase (fix: type one, or use --no-passphrase)", 2)
+        passphrase = value.encode()
     try:
         paths = generate_keypair(directory, name=name, passphrase=passphrase)
     except NavcacheError as exc:
@@ -221,7 +238,10 @@ def verify(ctx: typer.Context) -> None:
     """Verify a cache (the onboard verifier: see `navcache verify --help`)."""
     from navcache_runtime.cli import main as runtime_main
 
-    raise typer.Exit(runtime_main(["verify", *ctx.args]))
+    args = list(ctx.args)
+    if not any(arg in ("--state", "--no-state") or arg.startswith("--state=") for arg in args):
+        args.append("--no-state")  # a ground check: the rollback state lives on the drone (on there by default)
+    raise typer.Exit(runtime_main(["verify", *args]))
 
 
 @app.command()
@@ -275,6 +295,11 @@ def gc(
         for item in items:
             table.add_row(item.path, str(item.size), f"{item.age_days:.1f}", action, item.reason)
     out.print(table)
+
+
+from .trust_cli import app as trust_app  # noqa: E402  (the `navcache trust …` commands)
+
+app.add_typer(trust_app, name="trust")
 
 
 def main() -> None:

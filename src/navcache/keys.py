@@ -8,9 +8,16 @@
 - ``trusted_keys.json`` — the allowlist (created, or the key appended), see
   :mod:`navcache_runtime.trust` for the format.
 
-The **keyid** is the lowercase hex sha256 of the raw 32-byte public key
-(:func:`navcache_runtime.trust.keyid_for`). With openssl:
-``openssl pkey -pubin -in operator.pub -outform DER | tail -c 32 | sha256sum``.
+The **keyid** is securesystemslib's default keyid of the key (:func:`navcache_runtime.trust.keyid_for`;
+the openssl recipe is in ``docs/verify-with-openssl.md``).
+
+Signers (:class:`Signer`: ``public_key()`` and ``sign(message) -> 64-byte Ed25519 signature``) come from
+:func:`load_signer`: a PKCS#8 PEM file (``operator.key``, encrypted with a passphrase by ``navcache keygen``
+unless ``--no-passphrase``), or, with the ``signers`` extra, any signer of securesystemslib's Signer API
+(HSM/PKCS#11, cloud KMS, HashiCorp Vault, …) named by ``sslib:<keyid>:<private key URI>``, e.g.
+``sslib:3f2a9c1e:hsm:`` or ``sslib:3f2a9c1e:gcpkms:projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1``.
+The keyid (or a unique prefix of it) names the public key in the allowlist or trust root that the signer
+must match; securesystemslib needs it to build the signer, and navcache checks each signature against it.
 """
 
 from __future__ import annotations
@@ -20,8 +27,10 @@ import logging
 import os
 import re
 import stat
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -53,9 +62,15 @@ TRUSTED_KEYS_NAME = "trusted_keys.json"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_KEY_FILE_BYTES = 64 << 10
 
+SSLIB_PREFIX = "sslib:"
+
 __all__ = [
+    "SSLIB_PREFIX",
     "TRUSTED_KEYS_NAME",
     "KeyPaths",
+    "Signer",
+    "SslibSigner",
+    "load_signer",
     "add_trusted_key",
     "generate_keypair",
     "keyid_for",
@@ -202,3 +217,83 @@ def load_public_key(path: Path | str) -> Ed25519PublicKey:
     if not isinstance(key, Ed25519PublicKey):
         raise ManifestError(f"public key is a {type(key).__name__}, not Ed25519", where=str(path))
     return key
+
+
+class Signer(Protocol):
+    """What signs a manifest or a trust root: an ``Ed25519PrivateKey`` is one, :class:`SslibSigner` too."""
+
+    def public_key(self) -> Ed25519PublicKey: ...
+
+    def sign(self, data: bytes) -> bytes: ...
+
+
+class SslibSigner:
+    """A securesystemslib ``Signer`` (HSM, KMS, Vault, file, …) behind navcache's :class:`Signer` interface.
+
+    Each signature is checked against the expected public key before it is used, so a misconfigured signer
+    fails here, on the ground, with a clear error rather than as an untrusted signature onboard."""
+
+    def __init__(self, signer: Any, public_key: Ed25519PublicKey, uri: str) -> None:
+        self._signer, self._public_key, self.uri = signer, public_key, uri
+
+    def public_key(self) -> Ed25519PublicKey:
+        return self._public_key
+
+    def sign(self, data: bytes) -> bytes:
+        from cryptography.exceptions import InvalidSignature
+
+        try:
+            signature = bytes.fromhex(self._signer.sign(data).signature)
+        except Exception as exc:  # the Signer API wraps many backends; each raises its own errors
+            raise ManifestError(f"securesystemslib signer failed: {exc}", where=self.uri) from None
+        try:
+            self._public_key.verify(signature, data)
+        except InvalidSignature:
+            raise ManifestError(
+                "the securesystemslib signer's signature does not verify with the key it was configured for",
+                where=self.uri,
+                hint="check the keyid in the sslib: URI and the private key URI",
+            ) from None
+        return signature
+
+
+def load_signer(
+    spec: Path | str,
+    passphrase: bytes | None = None,
+    *,
+    public_keys: Iterable[tuple[str, Ed25519PublicKey]] = (),
+    secrets_handler: Callable[[str], str] | None = None,
+) -> Signer:
+    """A PKCS#8 key file (see :func:`load_private_key`) or ``sslib:<keyid>:<private key URI>``.
+
+    ``public_keys`` are the (keyid, key) pairs the keyid is looked up in (the operator allowlist for a
+    manifest, the root keys for a trust root)."""
+    text = str(spec)
+    if not text.startswith(SSLIB_PREFIX):
+        return load_private_key(spec, passphrase)
+    wanted, _, uri = text[len(SSLIB_PREFIX) :].partition(":")
+    if not wanted or not uri:
+        raise ManifestError(
+            f"{text!r} is not an sslib signer URI",
+            hint="write sslib:<keyid>:<private key URI>, e.g. sslib:3f2a9c1e:hsm:",
+        )
+    try:
+        from securesystemslib.signer import Signer as SslibSignerApi
+        from securesystemslib.signer import SSlibKey
+    except ImportError:
+        raise ManifestError(
+            "signing through securesystemslib needs the 'signers' extra", hint="pip install 'navcache[signers]'"
+        ) from None
+    matches = [(keyid, key) for keyid, key in public_keys if keyid.startswith(wanted)]
+    if len(matches) != 1:
+        raise ManifestError(
+            f"{'no' if not matches else 'more than one'} allowed key matches keyid {wanted!r}",
+            where=text,
+            hint="give the keyid of an allowlisted key (see `navcache trust show`)",
+        )
+    keyid, public = matches[0]
+    try:
+        signer = SslibSignerApi.from_priv_key_uri(uri, SSlibKey.from_crypto(public, keyid=keyid), secrets_handler)
+    except Exception as exc:  # unknown scheme, missing backend library, unreachable KMS, …
+        raise ManifestError(f"cannot load the securesystemslib signer: {exc}", where=uri) from None
+    return SslibSigner(signer, public, uri)

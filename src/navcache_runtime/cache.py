@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 
@@ -53,6 +53,7 @@ from .index import FaissIndex, ids_near, load_index, search, tile_table_from_byt
 from .naming import EXTENSIONS, parse_engine_name
 from .protocol import InferenceRuntime
 from .trust import TrustedKeys
+from .trustroot import DEFAULT_STATE, TrustRoot, _Default, state_path_from
 from .types import EngineHandle
 from .verify import MANIFEST_NAME, CacheVerificationError, Mode, VerificationReport, verify_cache
 
@@ -361,20 +362,24 @@ def _release(runtime: InferenceRuntime, handles: Sequence[EngineHandle]) -> None
 
 def open_cache(
     path: Path | str,
-    trusted_keys: TrustedKeys | Path | str,
+    trusted_keys: TrustedKeys | TrustRoot | Path | str,
     *,
     runtime_config: RuntimeConfig | Mapping[str, Any] | Path | str | None = None,
     mode: Mode = "airborne",
     now: datetime | None = None,
-    state_path: Path | str | None = None,
+    state_path: Path | str | Literal[_Default.STATE] | None = DEFAULT_STATE,
     vpr_model: str | None = None,
     mmap: bool = True,
 ) -> OnboardCache:
     """Verify the cache at ``path`` against ``trusted_keys``, then open its engines and index (see the
-    module docstring). Raises CacheVerificationError (nothing opened) or another InferenceRuntimeError."""
+    module docstring). Raises CacheVerificationError (nothing opened) or another InferenceRuntimeError.
+
+    ``trusted_keys`` is a signed trust root or a plain allowlist (see :func:`verify_cache`). Rollback
+    protection is on by default: ``state_path`` defaults to ``$NAVCACHE_STATE`` or
+    ``/var/lib/navcache/state.json``; ``state_path=None`` switches it off explicitly."""
     started = time.perf_counter()
     root = Path(path)
-    report = verify_cache(root, trusted_keys, mode=mode, now=now, state_path=state_path)
+    report = verify_cache(root, trusted_keys, mode=mode, now=now, state_path=state_path_from(state_path))
     if not report.ok:
         raise CacheVerificationError(report)
     subjects = _verified_subjects(root, report)

@@ -19,6 +19,7 @@ from typing import Any
 
 from .errors import InferenceRuntimeError
 from .naming import parse_engine_name
+from .trustroot import default_state_path
 from .verify import MANIFEST_NAME, VerificationReport, loads_strict, printable, verify_cache
 
 
@@ -75,7 +76,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
             args.trusted_keys,
             mode=args.mode,
             now=_parse_now(args.now),
-            state_path=args.state,
+            state_path=None if args.no_state else (args.state or default_state_path()),
             strict_extra=args.strict_extra or None,
         )
     except InferenceRuntimeError as exc:  # unreadable or invalid trusted-keys file
@@ -168,7 +169,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     verify = sub.add_parser("verify", help="verify a cache before take-off (fail-closed)")
     verify.add_argument("cache", type=Path, help="the cache directory")
-    verify.add_argument("--trusted-keys", type=Path, required=True, help="trusted keys file (JSON)")
+    verify.add_argument(
+        "--trusted-keys",
+        "--trust-root",
+        dest="trusted_keys",
+        type=Path,
+        required=True,
+        help="a signed trust root (root-N.json; newer versions shipped in CACHE/trust/ are taken up) or a plain "
+        "trusted_keys.json (pinned, no rotation)",
+    )
     verify.add_argument(
         "--mode",
         choices=("airborne", "operator"),
@@ -176,7 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="operator also re-derives the coverage digest from the coverage table",
     )
     verify.add_argument("--now", help="verify as of this time (ISO 8601 with zone); default: now")
-    verify.add_argument("--state", type=Path, help="the device's last-accepted-version file (rollback check)")
+    verify.add_argument(
+        "--state",
+        type=Path,
+        help="the device's rollback state (the trust root it holds is kept beside it); default: $NAVCACHE_STATE "
+        "or /var/lib/navcache/state.json",
+    )
+    verify.add_argument(
+        "--no-state", action="store_true", help="switch rollback protection off (tests, ground checks; never onboard)"
+    )
     verify.add_argument("--strict-extra", action="store_true", help="fail on files the manifest does not list")
     verify.add_argument("--json", action="store_true", help="machine-readable report on stdout")
     verify.set_defaults(handler=cmd_verify)

@@ -55,6 +55,13 @@ class TrustedKeysError(InferenceRuntimeError, ValueError):
     """The trusted-keys file is missing, too large, malformed, or lists a keyid that is not its key's."""
 
 
+def root_store_path(state_path: Path | str) -> Path:
+    """Where a device keeps the newest trust root it accepted, next to its rollback state:
+    ``state.json`` → ``state.root.json`` (see :mod:`navcache_runtime.trustroot`)."""
+    state_path = Path(state_path)
+    return state_path.with_name(state_path.stem + ".root.json")
+
+
 def raw_public_hex(public_key: Ed25519PublicKey) -> str:
     """Lowercase hex of the raw 32-byte public key (RFC 8032 encoding), as TUF's ``keyval.public``."""
     return public_key.public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
@@ -91,7 +98,8 @@ class TrustedKeys:
 
     ``max_manifest_validity_s`` and ``min_manifest_version`` are the policy a signed trust root sets for the
     manifests its operator keys sign (None/0 for a plain, pinned ``trusted_keys.json``: the verifier's
-    config decides); ``root_version`` is the trust root's version (None when pinned)."""
+    config decides); ``root_version`` is the trust root's version (None when pinned); ``revoked`` are keys
+    the root revoked (never trusted, kept so that a refusal can say why)."""
 
     keys: Mapping[str, Ed25519PublicKey]
     threshold: int = 1
@@ -99,6 +107,7 @@ class TrustedKeys:
     max_manifest_validity_s: int | None = None
     min_manifest_version: int = 0
     root_version: int | None = None
+    revoked: Mapping[str, Ed25519PublicKey] = field(default_factory=dict)  # never trusted; named in refusals
 
     def __post_init__(self) -> None:
         if isinstance(self.threshold, bool) or not isinstance(self.threshold, int) or self.threshold < 1:
@@ -115,6 +124,7 @@ class TrustedKeys:
                 raise TrustedKeysError(f"keyid {keyid[:12]}… does not match its public key")
         object.__setattr__(self, "keys", MappingProxyType(dict(self.keys)))
         object.__setattr__(self, "names", MappingProxyType(dict(self.names)))
+        object.__setattr__(self, "revoked", MappingProxyType(dict(self.revoked)))
 
     @classmethod
     def from_public_keys(cls, *public_keys: Ed25519PublicKey, threshold: int = 1) -> TrustedKeys:

@@ -66,14 +66,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 
 from .coverage import coverage_digest
 from .errors import InferenceRuntimeError
 from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
-from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, load_trusted_keys
+from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, root_store_path
+
+if TYPE_CHECKING:
+    from .trustroot import TrustRoot
 
 logger = logging.getLogger(__name__)
 
@@ -95,12 +98,20 @@ _DRIVE = re.compile(r"[A-Za-z]:")
 _ENVELOPE_FIELDS = frozenset({"payload", "payloadType", "signatures"})
 _SIGNATURE_FIELDS = frozenset({"keyid", "sig"})
 _ED25519_SIG_BYTES = 64
+_SHIPPED_ROOT = re.compile(r"trust/root-[1-9][0-9]{0,8}\.json")
 
 
 class FailureCode(enum.StrEnum):
     """Typed reasons. Values are stable strings (they appear in JSON reports and logs)."""
 
     TRUSTED_KEYS_INVALID = "trusted_keys_invalid"
+    TRUST_ROOT_INVALID = "trust_root_invalid"
+    TRUST_ROOT_EXPIRED = "trust_root_expired"
+    TRUST_ROOT_UPDATE_REFUSED = "trust_root_update_refused"
+    TRUST_ROOT_UPDATED = "trust_root_updated"
+    STATE_MISSING = "state_missing"
+    KEY_REVOKED = "key_revoked"
+    VALIDITY_TOO_LONG = "validity_too_long"
     MANIFEST_MISSING = "manifest_missing"
     ENVELOPE_UNREADABLE = "envelope_unreadable"
     ENVELOPE_TOO_LARGE = "envelope_too_large"
@@ -209,6 +220,9 @@ class VerifierConfig:
     allowed_payload_types: frozenset[str] = frozenset({PAYLOAD_TYPE})
     allowed_predicate_types: frozenset[str] = frozenset({PREDICATE_TYPE})
     clock_skew: timedelta = timedelta(minutes=5)
+    #: Cap on ``expires - issued_at`` (a manifest signed to expire in 9999 is refused). A signed trust root's
+    #: ``max_manifest_validity_s`` replaces it: the root keys set the fleet's policy.
+    max_manifest_validity: timedelta = timedelta(days=30)
     hash_workers: int | None = None  # None → os.cpu_count()
     hash_chunk_bytes: int = 1 << 20
     ignored_extra_patterns: tuple[str, ...] = (f"{TEMP_PREFIX}*", f"{SCAN_MEMO_PREFIX}*", "*.lock")
@@ -236,6 +250,7 @@ class VerificationReport:
     sortie_id: str | None = None
     coverage_percent_x100: int | None = None
     verified_keyids: list[str] = field(default_factory=list)
+    trust_root_version: int | None = None
     payload_sha256: str | None = None
     bytes_hashed: int = 0
     elapsed_s: float = 0.0
@@ -828,7 +843,17 @@ class CacheVerifier:
                     continue
                 matched = keyid
                 break
-            if matched is None:
+            revoked = None if matched is not None else self._revoked_signer(sig, message)
+            if revoked is not None:
+                problems.append(
+                    Failure(
+                        FailureCode.KEY_REVOKED,
+                        where,
+                        f"signed by operator key {self.trusted.name_of(revoked)!r} ({revoked[:12]}…), which trust "
+                        f"root v{self.trusted.root_version} revoked: re-sign the cache with a current operator key",
+                    )
+                )
+            elif matched is None:
                 if hint in self.trusted.keys:
                     problems.append(
                         Failure(
@@ -871,6 +896,16 @@ class CacheVerifier:
             f"{len(verified)} distinct trusted key(s) signed; the threshold is {self.trusted.threshold}",
         )
         return False
+
+    def _revoked_signer(self, sig: bytes, message: bytes) -> str | None:
+        """The revoked key that made ``sig``, if any (only to name the reason; it never counts)."""
+        for keyid, key in self.trusted.revoked.items():
+            try:
+                key.verify(sig, message)
+            except InvalidSignature:
+                continue
+            return keyid
+        return None
 
     # -- 3. payload --------------------------------------------------------------------------------------
 
@@ -1055,8 +1090,25 @@ class CacheVerifier:
                 f"issued at {format_rfc3339(m.issued_at)}, after now ({format_rfc3339(self.now)}) plus the "
                 f"allowed clock skew of {self.config.clock_skew}: check the clock",
             )
+        cap_s = self.trusted.max_manifest_validity_s
+        cap = timedelta(seconds=cap_s) if cap_s is not None else self.config.max_manifest_validity
+        if m.issued_at is not None and m.expires is not None and m.expires - m.issued_at > cap:
+            source = f"trust root v{self.trusted.root_version}" if cap_s is not None else "the verifier's config"
+            self._fail(
+                FailureCode.VALIDITY_TOO_LONG,
+                "predicate.expires",
+                f"valid for {m.expires - m.issued_at} (issued {format_rfc3339(m.issued_at)}, expires "
+                f"{format_rfc3339(m.expires)}); {source} allows at most {cap}",
+            )
+        if m.version is not None and m.version < self.trusted.min_manifest_version:
+            self._fail(
+                FailureCode.ROLLBACK,
+                "predicate.version",
+                f"version {m.version} is below trust root v{self.trusted.root_version}'s floor "
+                f"min_manifest_version={self.trusted.min_manifest_version}",
+            )
         if self.state_path is None:
-            self._warn(FailureCode.ROLLBACK_UNCHECKED, "state", "no device state file given: rollback not checked")
+            self._warn(FailureCode.ROLLBACK_UNCHECKED, "state", "rollback protection switched off (no state file)")
             return
         try:
             self._state = self._read_state()
@@ -1072,7 +1124,7 @@ class CacheVerifier:
                 "predicate.version",
                 f"version {m.version} is older than version {last} already accepted on this device",
             )
-        elif m.version == last and self.report.payload_sha256 != last_digest:
+        elif m.version == last and last_digest and self.report.payload_sha256 != last_digest:
             self._fail(
                 FailureCode.VERSION_REUSED,
                 "predicate.version",
@@ -1112,6 +1164,7 @@ class CacheVerifier:
             "payload_sha256": self.report.payload_sha256,
             "sortie_id": m.sortie_id,
             "accepted_at": format_rfc3339(self.now),
+            "root_version": self.trusted.root_version,
         }
         try:
             atomic_write_bytes(self.state_path, (json.dumps(state, indent=2, sort_keys=True) + "\n").encode())
@@ -1201,6 +1254,7 @@ class CacheVerifier:
         skip = {os.path.abspath(self.manifest_path)}
         if self.state_path is not None:
             skip.add(os.path.abspath(self.state_path))
+            skip.add(os.path.abspath(root_store_path(self.state_path)))
         extras: list[str] = []
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames.sort()
@@ -1227,6 +1281,8 @@ class CacheVerifier:
         base = rel.rsplit("/", 1)[-1]
         if any(fnmatch.fnmatchcase(base, pattern) for pattern in self.config.ignored_extra_patterns):
             return True
+        if _SHIPPED_ROOT.fullmatch(rel):
+            return True  # trust-root versions shipped with the cache: signed by the root keys, checked apart
         return rel.endswith(SIDECAR_SUFFIX) and rel[: -len(SIDECAR_SUFFIX)] in listed
 
     # -- 8. coverage -------------------------------------------------------------------------------------
@@ -1347,7 +1403,7 @@ def _check_artifact_unguarded(
 
 def verify_cache(
     cache_root: Path | str,
-    trusted_keys: TrustedKeys | Path | str,
+    trusted_keys: TrustedKeys | TrustRoot | Path | str,
     *,
     mode: Mode = "airborne",
     now: datetime | None = None,
@@ -1357,13 +1413,22 @@ def verify_cache(
     manifest_path: Path | str | None = None,
     config: VerifierConfig | None = None,
 ) -> VerificationReport:
-    """Verify ``cache_root`` against ``trusted_keys`` (a :class:`TrustedKeys` or the path of a trusted-keys
-    file). Never raises for anything found on disk: every problem is a :class:`Failure` in the report.
+    """Verify ``cache_root`` against ``trusted_keys``: a :class:`TrustedKeys`, a verified
+    :class:`~navcache_runtime.trustroot.TrustRoot`, or the path of a trusted-keys file or a signed trust root
+    (``root-N.json``). Never raises for anything found on disk: every problem is a :class:`Failure` in the
+    report.
+
+    With a signed trust root, the newest root reachable from it is used (the one this device holds next to
+    ``state_path``, then newer versions shipped in ``cache_root/trust/``; see
+    :mod:`navcache_runtime.trustroot`); a newer root is stored on the device as soon as it is accepted.
 
     ``now`` defaults to ``datetime.now(UTC)`` taken once; ``state_path`` is the device's record of the last
-    accepted version (rollback protection; updated only after a fully successful verification);
+    accepted version (rollback protection; updated only after a fully successful verification; None switches
+    it off: the onboard entry points default to :func:`navcache_runtime.trustroot.default_state_path`);
     ``manifest_path`` defaults to ``cache_root / "manifest.dsse.json"``; ``max_manifest_bytes`` and
     ``strict_extra`` override the same fields of ``config``."""
+    from .trustroot import TrustRoot, load_trust_anchor, resolve_trust  # trustroot builds on this module
+
     _check_arguments(mode, now)
     config = config or VerifierConfig()
     overrides: dict[str, Any] = {}
@@ -1373,24 +1438,70 @@ def verify_cache(
         overrides["strict_extra"] = strict_extra
     if overrides:
         config = replace(config, **overrides)
-    if isinstance(trusted_keys, TrustedKeys):
-        trusted = trusted_keys
+    moment = (now or datetime.now(UTC)).astimezone(UTC)
+
+    def refused(code: FailureCode, subject: str, message: str) -> VerificationReport:
+        report = VerificationReport(
+            ok=False,
+            mode=mode,
+            cache_root=str(cache_root),
+            manifest=str(manifest_path or Path(cache_root) / MANIFEST_NAME),
+            checked_at=format_rfc3339(moment),
+            failures=[Failure(code, subject, message)],
+            skipped=list(CacheVerifier.STEPS),
+        )
+        logger.warning("verify %s refused: %s", cache_root, message)
+        return report
+
+    anchor: TrustedKeys | TrustRoot
+    if isinstance(trusted_keys, TrustedKeys | TrustRoot):
+        anchor = trusted_keys
     else:
         try:
-            trusted = load_trusted_keys(trusted_keys)
+            anchor = load_trust_anchor(trusted_keys)
         except TrustedKeysError as exc:
-            moment = (now or datetime.now(UTC)).astimezone(UTC)
-            report = VerificationReport(
-                ok=False,
-                mode=mode,
-                cache_root=str(cache_root),
-                manifest=str(manifest_path or Path(cache_root) / MANIFEST_NAME),
-                checked_at=format_rfc3339(moment),
-                failures=[Failure(FailureCode.TRUSTED_KEYS_INVALID, str(trusted_keys), str(exc))],
-                skipped=list(CacheVerifier.STEPS),
+            return refused(FailureCode.TRUSTED_KEYS_INVALID, str(trusted_keys), str(exc))
+    state = Path(state_path) if state_path is not None else None
+    resolution = resolve_trust(
+        anchor,
+        cache_root=cache_root,
+        state_path=state,
+        now=moment,
+        state_present=state is not None and os.path.lexists(state),
+    )
+    if resolution.problems or resolution.trusted is None:
+        code, subject, message = resolution.problems[0]
+        return refused(FailureCode(code), subject, message)
+    notes = [Failure(FailureCode(code), subject, message) for code, subject, message in resolution.notes]
+    root = resolution.root
+    if state is not None and root is not None and (resolution.store or resolution.reset_state):
+        try:
+            if resolution.store:  # the root's bytes as received; it is re-checked on every later load
+                atomic_write_bytes(root_store_path(state), root.raw)
+            if resolution.reset_state:
+                record = {
+                    "format": STATE_FORMAT_VERSION,
+                    "version": root.min_manifest_version,
+                    "payload_sha256": "",
+                    "root_version": root.version,
+                    "reset_by_root_at": format_rfc3339(moment),
+                }
+                atomic_write_bytes(state, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
+        except OSError as exc:
+            return refused(
+                FailureCode.STATE_WRITE_FAILED,
+                str(state),
+                f"cannot record trust root v{root.version} on this device ({exc.strerror or exc})",
             )
-            logger.warning("verify %s refused: %s", cache_root, exc)
-            return report
-    return CacheVerifier(
-        cache_root, trusted, mode=mode, now=now, state_path=state_path, manifest_path=manifest_path, config=config
+    report = CacheVerifier(
+        cache_root,
+        resolution.trusted,
+        mode=mode,
+        now=now,
+        state_path=state_path,
+        manifest_path=manifest_path,
+        config=config,
     ).run()
+    report.trust_root_version = resolution.trusted.root_version
+    report.warnings[:0] = notes
+    return report
