@@ -553,3 +553,50 @@ def test_cuda_engine_loads_in_a_new_process(compiled: Compiled, tiny_model: Tiny
     report, output = run_child(compiled.engine_dir, compiled.entry.path, inputs["image"], tmp_path)
     assert report["device"].startswith("cuda")
     np.testing.assert_allclose(output, tiny_model.reference(inputs), atol=FP32_ATOL, rtol=0)
+
+
+# -- load what was verified (issue 14, hole 3) ----------------------------------------------------------
+def test_a_package_swapped_right_after_the_gate_copied_it_is_not_the_one_loaded(
+    compiled: Compiled, tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from navcache_runtime import gate as gate_module
+    from tests.test_load_verified import swap_after_gate_hash
+
+    path = tmp_path / compiled.entry.path.name  # a private copy of the module's artifact, to attack
+    shutil.copy(compiled.entry.path, path)
+    shutil.copy(sidecar_path(compiled.entry.path), sidecar_path(path))
+    copies: list[Path] = []
+    real_private = gate_module.private_directory
+
+    def recorded(prefix: str = "navcache-") -> Path:
+        copies.append(real_private(prefix))
+        return copies[-1]
+
+    monkeypatch.setattr(gate_module, "private_directory", recorded)
+    swapped = swap_after_gate_hash(monkeypatch, path, b"PK\x03\x04 not the package that was verified" * 64)
+    handle = compiled.runtime.deserialize_engine(dataclasses.replace(compiled.entry, path=path))
+    assert swapped == [path] and path.read_bytes().startswith(b"PK\x03\x04 not")
+    inputs = tiny_model.inputs(batch=2, seed=5)
+    np.testing.assert_allclose(
+        compiled.runtime.infer(handle, inputs)["descriptor"], tiny_model.reference(inputs), atol=FP32_ATOL, rtol=0
+    )
+    compiled.runtime.release_engine(handle)
+    assert len(copies) == 1 and not copies[0].exists()  # the private copy is gone once loaded
+
+
+def test_an_eager_program_swapped_right_after_the_gate_read_it_is_not_the_one_loaded(
+    tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_load_verified import swap_after_gate_hash
+
+    monkeypatch.setattr(torch._inductor, "aoti_compile_and_package", failing_compile([]))
+    runtime = make_runtime(tmp_path)
+    entry = runtime.compile_engine(tiny_model.onnx, tiny_model.build_config(builder_options=OUTPUT_NAMES))
+    assert entry.eager_fallback
+    swapped = swap_after_gate_hash(monkeypatch, entry.path, b"not the program that was verified")
+    loaded = runtime.deserialize_engine(entry)
+    assert swapped == [entry.path]
+    inputs = tiny_model.inputs(batch=2)
+    np.testing.assert_allclose(
+        runtime.infer(loaded, inputs)["descriptor"], tiny_model.reference(inputs), atol=FP32_ATOL, rtol=0
+    )
