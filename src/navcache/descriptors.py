@@ -31,16 +31,15 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
 
 from navcache_runtime import EngineHashMismatchError, EngineSidecarMissingError, verify_artifact, write_artifact
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes
+from navcache_runtime.preprocessing import Preprocess
 
 from .errors import ProvisionError
 from .imagery import TileSource, is_blank, tile_content_hash
@@ -52,57 +51,17 @@ log = logging.getLogger(__name__)
 DESCRIBED, BLANK, MISSING = 0, 1, 2
 STATUS_NAMES = {DESCRIBED: "described", BLANK: "blank", MISSING: "missing"}
 TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1")])
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _PREFETCH_BATCHES = 2
 #: Threads decoding chunks for one shard (GDAL/Pillow/numpy release the GIL; more than 4 gains little).
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Bump when pass 1's decisions change (blank rule, content hash): older memo entries then never match.
-SCAN_VERSION = "navcache-scan-v1"
+SCAN_VERSION = "navcache-scan-v2"  # v2: shards hold L2-normalised rows; v1 memos point at raw ones
 _HEX = frozenset("0123456789abcdef")
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """RGB uint8 chunk → normalised float32 CHW at the backbone's input size."""
-
-    height: int
-    width: int
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    @classmethod
-    def for_input_shape(cls, shape: Sequence[int]) -> Preprocessing:
-        if len(shape) != 4 or shape[1] != 3:
-            raise ProvisionError(
-                f"the VPR backbone input must be NCHW with 3 channels, got shape {list(shape)}",
-                hint="export the model with an [N, 3, H, W] image input",
-            )
-        return cls(int(shape[2]), int(shape[3]))
-
-    def spec(self) -> str:
-        """Everything that changes the tensors the engine sees; part of every shard key."""
-        return f"v1|rgb|bilinear|{self.height}x{self.width}|mean={self.mean}|std={self.std}"
-
-    @cached_property
-    def _lut(self) -> np.ndarray:
-        """(3, 256) float32: the normalised value of every uint8 level per channel, computed with the same
-        float32 operations as the per-pixel formula, so a table lookup gives bit-identical tensors at a
-        third of the cost (this runs for every chunk)."""
-        scaled = np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0)
-        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(normalised.T, dtype=np.float32)
-
-    def __call__(self, rgb: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """CHW float32, written into ``out`` (shape (3, H, W)) when given."""
-        if rgb.shape[:2] != (self.height, self.width):
-            rgb = np.asarray(Image.fromarray(rgb).resize((self.width, self.height), Image.Resampling.BILINEAR))
-        if out is None:
-            out = np.empty((3, self.height, self.width), np.float32)
-        lut = self._lut
-        for channel in range(3):
-            np.take(lut[channel], rgb[..., channel], out=out[channel])
-        return out
+#: The backbone's declared preprocessing: one definition, shared with the drone's ``open_cache(...).preprocess``
+#: (:mod:`navcache_runtime.preprocessing`). Applied per chunk through its 256-entry table per channel.
+Preprocessing = Preprocess
 
 
 @dataclass
@@ -124,8 +83,27 @@ class DescriptorEngine:
             batch = np.concatenate([batch, pad])
         outputs: Mapping[str, np.ndarray] = self.runtime.infer(self.handle, {self.input_name: batch})
         name = self.output_name
-        out = outputs[name] if name is not None and name in outputs else next(iter(outputs.values()))
-        return np.asarray(out[:n]).reshape(n, -1)
+        chosen = name if name is not None and name in outputs else next(iter(outputs))
+        out = np.asarray(outputs[chosen])
+        if out.ndim != 2:
+            # A feature map flattened into a descriptor would index garbage; preflight refuses such models,
+            # this catches engines whose output shape only shows at run time.
+            raise ProvisionError(
+                f"the VPR engine's output {chosen!r} has shape {list(out.shape)}; a descriptor must be [N, D]",
+                hint='set output = "<the [N, D] output>" for this backbone, or pool the feature map in the model',
+            )
+        return l2_normalise(out[:n])
+
+
+def l2_normalise(descriptors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, in float32 (norms in float64: raw outputs of ~1e6 would overflow float16 and
+    their squares lose digits in float32). Retrieval is by cosine, so this changes no ranking; it keeps
+    float16 shards finite whatever the model's output scale. All-zero and non-finite rows stay as they are
+    (the index and the shard check name them)."""
+    values = np.asarray(descriptors, np.float32)
+    norms = np.linalg.norm(values.astype(np.float64), axis=1, keepdims=True)
+    usable = np.isfinite(norms) & (norms > 0)
+    return np.where(usable, values / np.where(usable, norms, 1.0), values).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -205,7 +183,8 @@ def scan_shard(plan: ShardPlan, reader: ChunkReader) -> list[tuple[TileId, int, 
 
 def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, preprocessing: Preprocessing) -> str:
     digest = hashlib.sha256()
-    digest.update(f"navcache-shard-v1\n{engine_identity}\n{preprocessing.spec()}\n".encode())
+    # v2: rows are L2-normalised before the float16 cast (v1 shards held the raw output).
+    digest.update(f"navcache-shard-v2\n{engine_identity}\n{preprocessing.spec()}\n".encode())
     for chunk, status, content in scan:
         digest.update(f"{chunk} {status} {content}\n".encode())
     return digest.hexdigest()

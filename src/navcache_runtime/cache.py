@@ -51,6 +51,7 @@ from .factory import build_inference_runtime
 from .gate import entry_from_artifact
 from .index import FaissIndex, ids_near, load_index, search, tile_table_from_bytes
 from .naming import EXTENSIONS, parse_engine_name
+from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .protocol import InferenceRuntime
 from .trust import TrustedKeys
 from .trustroot import DEFAULT_STATE, TrustRoot, _Default, state_path_from
@@ -59,8 +60,6 @@ from .verify import MANIFEST_NAME, CacheVerificationError, Mode, VerificationRep
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 _INDEX_RE = re.compile(r"index/index-([0-9a-f]{16})\.faiss")
 _MAX_MANIFEST_BYTES = 16 << 20  # the verifier's default bound
 
@@ -90,7 +89,7 @@ class _Engine:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Preprocessing (the same math as navcache.descriptors.Preprocessing, without its provisioning imports)
+# Preprocessing: navcache_runtime.preprocessing is the one definition, shared with provisioning
 
 
 def preprocess(
@@ -102,73 +101,12 @@ def preprocess(
     std: Sequence[float] = IMAGENET_STD,
     use_pil: bool | None = None,
 ) -> np.ndarray:
-    """RGB uint8 (H, W, 3) → normalised float32 (3, height, width), as the tiles were described.
+    """RGB uint8 (H, W, 3) → normalised float32 (3, height, width) with the default preprocessing (squash,
+    unit scale, RGB, NCHW); :class:`~navcache_runtime.preprocessing.Preprocess` takes every declared option.
 
-    Resizing is Pillow's bilinear filter (antialiased when downscaling). ``use_pil=None`` uses Pillow when it
-    imports and otherwise a numpy port of the same 8-bit fixed-point algorithm (horizontal pass, then
-    vertical, as Pillow's C code): byte-identical for the demo's 256 → 128 px tiles; for some other size
-    pairs Pillow 13 runs the vertical pass first and a few pixels then differ by one grey level."""
-    image = np.asarray(rgb)
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise InferenceError(
-            f"preprocess expects an RGB uint8 (H, W, 3) image, got {image.dtype} with shape {image.shape}",
-            hint="convert the camera frame to 8-bit RGB first",
-        )
-    if image.shape[:2] != (height, width):
-        image = _resize(image, height, width, use_pil)
-    scaled = image.astype(np.float32) * np.float32(1.0 / 255.0)
-    normalised = (scaled - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32)
-
-
-def _resize(image: np.ndarray, height: int, width: int, use_pil: bool | None) -> np.ndarray:
-    if use_pil is not False:
-        try:
-            from PIL import Image
-        except ImportError:
-            if use_pil:
-                raise
-        else:
-            return np.asarray(Image.fromarray(image).resize((width, height), Image.Resampling.BILINEAR))
-    # Pillow resamples horizontally first, rounding to 8 bits after each pass.
-    out = image
-    if out.shape[1] != width:
-        out = _resample_axis(out, width, axis=1)
-    if out.shape[0] != height:
-        out = _resample_axis(out, height, axis=0)
-    return out
-
-
-_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
-
-
-def _bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    """Pillow's ``precompute_coeffs`` for the bilinear (triangle) filter, normalised and in fixed point."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)  # downscaling widens the filter (antialiasing)
-    support = filterscale
-    weights = np.zeros((out_size, in_size), dtype=np.int64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        pos = (np.arange(xmin, xmax) - center + 0.5) / filterscale
-        k = np.clip(1.0 - np.abs(pos), 0.0, None)
-        total = k.sum()
-        if total:
-            k = k / total
-        fixed = k * (1 << _PRECISION_BITS)
-        weights[xx, xmin:xmax] = np.where(fixed < 0, np.trunc(fixed - 0.5), np.trunc(fixed + 0.5)).astype(np.int64)
-    return weights
-
-
-def _resample_axis(image: np.ndarray, size: int, axis: int) -> np.ndarray:
-    weights = _bilinear_weights(image.shape[axis], size)
-    pixels = image.astype(np.int64)
-    spec = "ow,hwc->hoc" if axis == 1 else "oh,hwc->owc"
-    acc = np.einsum(spec, weights, pixels)
-    acc = (acc + (1 << (_PRECISION_BITS - 1))) >> _PRECISION_BITS
-    return np.clip(acc, 0, 255).astype(np.uint8)
+    Resizing is Pillow's bilinear filter, or without Pillow a numpy port of it
+    (:func:`~navcache_runtime.preprocessing.resize_bilinear`)."""
+    return Preprocess(height, width, (mean[0], mean[1], mean[2]), (std[0], std[1], std[2]))(rgb, use_pil=use_pil)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -189,8 +127,10 @@ class OnboardCache:
         index: FaissIndex,
         table: np.ndarray,
         index_report: Mapping[str, Any],
+        preprocessing: Preprocess | None = None,
     ) -> None:
         self.root = root
+        self._preprocessing = preprocessing  # as signed in the manifest; None for caches signed before it was
         self.report = report
         self.runtime = runtime
         self.index_report = dict(index_report)
@@ -236,18 +176,29 @@ class OnboardCache:
 
     # -- use --------------------------------------------------------------------------------------------
 
-    def preprocess(self, rgb: np.ndarray, *, use_pil: bool | None = None) -> np.ndarray:
-        """A camera frame (RGB uint8) → the VPR engine's (3, H, W) float32 input."""
+    @property
+    def preprocessing(self) -> Preprocess:
+        """What :meth:`preprocess` applies: the preprocessing signed in the manifest, exactly as the tiles'
+        descriptors were made (resize mode, mean/std, scale, channel order, layout, size). A cache signed
+        before the manifest recorded it gets the defaults at the engine's input size."""
+        if self._preprocessing is not None:
+            return self._preprocessing
         shape = self.input_shape
         if shape is None:
             raise InferenceError(
                 f"the runtime does not report the input size of {self._vpr.path.name}",
                 hint="call navcache_runtime.cache.preprocess(rgb, height, width) with the model's size",
             )
-        return preprocess(rgb, shape[1], shape[2], use_pil=use_pil)
+        return Preprocess(shape[1], shape[2])
+
+    def preprocess(self, rgb: np.ndarray, *, use_pil: bool | None = None) -> np.ndarray:
+        """A camera frame (RGB uint8) → the VPR engine's float32 input for one image ((3, H, W), or (H, W, 3)
+        for a channels-last model), by :attr:`preprocessing`."""
+        return self.preprocessing(rgb, use_pil=use_pil)
 
     def describe(self, image_batch: np.ndarray) -> np.ndarray:
-        """Global descriptors (N, D) float32 of a preprocessed NCHW float32 batch (or one CHW image)."""
+        """L2-normalised global descriptors (N, D) float32 (as the tiles' descriptors were stored) of a
+        preprocessed float32 batch (or one image) in the engine's layout."""
         self._check_open()
         batch = np.asarray(image_batch, dtype=np.float32)
         if batch.ndim == 3:
@@ -264,8 +215,16 @@ class OnboardCache:
             return np.zeros((0, self.dim), np.float32)
         step = self._vpr.max_batch or len(batch)
         parts = [self._run(self._vpr, batch[i : i + step]) for i in range(0, len(batch), step)]
-        out = np.concatenate([p[self._vpr_output].reshape(len(p[self._vpr_output]), -1) for p in parts])
-        return np.ascontiguousarray(out[: len(batch)], dtype=np.float32)
+        out = np.concatenate([p[self._vpr_output] for p in parts])[: len(batch)]
+        if out.ndim != 2:
+            raise InferenceError(
+                f"the VPR output {self._vpr_output!r} has shape {list(out.shape)}; a descriptor must be [N, D]",
+                path=self._vpr.path,
+            )
+        values = out.astype(np.float32)
+        norms = np.linalg.norm(values.astype(np.float64), axis=1, keepdims=True)
+        usable = np.isfinite(norms) & (norms > 0)
+        return np.ascontiguousarray(np.where(usable, values / np.where(usable, norms, 1.0), values), np.float32)
 
     def query(
         self,
@@ -418,10 +377,11 @@ def open_cache(
             handle = runtime.deserialize_engine(entry)
             engines[parsed.model] = _engine(parsed.model, root / name, handle)
         vpr, output = _pick_vpr(runtime, engines, int(index.d), vpr_model, root)
+        preprocessing = _signed_preprocessing(report, vpr, root)
     except BaseException:
         _release(runtime, [e.handle for e in engines.values()])
         raise
-    cache = OnboardCache(root, report, runtime, engines, vpr, output, index, table, index_report)
+    cache = OnboardCache(root, report, runtime, engines, vpr, output, index, table, index_report, preprocessing)
     logger.info(
         "opened %s: %d tiles (%s), engines %s, vpr=%s, in %.2f s (verification %.2f s)",
         root,
@@ -585,7 +545,7 @@ def _pick_vpr(
         outputs = runtime.infer(engine.handle, {engine.input_name: probe})
         for output, value in outputs.items():
             shape = np.shape(value)
-            if len(shape) >= 2 and int(np.prod(shape[1:])) == dim and shape[0] == probe.shape[0]:
+            if len(shape) == 2 and shape[1] == dim and shape[0] == probe.shape[0]:
                 found.append((engine, output))
                 break
     if len(found) != 1:
@@ -597,3 +557,20 @@ def _pick_vpr(
             path=root / "engines",
         )
     return found[0]
+
+
+def _signed_preprocessing(report: VerificationReport, vpr: _Engine, root: Path) -> Preprocess | None:
+    """The VPR backbone's preprocessing as the verified manifest records it (None for caches signed before
+    it was recorded), checked against the engine's input shape where the runtime reports it."""
+    signed = report.preprocess.get(vpr.model)
+    if signed is None:
+        return None
+    prep = Preprocess.from_signed(signed)  # the verifier already parsed this block
+    if vpr.probe_shape is not None and tuple(vpr.probe_shape[1:]) != prep.input_shape(1)[1:]:
+        raise CacheOpenError(
+            f"the manifest's preprocessing for {vpr.model!r} makes {list(prep.input_shape(1)[1:])} inputs but the "
+            f"engine takes {list(vpr.probe_shape[1:])}",
+            hint="re-provision the cache",
+            path=vpr.path,
+        )
+    return prep

@@ -73,6 +73,7 @@ from cryptography.exceptions import InvalidSignature
 from .coverage import coverage_digest
 from .errors import InferenceRuntimeError
 from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
+from .preprocessing import Preprocess
 from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, root_store_path
 
 if TYPE_CHECKING:
@@ -152,6 +153,7 @@ class FailureCode(enum.StrEnum):
     COVERAGE_INCONSISTENT = "coverage_inconsistent"
     COVERAGE_TABLE_INVALID = "coverage_table_invalid"
     COVERAGE_MISMATCH = "coverage_mismatch"
+    PREPROCESS_INVALID = "preprocess_invalid"
 
 
 def printable(text: object) -> str:
@@ -252,6 +254,8 @@ class VerificationReport:
     verified_keyids: list[str] = field(default_factory=list)
     trust_root_version: int | None = None
     payload_sha256: str | None = None
+    # model name → its signed preprocessing block (navcache_runtime.preprocessing.Preprocess.to_signed), parsed
+    preprocess: dict[str, dict[str, Any]] = field(default_factory=dict)
     bytes_hashed: int = 0
     elapsed_s: float = 0.0
 
@@ -1040,6 +1044,22 @@ class CacheVerifier:
         coverage = pfield("coverage")
         if "coverage" in predicate:
             self._check_coverage_aggregate(coverage)
+
+        if "preprocess" in predicate:  # optional: caches signed before it was recorded lack it
+            self._check_preprocess(predicate["preprocess"])
+
+    def _check_preprocess(self, blocks: object) -> None:
+        """``predicate.preprocess``: model name → the preprocessing its descriptors were made with."""
+        if not isinstance(blocks, dict):
+            self._fail(FailureCode.PREPROCESS_INVALID, "predicate.preprocess", "must be an object of model names")
+            return
+        for model, block in blocks.items():
+            try:
+                Preprocess.from_signed(block)
+            except ValueError as exc:
+                self._fail(FailureCode.PREPROCESS_INVALID, f"predicate.preprocess[{model!r}]", str(exc))
+                continue
+            self.report.preprocess[model] = dict(block)
 
     def _check_coverage_aggregate(self, coverage: object) -> None:
         where = "predicate.coverage"
