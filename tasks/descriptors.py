@@ -15,6 +15,7 @@ from navcache.descriptors import DescriptorEngine, Preprocessing, ShardResult, d
 from navcache.imagery import TileSource, file_version, open_tile_source
 from navcache.tiles import ChunkGrid, ShardPlan
 from navcache_runtime import EngineCacheEntry, RuntimeConfig, build_inference_runtime
+from navcache_runtime.preprocessing import Preprocess
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,9 @@ class DescriptorJob:
     out_dir: Path
     total_chunks: int
     progress_artifact: UUID | None = None
+    # The vpr backbone's declared preprocessing (the sortie's [backbones.preprocess]); None = the defaults
+    # at input_shape's size.
+    preprocessing: Preprocess | None = None
 
 
 _engines: dict[tuple[str, str], DescriptorEngine] = {}
@@ -115,7 +119,7 @@ def describe_shard_task(plan: ShardPlan, job: DescriptorJob) -> ShardResult:
         source=_source(job),
         grid=job.grid,
         engine=_engine(job),
-        preprocessing=Preprocessing.for_input_shape(job.input_shape),
+        preprocessing=job.preprocessing or Preprocessing.for_input_shape(job.input_shape),
         out_dir=job.out_dir,
         on_batch=lambda n: _count(job, n),
     )
