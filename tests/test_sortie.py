@@ -612,7 +612,7 @@ def _backbone(name: str, role: str = "vpr", **extra: Any) -> dict[str, Any]:
         "name": name,
         "onnx": "models/tiny_vpr.onnx",
         "role": role,
-        "precision": "fp16",
+        "precision": "fp32",  # fp16 needs a GPU provider (validate_models checks the host)
         "shape": [8, 3, 64, 64],
         **extra,
     }
