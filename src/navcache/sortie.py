@@ -47,15 +47,39 @@ Layout (every field, with its default; relative paths are resolved against this 
     name = "tiny_vpr"                 # letters, digits, '.', '-', single '_' (it names engine files)
     onnx = "models/tiny_vpr.onnx"     # must exist
     role = "vpr"                      # vpr (global descriptor) | local (features for re-ranking)
-    precision = "fp32"                # fp32 | fp16 | int8
+    precision = "fp32"                # fp32 | fp16 | int8 (onnx_trt_ep: fp16 needs the CUDA or TensorRT
+    #                                 # provider, int8 TensorRT; refused in preflight where the host lacks it)
     input = "image"                   # default "image": the graph input the tiles are fed to
-    shape = [8, 3, 128, 128]          # a fixed shape, or instead a range:
+    shape = [8, 3, 128, 128]          # a fixed shape, or instead a range (below). vpr: a fixed shape with
+    #                                 # batch > 1 builds the profile min [1, ...], opt = max = the shape, so
+    #                                 # one onboard frame costs one image; if the model's batch axis is fixed,
+    #                                 # the shape is kept and a warning says a frame costs the whole batch
     # [backbones.profile]
     # min = [1, 3, 128, 128]
-    # opt = [8, 3, 128, 128]
+    # opt = [8, 3, 128, 128]          # vpr: the image size the tiles are resized to (H, W of opt)
     # max = [16, 3, 128, 128]
-    # output = "descriptor"           # vpr: the float descriptor output; default the first output
+    # output = "descriptor"           # vpr: the descriptor output, a FLOAT/FLOAT16 [N, D] tensor; required
+    #                                 # when the model has several outputs or its first is not [N, D]
     # [backbones.builder_options]     # passed to the runtime's engine builder (strings, numbers, bools)
+    # [backbones.preprocess]          # vpr only: how a tile (and onboard, a camera frame) becomes the input
+    # resize = "squash"               # squash (stretch to H x W) | center_crop (largest centred region of the
+    #                                 # input's aspect, then resize) | pad (black borders to that aspect, then
+    #                                 # resize); resizing is Pillow's bilinear filter
+    # mean = [0.485, 0.456, 0.406]    # per channel, in the model's channel order; default ImageNet's
+    # std = [0.229, 0.224, 0.225]     #   (x 255 with scale = "byte"); kept to 6 decimals
+    # scale = "unit"                  # unit: (v / 255 - mean) / std | byte: (v - mean) / std, v = 0..255
+    # channels = "RGB"                # RGB | BGR
+    # layout = "NCHW"                 # NCHW: shape [N, 3, H, W] | NHWC: shape [N, H, W, 3]
+
+The bring-your-own backbone contract (vpr): the model takes one float image batch in the declared layout,
+preprocessed as declared (the defaults are navcache's original behaviour: squash, ImageNet mean/std, unit
+scale, RGB, NCHW), and returns a float [N, D] descriptor. The preprocessing is one definition
+(:mod:`navcache_runtime.preprocessing`) used for the tiles and, from the signed manifest
+(``predicate.preprocess``), by ``open_cache(...).preprocess`` for camera frames. Descriptors are
+L2-normalised (retrieval is by cosine) and stored as float16, so raw outputs of any scale are fine.
+:func:`validate_models` refuses, before anything runs: a shape in the other layout than declared (or than the
+model's fixed dims), an output that is not [N, D] or an unnamed one among several, and a precision the host's
+runtime cannot build.
 
 Errors are :class:`navcache.errors.SortieError` with ``where`` = ``"<file> <table>.<field>"`` (for
 example ``sortie.toml [tiles].zom``) and a ``hint`` saying how to fix it. ``validate_models`` (it needs
