@@ -141,7 +141,8 @@ def test_rotation_story_revoked_operator_refused_new_one_accepted_old_root_rejec
     # a fresh drone that never saw v2 accepts A's cache... until the cache ships v2 with it
     fresh = fleet.tmp / "fresh/state.json"
     assert fleet.verify(cache_a, state_path=fresh).ok
-    shutil.copytree(cache_b.root / "trust", cache_a.root / "trust")
+    assert [p.name for p in (cache_a.root / "trust").iterdir()] == ["root-1.json"]  # shipped when A signed
+    shutil.copytree(cache_b.root / "trust", cache_a.root / "trust", dirs_exist_ok=True)
     assert F.KEY_REVOKED in fleet.verify(cache_a, state_path=fresh).codes
 
 
@@ -198,7 +199,7 @@ def test_bootstrap_root_needs_its_own_threshold_and_a_forged_update_is_refused(f
     payload["roles"]["root"] = {"keyids": [fleet.a.keyid], "threshold": 1}
     body = rfc8785.dumps(payload)
     sig = attacker.sign(pae(ROOT_PAYLOAD_TYPE, body))
-    (cache_a.root / "trust").mkdir()
+    (cache_a.root / "trust").mkdir(exist_ok=True)
     (cache_a.root / "trust/root-2.json").write_text(
         json.dumps(
             {
@@ -288,6 +289,7 @@ def test_fast_forward_and_deleted_state_are_recovered_through_the_trust_root(fle
     assert report.ok, report.summary()
     assert json.loads(fleet.state.read_text())["version"] == 7
 
+    old_b = fleet.cache("old-b", fleet.b, version=4, root_version=2)
     # the state file is deleted: refused (not silently restarted) while the device holds root v2 ...
     fleet.state.unlink()
     report = fleet.verify(cache_b)
@@ -299,10 +301,12 @@ def test_fast_forward_and_deleted_state_are_recovered_through_the_trust_root(fle
     ship_roots(fleet.trust, cache_b.root)
     report = fleet.verify(cache_b)
     assert report.ok, report.summary()
-    old_b = fleet.cache("old-b", fleet.b, version=4, root_version=2)
-    shutil.copytree(cache_b.root / "trust", old_b.root / "trust")
+    shutil.copytree(cache_b.root / "trust", old_b.root / "trust", dirs_exist_ok=True)
     report = fleet.verify(old_b, state_path=fleet.tmp / "fresh/state.json")
     assert F.ROLLBACK in report.codes and "min_manifest_version=5" in report.summary()
+    # the ground refuses to sign below the floor too (it ships v3 and verifies as a drone would)
+    with pytest.raises(ManifestError, match="below trust root v3's floor"):
+        fleet.cache("older-b", fleet.b, version=3, root_version=2)
 
 
 def test_a_plain_trusted_keys_file_keeps_working_as_a_pinned_root(tmp_path: Path) -> None:

@@ -406,6 +406,10 @@ def sign_manifest(
 ) -> Path:
     """Sign ``statement`` and install it as ``cache_root/manifest.dsse.json``.
 
+    ``trusted_keys`` is a plain ``trusted_keys.json`` or a signed trust root (``root-N.json``; the complete
+    versions beside it are shipped into ``cache_root/trust/``); ``signing_key`` is a PKCS#8 key file or
+    ``sslib:<keyid>:<private key URI>`` (:func:`navcache.keys.load_signer`).
+
     Refuses a key that is not on the ``trusted_keys`` allowlist and a version that is not above the existing
     manifest's. The envelope is written to a temp file beside the manifest, verified there with
     :func:`navcache_runtime.verify.verify_cache` (same trusted keys, airborne mode, ``now`` = issued_at),
@@ -447,6 +451,12 @@ def sign_manifest(
             where=str(trusted_keys),
             hint="publish a new trust-root version (`navcache trust add-key`/`sign`) and point the sortie at it",
         )
+    if isinstance(anchor, TrustRoot):
+        from .trustroot import ship_roots
+
+        # Drones take up the root versions they lack from CACHE/trust/ (a revocation reaches the fleet with
+        # the next cache); the check below then verifies against the newest, as a drone will.
+        ship_roots(Path(trusted_keys).parent, root)
     envelope = make_envelope(payload, [key])
 
     tmp = temp_path_for(final)
@@ -456,7 +466,7 @@ def sign_manifest(
             handle.write(envelope)
             handle.flush()
             os.fsync(handle.fileno())
-        report = verify_cache(root, trusted, mode="airborne", now=issued_at, manifest_path=tmp)
+        report = verify_cache(root, anchor, mode="airborne", now=issued_at, manifest_path=tmp)
         if not report.ok:
             details = "; ".join(str(f) for f in report.failures[:5])
             more = f" (+{len(report.failures) - 5} more)" if len(report.failures) > 5 else ""

@@ -24,7 +24,6 @@ import base64
 import json
 import logging
 import re
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -340,7 +339,6 @@ def ship_roots(directory: Path | str, cache_root: Path | str) -> list[Path]:
             logger.warning("trust root v%d is not fully signed yet; not shipped (%s)", version, status.problem)
             break
         target = cache_root / TRUST_DIR / f"root-{version}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(status.path, target)
+        atomic_write_bytes(target, _read(status.path))  # a torn copy would make drones refuse the cache
         shipped.append(target)
     return shipped
