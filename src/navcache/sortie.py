@@ -106,7 +106,15 @@ from shapely.validation import explain_validity
 
 from navcache_runtime.errors import EngineSchemaMismatchError
 from navcache_runtime.naming import EngineName
-from navcache_runtime.preprocessing import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES, SCALES, Preprocess
+from navcache_runtime.preprocessing import (
+    CHANNEL_ORDERS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    LAYOUTS,
+    RESIZE_MODES,
+    SCALES,
+    Preprocess,
+)
 from navcache_runtime.types import (
     PRECISIONS,
     RUNTIME_LABELS,
@@ -765,7 +773,7 @@ def _read_preprocess(table: _Table, role: str) -> tuple[tuple[str, Any], ...]:
             raise sub.error(
                 key,
                 f"{key} must be 3 numbers, one per channel in the model's channel order, got {_short(value)}",
-                hint=f"e.g. {key} = {list(Preprocess(1, 1).mean if key == 'mean' else Preprocess(1, 1).std)}",
+                hint=f"e.g. {key} = {list(IMAGENET_MEAN if key == 'mean' else IMAGENET_STD)}",
             )
         options[key] = tuple(float(v) for v in value)
     try:
