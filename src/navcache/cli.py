@@ -1,6 +1,9 @@
 """`navcache`: provision (ground), keygen, verify (delegates to the onboard verifier), inspect, gc.
 
-User mistakes print one clear error (what, where, how to fix) and exit non-zero; never a traceback.
+User mistakes print one clear error (what, where, how to fix) and exit non-zero; never a traceback. Exit
+statuses are :class:`navcache.errors.ExitCode` (README's exit-code table). Everything the user reads is printed
+literally (``markup=False`` or :class:`rich.text.Text`): sortie text such as ``[tiles]`` or ``[[backbones]][0]``
+in a message, a path or a sortie id is never taken for console markup.
 """
 
 from __future__ import annotations
@@ -17,9 +20,10 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import progress
-from .errors import NavcacheError
+from .errors import CacheLockedError, ExitCode, NavcacheError, ProvisionError
 
 app = typer.Typer(
     add_completion=False,
@@ -40,11 +44,36 @@ class _OurRecordsOnly(logging.Filter):
         return record.name.split(".")[0] in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows")
 
 
+class _PreflightOnce(logging.Filter):
+    """Preflight runs twice: in the CLI, so bad input is refused before Prefect starts, and again inside the
+    flow, which must validate what it is given on its own (deployments call it without the CLI). The lines
+    the CLI's preflight printed are dropped once each when the flow's preflight logs them again, so ``-v``
+    shows them once; anything new (or different) the flow's preflight says is still printed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = False
+        self._pending: list[tuple[str, int, str]] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.levelno, record.getMessage())
+        if self.recording:
+            self._pending.append(key)
+        elif key in self._pending:
+            self._pending.remove(key)
+            return False
+        return True
+
+
+_preflight_once = _PreflightOnce()
+
+
 def _setup_logging(verbose: bool) -> None:
     # No telemetry from the ephemeral server: these machines are offline and it would log an error.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     handler = RichHandler(console=err, show_path=False, show_time=False, markup=False)
     handler.addFilter(_OurRecordsOnly())
+    handler.addFilter(_preflight_once)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
     for name in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows"):
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
@@ -67,39 +96,58 @@ def _quiet_prefect_console() -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    # Literal text (never markup: "[tiles]" must survive) on one line however narrow the terminal.
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
+def _run_failed(exc: NavcacheError) -> None:
+    """An error raised once the flow has started: exit FAILED whatever its class (a SourceError from a shard
+    read is no longer "refused before anything is written"), LOCKED for the lock timeout."""
+    if isinstance(exc, CacheLockedError):
+        _fail(f"{exc}; nothing was written", ExitCode.LOCKED)
+    untouched = "; the run stopped, the previous cache and manifest are untouched"
+    _fail(f"{exc}{'' if isinstance(exc, ProvisionError) else untouched}", ExitCode.FAILED)
+
+
+def _row(table: Table, *cells: str) -> None:
+    table.add_row(*(Text(cell) for cell in cells))  # literal: names and paths may hold brackets
+
+
 def _summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=f"sortie {summary['sortie_id']}: cache {summary['cache_dir']}")
+    table = Table(title=Text(f"sortie {summary['sortie_id']}: cache {summary['cache_dir']}"))
     table.add_column("step")
     table.add_column("result")
     for engine in summary["engines"]:
         extra = f", max error {engine['max_abs_error']:.2g}" if engine["max_abs_error"] is not None else ""
-        table.add_row(
+        _row(
+            table,
             f"engine {engine['backbone']}",
             f"{engine['outcome']} in {engine['seconds']:.2f} s{extra}"
             + (f" ({engine['reason']})" if engine["outcome"] == "BUILT" else ""),
         )
     tiles, shards, index, cov = summary["tiles"], summary["shards"], summary["index"], summary["coverage"]
-    table.add_row("tiles", f"{tiles['storage_tiles']} storage tiles, {tiles['chunks']} retrieval chunks")
-    table.add_row(
+    _row(table, "tiles", f"{tiles['storage_tiles']} storage tiles, {tiles['chunks']} retrieval chunks")
+    _row(
+        table,
         "shards",
         f"{shards['computed']} computed, {shards['reused']} reused ({shards['inferred_chunks']} chunks through the "
         f"engine in {shards['inference_batches']} batches)",
     )
-    table.add_row(
+    _row(
+        table,
         "index",
         f"{index['type']}, {index['vectors']} vectors, recall@1 {index['recall_at_1']:.3f}, "
         f"recall@10 {index['recall_at_10']:.3f}",
     )
-    table.add_row(
+    _row(
+        table,
         "coverage",
         f"{cov['percent']:.2f} % (threshold {cov['threshold']} %): {cov['covered']} covered, "
         f"{cov['blank']} blank, {cov['missing']} missing",
     )
-    table.add_row(
+    _row(
+        table,
         "manifest",
         f"v{summary['manifest_version']} {summary['manifest']} — "
         f"{'verified' if summary['verified'] else 'NOT VERIFIED'}",
@@ -121,14 +169,17 @@ def provision(
 
     from .preflight import preflight
 
+    _preflight_once.recording = True
     try:  # bad input fails here, in a second, before Prefect starts or anything is written
         preflight(sortie, cache_dir)
     except NavcacheError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(str(exc), ExitCode.REFUSED)
+    finally:
+        _preflight_once.recording = False
     _quiet_prefect_console()
 
     bars = Progress(
-        TextColumn("{task.description:>12}"),
+        TextColumn("{task.description:>12}", markup=False),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
@@ -151,15 +202,23 @@ def provision(
         with bars:
             summary = provision_sortie(str(sortie), str(cache_dir) if cache_dir else None, lock_timeout)
     except NavcacheError as exc:
-        _fail(str(exc), exc.exit_code)
+        _run_failed(exc)
     except InferenceRuntimeError as exc:
-        _fail(str(exc), 1)
+        _fail(str(exc), ExitCode.FAILED)
+    except RuntimeError as exc:  # Prefect's "Timed out while attempting to connect to ephemeral Prefect API"
+        if "Prefect API" not in str(exc):
+            raise
+        _fail(
+            f"{exc} (fix: run again on a less busy machine, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, "
+            "or point PREFECT_API_URL at a running server); the previous cache and manifest are untouched",
+            ExitCode.FAILED,
+        )
     except OSError as exc:  # full disk, I/O error: every write is atomic, so nothing old was touched
         where = f"{exc.filename}: " if exc.filename else ""
         _fail(
             f"{where}{exc.strerror or exc}; the previous cache and manifest are untouched "
             "(fix: free space or check the disk, then provision again)",
-            1,
+            ExitCode.FAILED,
         )
     finally:
         progress.install(None)
@@ -167,7 +226,7 @@ def provision(
         print(json.dumps(summary, indent=2))
     else:
         out.print(_summary_table(summary))
-    raise typer.Exit(0 if summary["verified"] else 1)
+    raise typer.Exit(ExitCode.OK if summary["verified"] else ExitCode.FAILED)
 
 
 @app.command()
@@ -181,7 +240,7 @@ def demo(
     from .demo import ensure_demo_assets
     from .keys import generate_keypair
 
-    err.print(f"preparing demo assets in {directory / 'generated'} (first run: about a minute)")
+    err.print(f"preparing demo assets in {directory / 'generated'} (first run: about a minute)", markup=False)
 
     def make_keys(keys: Path) -> None:
         generate_keypair(keys, name="operator")
@@ -206,22 +265,22 @@ def keygen(
 
     passphrase = None
     if passphrase_env and no_passphrase:
-        _fail("--passphrase-env and --no-passphrase contradict each other; give one", 2)
+        _fail("--passphrase-env and --no-passphrase contradict each other; give one", ExitCode.REFUSED)
     if passphrase_env:
         value = os.environ.get(passphrase_env)
         if not value:
-            _fail(f"${passphrase_env} is empty or unset", 2)
+            _fail(f"${passphrase_env} is empty or unset", ExitCode.REFUSED)
         passphrase = value.encode() if value else None
     elif not no_passphrase:
         if not sys.stdin.isatty():
             _fail(
                 "the private key is encrypted with a passphrase by default, and there is no terminal to ask for one "
                 "(fix: --passphrase-env VAR, or --no-passphrase for CI and tests)",
-                2,
+                ExitCode.REFUSED,
             )
         value = typer.prompt("passphrase for the private key", hide_input=True, confirmation_prompt=True)
         if not value:
-            _fail("empty passphrase (fix: type one, or use --no-passphrase)", 2)
+            _fail("empty passphrase (fix: type one, or use --no-passphrase)", ExitCode.REFUSED)
         passphrase = value.encode()
     try:
         paths = generate_keypair(directory, name=name, passphrase=passphrase)
@@ -229,19 +288,30 @@ def keygen(
         _fail(str(exc), exc.exit_code)
     out.print(
         f"private key {paths.private_key}\npublic key  {paths.public_key}\ntrusted     {paths.trusted_keys}"
-        f"\nkeyid       {paths.keyid}"
+        f"\nkeyid       {paths.keyid}",
+        markup=False,
+        highlight=False,
     )
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,  # --help goes to the onboard verifier's parser, which knows the real options
+)
 def verify(ctx: typer.Context) -> None:
-    """Verify a cache (the onboard verifier: see `navcache verify --help`)."""
+    """Verify a cache with the onboard verifier (exit 0 verified, 1 refused, 2 usage; see --help)."""
     from navcache_runtime.cli import main as runtime_main
 
     args = list(ctx.args)
     if not any(arg in ("--state", "--no-state") or arg.startswith("--state=") for arg in args):
         args.append("--no-state")  # a ground check: the rollback state lives on the drone (on there by default)
-    raise typer.Exit(runtime_main(["verify", *args]))
+    try:
+        code = runtime_main(["verify", *args])
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2, already printed); or a message
+        if isinstance(exc.code, str):
+            _fail(exc.code.removeprefix("error: "), ExitCode.REFUSED)
+        code = int(exc.code or 0)
+    raise typer.Exit(code)
 
 
 @app.command()
@@ -278,13 +348,13 @@ def gc(
             cache, ttl_days=ttl_days, max_bytes=max_bytes, dry_run=dry_run, lock_timeout_s=lock_timeout
         )
     except NavcacheError as exc:
-        _fail(str(exc), exc.exit_code)
+        _fail(str(exc), exc.exit_code)  # gc: the lock timeout is LOCKED, anything else refused before removing
     if json_output:
         print(json.dumps(report.as_dict(), indent=2))
         return
     verb = "would remove" if dry_run else "removed"
     table = Table(
-        title=f"gc {cache}: {verb} {len(report.removed)}, kept {len(report.kept)}, {report.freed} bytes freed"
+        title=Text(f"gc {cache}: {verb} {len(report.removed)}, kept {len(report.kept)}, {report.freed} bytes freed")
     )
     table.add_column("file")
     table.add_column("bytes", justify="right")
@@ -293,8 +363,62 @@ def gc(
     table.add_column("why")
     for action, items in ((verb, report.removed), ("kept", report.kept)):
         for item in items:
-            table.add_row(item.path, str(item.size), f"{item.age_days:.1f}", action, item.reason)
+            _row(table, item.path, str(item.size), f"{item.age_days:.1f}", action, item.reason)
     out.print(table)
+
+
+@app.command()
+def plan(
+    sortie: Annotated[Path, typer.Argument(help="the sortie file (TOML)")],
+    cache_dir: Annotated[Path | None, typer.Option("--cache-dir", help="override the sortie's cache_dir")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="print the plan as JSON on stdout")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Show what `provision` would do (tiles, chunks, shards, imagery coverage and upsampling, cache size,
+    engines reused or built) without writing anything or starting Prefect. Exit 2 when provision would refuse."""
+    _setup_logging(verbose)
+    from .plan import plan_sortie
+
+    try:
+        result = plan_sortie(sortie, cache_dir)
+    except NavcacheError as exc:
+        _fail(str(exc), exc.exit_code)
+    if json_output:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        imagery, size = result.imagery, result.size
+        table = Table(title=Text(f"plan for sortie {result.sortie_id}: cache {result.cache_dir}"))
+        table.add_column("item")
+        table.add_column("plan")
+        _row(table, "tiles", f"{result.storage_tiles:,} storage tiles at zoom {result.zoom}, {result.chunks:,} chunks")
+        _row(table, "shards", f"{result.shards:,}")
+        _row(table, "imagery", imagery.source)
+        _row(
+            table,
+            "coverage",
+            f"valid imagery over about {result.estimated_coverage_percent:.1f} % of the area "
+            f"(estimated from {imagery.samples:,} points)",
+        )
+        if imagery.upsampling is None:
+            _row(table, "upsampling", f"unknown (tiles {imagery.tile_m_per_px:.3g} m/px)")
+        else:
+            _row(
+                table,
+                "upsampling",
+                f"{imagery.upsampling:.3g}x (imagery {imagery.imagery_m_per_px:.3g} m/px, "
+                f"tiles {imagery.tile_m_per_px:.3g} m/px)",
+            )
+        for engine in result.engines:
+            _row(table, f"engine {engine.backbone}", f"{engine.action.upper()} ({engine.reason})")
+        _row(
+            table,
+            "cache size",
+            f"about {size.total / 2**20:.1f} MiB (engines {size.engines / 2**20:.1f}, descriptors "
+            f"{size.descriptors / 2**20:.1f}, index {size.index / 2**20:.1f})",
+        )
+        out.print(table)  # warnings (upsampling) were logged to stderr by the preflight it ran
+    if result.refusal is not None:
+        _fail(f"provision would refuse this sortie: {result.refusal}", ExitCode.REFUSED)
 
 
 from .trust_cli import app as trust_app  # noqa: E402  (the `navcache trust …` commands)
@@ -306,5 +430,5 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        err.print("interrupted; the previous cache is untouched")
-        sys.exit(130)
+        err.print("interrupted; the previous cache is untouched", markup=False, highlight=False)
+        sys.exit(ExitCode.INTERRUPTED)
