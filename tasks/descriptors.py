@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import logging
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
@@ -9,13 +11,19 @@ from uuid import UUID
 from prefect import task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import PrefectFuture
 
 from navcache import progress
 from navcache.descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_shard
-from navcache.imagery import TileSource, file_version, open_tile_source
+from navcache.imagery import TileSource, open_tile_source, source_version
 from navcache.tiles import ChunkGrid, ShardPlan
 from navcache_runtime import EngineCacheEntry, RuntimeConfig, build_inference_runtime
+from navcache_runtime.coverage import DEFAULT_BLANK_STD
 from navcache_runtime.preprocessing import Preprocess
+
+from .runlog import transient_only
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +46,14 @@ class DescriptorJob:
     # The vpr backbone's declared preprocessing (the sortie's [backbones.preprocess]); None = the defaults
     # at input_shape's size.
     preprocessing: Preprocess | None = None
+    # Every file of the orthophoto (GeoTIFF sheets); empty means just source_path.
+    source_paths: tuple[Path, ...] = ()
+    # The blank rule's contrast floor (the sortie's [orthophoto] blank_std).
+    blank_std: float = DEFAULT_BLANK_STD
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        return self.source_paths or (self.source_path,)
 
 
 _engines: dict[tuple[str, str], DescriptorEngine] = {}
@@ -70,19 +86,21 @@ _sources_lock = threading.Lock()
 
 
 def _source(job: DescriptorJob) -> TileSource:
-    """One open orthophoto per process and file version, shared by the shard threads (sources are
-    thread-safe), so opening it and digesting its blocks is paid once per run rather than per shard."""
+    """One open orthophoto per process and version of its files (every sheet, and the files a VRT names),
+    shared by the shard threads (sources are thread-safe), so opening it and digesting its blocks is paid
+    once per run rather than per shard."""
+    paths = job.sources
     try:
-        version: tuple[int, ...] | None = file_version(job.source_path)
+        version: tuple[tuple[int, ...], ...] | None = source_version(paths)
     except OSError:
         version = None  # let open_tile_source name the problem
-    identity = (job.source_kind, str(job.source_path), job.grid.tile_size)
+    identity = (job.source_kind, tuple(str(p) for p in paths), job.grid.tile_size)
     with _sources_lock:
         source = _sources.get((*identity, version))
         if source is None or version is None:
             for stale in [k for k in _sources if k[:3] == identity]:
                 del _sources[stale]  # not closed: a thread of another run may still read it; GC closes it
-            source = open_tile_source(job.source_kind, job.source_path, job.grid.tile_size)
+            source = open_tile_source(job.source_kind, paths, job.grid.tile_size)
             _sources[(*identity, version)] = source
         return source
 
@@ -112,9 +130,16 @@ def _count(job: DescriptorJob, n: int) -> None:
         update_progress_artifact(job.progress_artifact, progress=min(100.0, 100.0 * done / max(1, job.total_chunks)))
 
 
-@task(name="describe-shard", task_run_name="shard-{plan.block_x}-{plan.block_y}", cache_policy=NO_CACHE, retries=1)
+@task(
+    name="describe-shard",
+    task_run_name="shard-{plan.block_x}-{plan.block_y}",
+    cache_policy=NO_CACHE,
+    retries=1,
+    # A read hiccup on a shared filesystem is retried once; bad imagery or a failing engine is not.
+    retry_condition_fn=transient_only,
+)
 def describe_shard_task(plan: ShardPlan, job: DescriptorJob) -> ShardResult:
-    return describe_shard(
+    result = describe_shard(
         plan,
         source=_source(job),
         grid=job.grid,
@@ -122,7 +147,41 @@ def describe_shard_task(plan: ShardPlan, job: DescriptorJob) -> ShardResult:
         preprocessing=job.preprocessing or Preprocessing.for_input_shape(job.input_shape),
         out_dir=job.out_dir,
         on_batch=lambda n: _count(job, n),
+        blank_std=job.blank_std,
     )
+    log.info(
+        "shard %s-%s: %s, %d described, %d blank, %d missing (%d chunks through the engine in %d batches)",
+        plan.block_x,
+        plan.block_y,
+        "computed" if result.computed else "reused",
+        result.described,
+        result.blank,
+        result.missing,
+        result.inferred,
+        result.batches,
+    )
+    return result
+
+
+def collect_shards(
+    futures: Iterable[PrefectFuture[ShardResult]], plans: list[ShardPlan], job: DescriptorJob
+) -> list[ShardResult]:
+    """Each shard's result, in plan order, with the descriptor progress counted here in the flow from the shard
+    results: a Dask worker's per-batch counter only sees the shards of its own process. ``job`` is the flow's
+    (with the progress artifact); the workers get one without it, so no stale count lands after 100 %."""
+    results: list[ShardResult] = []
+    done, last = 0, 0.0
+    for future, plan in zip(futures, plans, strict=True):
+        results.append(future.result())
+        done += len(plan.chunks)
+        progress.advance("descriptors", len(plan.chunks))
+        now = time.monotonic()
+        if job.progress_artifact is not None and (done >= job.total_chunks or now - last >= PROGRESS_UPDATE_S):
+            last = now
+            update_progress_artifact(
+                job.progress_artifact, progress=min(100.0, 100.0 * done / max(1, job.total_chunks))
+            )
+    return results
 
 
 def reset_progress() -> None:
