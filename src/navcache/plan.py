@@ -138,7 +138,7 @@ def _engine_plans(sortie: Sortie) -> list[EnginePlan]:
     config = RuntimeConfig(runtime=sortie.runtime, engine_dir=sortie.cache_dir / "engines")
     plans = []
     try:
-        runtime = build_inference_runtime(config)
+        runtime: Any = build_inference_runtime(config)  # expected_artifacts is on the strategies, not the Protocol
         for spec in sortie.backbones:
             build = backbone_build(spec, sortie.runtime)
             entry, reason = find_reusable(runtime, build)
