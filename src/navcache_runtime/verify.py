@@ -22,7 +22,9 @@ a :class:`VerificationReport` (a step whose input is untrusted is skipped and na
    components), no duplicates, subjects == ``predicate.artifacts``; takeoff inside ``area``.
 6. **artifacts** — under the cache root (symlinks may not lead outside it), regular files; length from
    ``fstat`` first (a wrong length is reported without hashing), then a streamed, length-bounded sha256.
-   Artifacts are hashed in parallel threads (hashlib releases the GIL on large updates).
+   Artifacts are hashed in parallel threads (hashlib releases the GIL on large updates). Whatever stands in
+   an artifact's place (a directory, FIFO, socket, link loop, a file that vanishes) is a typed failure of
+   that artifact; the other artifacts are still checked and reported.
 7. **extra files** — files under the cache root that the manifest does not list are reported (warnings;
    failures with ``strict_extra=True``). Not reported: the manifest itself, temp files
    ``.navcache-tmp-*``, ground-side scan-memo entries ``.navcache-scan-*``, lock files ``*.lock``, the
@@ -66,13 +68,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal, TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 
 from .coverage import coverage_digest
 from .errors import InferenceRuntimeError
-from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes
+from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes, fdopen_regular
 from .preprocessing import Preprocess
 from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, root_store_path
 
@@ -253,6 +255,9 @@ class VerificationReport:
     coverage_percent_x100: int | None = None
     verified_keyids: list[str] = field(default_factory=list)
     trust_root_version: int | None = None
+    #: The Statement parsed from the payload bytes whose signatures held (None when they did not): what was
+    #: verified, kept so that callers never decode the envelope again (not in ``to_dict``; do not modify).
+    statement: dict[str, Any] | None = field(default=None, repr=False, compare=False)
     payload_sha256: str | None = None
     # model name → its signed preprocessing block (navcache_runtime.preprocessing.Preprocess.to_signed), parsed
     preprocess: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -263,8 +268,26 @@ class VerificationReport:
     def codes(self) -> set[FailureCode]:
         return {failure.code for failure in self.failures}
 
+    @property
+    def predicate(self) -> dict[str, Any]:
+        """The verified predicate ({} when the signatures did not hold)."""
+        predicate = (self.statement or {}).get("predicate")
+        return predicate if isinstance(predicate, dict) else {}
+
+    def signed_subjects(self) -> dict[str, str]:
+        """name → signed sha256 of every well-formed subject of the verified Statement."""
+        subjects = (self.statement or {}).get("subject")
+        result: dict[str, str] = {}
+        for entry in subjects if isinstance(subjects, list) else []:
+            digest = entry.get("digest") if isinstance(entry, dict) else None
+            sha = digest.get("sha256") if isinstance(digest, dict) else None
+            if isinstance(entry.get("name"), str) and isinstance(sha, str):
+                result[entry["name"]] = sha
+        return result
+
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
+        data = asdict(replace(self, statement=None))  # the signed Statement is not part of the report's JSON
+        del data["statement"]
         data["failures"] = [{**asdict(f), "code": str(f.code)} for f in self.failures]
         data["warnings"] = [{**asdict(f), "code": str(f.code)} for f in self.warnings]
         data["artifacts"] = [{**asdict(a), "reason": a.reason and str(a.reason)} for a in self.artifacts]
@@ -437,7 +460,7 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     """Read at most ``limit`` bytes; a larger file raises ``OSError(EFBIG)`` after reading ≤ limit + 1
     bytes (its size is checked with fstat first, so a huge file is not read at all)."""
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with _fdopen_regular(fd) as handle:
+    with fdopen_regular(fd) as handle:
         info = os.fstat(handle.fileno())
         if info.st_size > limit:
             raise OSError(errno.EFBIG, f"{info.st_size} bytes exceeds the limit of {limit}")
@@ -453,35 +476,6 @@ def _read_bounded(path: Path, limit: int) -> bytes:
     if len(data) > limit:
         raise OSError(errno.EFBIG, f"more than the limit of {limit} bytes (the file grew while read)")
     return data
-
-
-def _fdopen_regular(fd: int) -> BinaryIO:
-    """Wrap an open descriptor in an unbuffered binary file, or close it and raise ``OSError(EINVAL)``
-    when it is not a regular file. The type is checked on the raw descriptor first: ``open(fd)`` itself
-    raises a bare ``IsADirectoryError`` for a directory and leaves the descriptor open."""
-    try:
-        info = os.fstat(fd)
-    except OSError:
-        os.close(fd)
-        raise
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        raise OSError(errno.EINVAL, f"not a regular file ({_file_kind(info.st_mode)})")
-    return open(fd, "rb", buffering=0)
-
-
-def _file_kind(mode: int) -> str:
-    for test, kind in (
-        (stat.S_ISDIR, "a directory"),
-        (stat.S_ISFIFO, "a FIFO"),
-        (stat.S_ISSOCK, "a socket"),
-        (stat.S_ISCHR, "a character device"),
-        (stat.S_ISBLK, "a block device"),
-        (stat.S_ISLNK, "a symbolic link"),
-    ):
-        if test(mode):
-            return kind
-    return "not a regular file"
 
 
 def hash_open_file(handle: Any, limit: int, chunk_size: int = 1 << 20) -> tuple[int, str]:
@@ -940,6 +934,7 @@ class CacheVerifier:
             )
         if self.report.failures:
             return False
+        self.report.statement = statement  # authentic: the signatures over these exact bytes held
         self._check_schema(statement)
         # Field-level schema failures do not stop the later steps: each works on what did validate.
         return True
@@ -1401,7 +1396,7 @@ def _check_artifact_unguarded(
     except OSError as exc:
         return FailureCode.ARTIFACT_UNREADABLE, f"cannot open: {exc.strerror or exc}", 0
     try:
-        handle = _fdopen_regular(fd)
+        handle = fdopen_regular(fd)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
             return FailureCode.ARTIFACT_NOT_REGULAR, str(exc.strerror), 0
