@@ -3,8 +3,10 @@ would, and a refused or padded cache opens nothing it should not."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import shutil
 import statistics
 import time
@@ -157,14 +159,14 @@ def test_a_tampered_index_is_refused_and_nothing_is_opened(
     data = bytearray(index.read_bytes())
     data[-5] ^= 0xFF
     index.write_bytes(bytes(data))
-    opened = {name: _Spy(getattr(cache_module, name)) for name in ("load_index", "build_inference_runtime")}
+    opened = {name: _Spy(getattr(cache_module, name)) for name in ("load_verified_index", "build_inference_runtime")}
     for name, spy in opened.items():
         monkeypatch.setattr(cache_module, name, spy)
     with pytest.raises(CacheVerificationError) as refused:
         open_cache(cache, assets.trusted_keys)
     assert FailureCode.ARTIFACT_DIGEST_MISMATCH in refused.value.report.codes
     assert isinstance(refused.value, nr.InferenceRuntimeError)
-    assert {name: spy.calls for name, spy in opened.items()} == {"load_index": [], "build_inference_runtime": []}
+    assert not any(spy.calls for spy in opened.values()), {name: spy.calls for name, spy in opened.items()}
 
 
 def test_an_unlisted_index_dropped_into_the_cache_is_never_opened(
@@ -179,12 +181,15 @@ def test_an_unlisted_index_dropped_into_the_cache_is_never_opened(
     rogue.add(np.ones((1, rogue.d), np.float32))
     faiss.write_index(rogue, str(cache / "index" / "index-0000000000000000.faiss"))
     shutil.copy(next((cache / "index").glob("tiles-*.npy")), cache / "index" / "tiles-0000000000000000.npy")
+    opened = _Spy(cache_module.load_verified_index)
     read = _Spy(faiss.read_index)
+    monkeypatch.setattr(cache_module, "load_verified_index", opened)
     monkeypatch.setattr(faiss, "read_index", read)
     with open_cache(cache, assets.trusted_keys) as onboard:
         assert onboard.tile_count == len(provisioned.tiles)
         assert "index/index-0000000000000000.faiss" in onboard.report.extra_files
-    assert [Path(str(call[0])) for call in read.calls] == [listed]
+    assert [Path(call[0]) for call in opened.calls] == [listed]
+    assert not [call for call in read.calls if isinstance(call[0], str)]  # faiss never opens a file by name
 
 
 def test_open_query_and_describe_without_the_provisioning_stack(
@@ -218,3 +223,108 @@ def test_open_query_and_describe_without_the_provisioning_stack(
     assert result["first"] == list(zxy(tile)) and result["near"] == [list(zxy(tile))]
     assert result["blocked_loaded"] == [] and result["faiss"] and not result["faiss_at_import"]
     assert math.isfinite(result["opened_s"]) and json.dumps(result)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Load what was verified: files swapped between verification and loading (issue 14, hole 3)
+
+
+def _reversed_index(listed: Path) -> bytes:
+    """The attacker's index: the same vectors in reverse row order, so every top-1 names another tile."""
+    import faiss
+
+    real = faiss.read_index(str(listed))
+    rogue = faiss.IndexFlatIP(real.d)
+    rogue.add(real.reconstruct_n(0, real.ntotal)[::-1].copy())
+    return bytes(faiss.serialize_index(rogue))
+
+
+def _top1(cache: nr.OnboardCache, provisioned: Provisioned) -> tuple[np.ndarray, list[tuple[int, int, int]]]:
+    frames = np.stack([cache.preprocess(provisioned.pixels[t]) for t in provisioned.tiles])
+    descriptors = cache.describe(frames)
+    return descriptors, [hits[0].tile for hits in cache.query_batch(descriptors, k=1)]
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_an_index_swapped_right_after_it_was_hashed_is_not_the_one_loaded(
+    provisioned: Provisioned, assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mmap: bool
+) -> None:
+    from navcache_runtime import index as index_module
+
+    cache = Path(shutil.copytree(provisioned.cache, tmp_path / "cache", symlinks=True))
+    listed = next((cache / "index").glob("index-*.faiss"))
+    attacker = _reversed_index(listed)
+    real_sha256 = hashlib.sha256
+
+    class SwapAfterHash:  # index.py's hashlib: hash what faiss will read, then the attacker renames
+        @staticmethod
+        def sha256(data: Any) -> Any:
+            digest = real_sha256(data)
+            staged = listed.with_name(".attack")
+            staged.write_bytes(attacker)
+            os.replace(staged, listed)
+            return digest
+
+    monkeypatch.setattr(index_module, "hashlib", SwapAfterHash)
+    with open_cache(cache, assets.trusted_keys, mmap=mmap) as onboard:
+        assert listed.read_bytes() == attacker  # the swap happened while the cache was opening
+        _, top1 = _top1(onboard, provisioned)
+    assert top1 == [zxy(t) for t in provisioned.tiles]  # the verified index answered, not the attacker's
+
+
+def test_an_index_swapped_between_verification_and_loading_is_refused(
+    provisioned: Provisioned, assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = Path(shutil.copytree(provisioned.cache, tmp_path / "cache", symlinks=True))
+    listed = next((cache / "index").glob("index-*.faiss"))
+    attacker = _reversed_index(listed)
+    real_verify = cache_module.verify_cache
+
+    def verify_then_swap(*args: Any, **kwargs: Any) -> Any:
+        report = real_verify(*args, **kwargs)
+        listed.write_bytes(attacker)
+        return report
+
+    monkeypatch.setattr(cache_module, "verify_cache", verify_then_swap)
+    with pytest.raises(nr.InferenceRuntimeError, match="changed after the cache verified"):
+        open_cache(cache, assets.trusted_keys)
+
+
+def test_an_engine_swapped_right_after_the_gate_hashed_it_is_not_the_one_loaded(
+    provisioned: Provisioned, assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_load_verified import swap_after_gate_hash
+
+    with open_cache(provisioned.cache, assets.trusted_keys) as pristine:
+        expected, expected_top1 = _top1(pristine, provisioned)
+        vpr = pristine._vpr.path.relative_to(provisioned.cache)
+        other = next(e.path for m, e in pristine._engines.items() if m != pristine.vpr_model)
+    cache = Path(shutil.copytree(provisioned.cache, tmp_path / "cache", symlinks=True))
+    attacker = (cache / other.relative_to(provisioned.cache)).read_bytes()  # a valid engine, another model
+    swapped = swap_after_gate_hash(monkeypatch, cache / vpr, attacker)
+    with open_cache(cache, assets.trusted_keys, vpr_model=pristine.vpr_model) as onboard:
+        assert swapped == [cache / vpr] and (cache / vpr).read_bytes() == attacker
+        descriptors, top1 = _top1(onboard, provisioned)
+    np.testing.assert_array_equal(descriptors, expected)
+    assert top1 == expected_top1
+
+
+@pytest.mark.parametrize("victim", ["engine", "sidecar"])
+def test_an_engine_replaced_by_a_directory_after_verification_is_a_typed_error(
+    provisioned: Provisioned, assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, victim: str
+) -> None:
+    cache = Path(shutil.copytree(provisioned.cache, tmp_path / "cache", symlinks=True))
+    engine = next(p for p in (cache / "engines").iterdir() if p.suffix in (".onnx", ".pt2", ".engine"))
+    path = engine if victim == "engine" else engine.with_name(engine.name + ".sha256")
+    real_verify = cache_module.verify_cache
+
+    def verify_then_swap(*args: Any, **kwargs: Any) -> Any:
+        report = real_verify(*args, **kwargs)
+        path.unlink()
+        path.mkdir()
+        return report
+
+    monkeypatch.setattr(cache_module, "verify_cache", verify_then_swap)
+    with pytest.raises(nr.InferenceRuntimeError, match="not a regular file") as refused:
+        open_cache(cache, assets.trusted_keys)
+    assert not isinstance(refused.value, OSError)

@@ -21,17 +21,19 @@ smallest shape (this doubles as the warm-up the first real frame would pay) and 
 engine with an output of shape ``(N, D)`` where ``D`` is the index's dimension. None or several → a
 :class:`CacheOpenError` asking for ``vpr_model``.
 
-Residual window: the index file is memory-mapped by name after verification; a process that can rewrite
-files under the cache root between the two steps could swap it (engines are re-hashed by the gate against
-the signed digest, table and report are hashed as read). Mount the cache read-only on the airframe.
+**Load what was verified.** Nothing is reopened by name after its hash was checked: the index is opened
+once, mapped (or read), and the mapping itself is hashed against the signed digest before faiss reads the
+index from it; each engine is read once by the engine gate, hashed against its sidecar and the signed
+digest, and deserialised from those bytes (an AOTInductor package from a private copy written while
+hashing); the tile table and index report are hashed as read and parsed from those bytes. A file swapped
+under the cache root after verification is therefore refused or never seen, and every failure is an
+:class:`~navcache_runtime.errors.InferenceRuntimeError`. Residual: an in-place write to the mapped index
+file (write permission on the file itself) can still reach its pages later; mount the cache read-only.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import hashlib
 import json
 import logging
 import re
@@ -49,7 +51,8 @@ from .config import RuntimeConfig, load_runtime_config
 from .errors import InferenceError, InferenceRuntimeError
 from .factory import build_inference_runtime
 from .gate import entry_from_artifact
-from .index import FaissIndex, ids_near, load_index, search, tile_table_from_bytes
+from .index import FaissIndex, ids_near, load_verified_index, search, tile_table_from_bytes
+from .integrity import read_hashed
 from .naming import EXTENSIONS, parse_engine_name
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .protocol import InferenceRuntime
@@ -341,7 +344,7 @@ def open_cache(
     report = verify_cache(root, trusted_keys, mode=mode, now=now, state_path=state_path_from(state_path))
     if not report.ok:
         raise CacheVerificationError(report)
-    subjects = _verified_subjects(root, report)
+    subjects = report.signed_subjects()  # what was verified, kept by the verifier (never decoded again)
 
     index_name, table_name, report_name = _index_names(root, subjects)
     table = tile_table_from_bytes(_read_signed(root, table_name, subjects), str(root / table_name))
@@ -349,7 +352,7 @@ def open_cache(
     if report_name is not None:
         loaded = json.loads(_read_signed(root, report_name, subjects))
         index_report = loaded if isinstance(loaded, dict) else {}
-    index = load_index(root / index_name, mmap=mmap)
+    index = load_verified_index(root / index_name, subjects[index_name], mmap=mmap)  # the signed bytes only
     if index.ntotal != len(table):
         raise CacheOpenError(
             f"{index_name} holds {index.ntotal} vectors but {table_name} has {len(table)} rows",
@@ -395,36 +398,14 @@ def open_cache(
     return cache
 
 
-def _verified_subjects(root: Path, report: VerificationReport) -> dict[str, str]:
-    """name → signed sha256, from the manifest bytes whose payload digest the verifier just accepted."""
-    manifest = Path(report.manifest) if report.manifest else root / MANIFEST_NAME
-    try:
-        with manifest.open("rb") as handle:
-            raw = handle.read(_MAX_MANIFEST_BYTES + 1)
-        envelope = json.loads(raw)
-        payload = base64.b64decode(envelope["payload"], validate=True)
-    except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
-        raise CacheOpenError(
-            f"the manifest changed or became unreadable after it verified: {exc}", path=manifest
-        ) from exc
-    if hashlib.sha256(payload).hexdigest() != report.payload_sha256:
-        raise CacheOpenError(
-            "the manifest changed after it verified (payload digest differs)",
-            hint="mount the cache read-only and open it again",
-            path=manifest,
-        )
-    statement = json.loads(payload)
-    return {s["name"]: s["digest"]["sha256"] for s in statement["subject"]}
-
-
 def _read_signed(root: Path, name: str, subjects: Mapping[str, str]) -> bytes:
     """Read a small listed artifact once and check it against its signed digest before use."""
     path = root / name
     try:
-        data = path.read_bytes()
+        data, digest = read_hashed(path)  # a directory or FIFO swapped in is an error, not a hang
     except OSError as exc:
-        raise CacheOpenError(f"cannot read {name}: {exc}", path=path) from exc
-    if hashlib.sha256(data).hexdigest() != subjects[name]:
+        raise CacheOpenError(f"cannot read {name}: {exc.strerror or exc}", path=path) from exc
+    if digest != subjects[name]:
         raise CacheOpenError(
             f"{name} changed after the cache verified", hint="mount the cache read-only and open it again", path=path
         )
