@@ -49,6 +49,7 @@ from navcache_runtime.integrity import write_artifact_once
 from navcache_runtime.preprocessing import Preprocess
 
 from .imagery import TileSource, read_window
+from .sortie import SelfTestConfig
 from .tiles import ChunkGrid
 from .types import TileId
 
@@ -64,45 +65,6 @@ CONSTANT_OUTPUT_STD = 1e-3
 ONBOARD_FLOOR_FRACTION = 0.8
 _PAIRS = 2000
 _PREVIEW = 6
-
-
-@dataclass(frozen=True)
-class SelfTestConfig:
-    """``[self_test]`` in the sortie file; every knob has its default here."""
-
-    samples: int = 256
-    seed: int = 0
-    max_rotation_deg: float = 20.0
-    scale_range: tuple[float, float] = (0.85, 1.15)
-    max_offset: float = 0.2  # of a chunk's width
-    brightness: float = 0.15  # +- fraction of full scale
-    contrast: float = 0.15  # contrast factor in 1 +- this
-    max_blur_px: float = 1.0  # Gaussian blur radius, pixels of the view
-    jpeg_quality: tuple[int, int] = (60, 95)
-    min_recall_at_5: float | None = None  # None: report only
-    onboard_samples: int = 32
-
-    def __post_init__(self) -> None:
-        lo, hi = self.scale_range
-        qlo, qhi = self.jpeg_quality
-        problems = [
-            (self.samples < 1, "samples must be at least 1"),
-            (not 0 <= self.max_rotation_deg <= 180, "max_rotation_deg must be within 0..180"),
-            (not 0 < lo <= hi <= 4, "scale_range must be [min, max] with 0 < min <= max <= 4"),
-            (not 0 <= self.max_offset <= 1, "max_offset must be within 0..1 (of a chunk)"),
-            (not 0 <= self.brightness <= 1, "brightness must be within 0..1"),
-            (not 0 <= self.contrast < 1, "contrast must be within 0..1"),
-            (not 0 <= self.max_blur_px <= 10, "max_blur_px must be within 0..10"),
-            (not 1 <= qlo <= qhi <= 100, "jpeg_quality must be [min, max] within 1..100"),
-            (
-                self.min_recall_at_5 is not None and not 0 <= self.min_recall_at_5 <= 1,
-                "min_recall_at_5 must be within 0..1",
-            ),
-            (not 0 <= self.onboard_samples <= 256, "onboard_samples must be within 0..256"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise ValueError(message)
 
 
 @dataclass(frozen=True)
