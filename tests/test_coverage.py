@@ -223,3 +223,50 @@ def test_walk_timing_for_a_million_tiles() -> None:
     digest = time.perf_counter() - start
     print(f"\n1e6-tile coverage walk: {walk:.2f} s in all, of which the shared digest ~{digest:.2f} s")
     assert report.total == 1_000_000
+
+
+def test_one_status_encoding_for_shards_coverage_json_and_the_runtime(report: CoverageReport) -> None:
+    """TileStatus is the only encoding: a shard's .tiles.npy, the coverage JSON and the onboard side agree
+    (shards once stored blank as 1, the coverage table as 2)."""
+    from navcache import coverage, descriptors
+    from navcache_runtime.coverage import COVERAGE_STATUSES, TileStatus
+
+    assert [(s.name, s.value) for s in TileStatus] == [("COVERED", 0), ("MISSING", 1), ("BLANK", 2)]
+    assert TileStatus.DESCRIBED is TileStatus.COVERED
+    assert (descriptors.DESCRIBED, descriptors.MISSING, descriptors.BLANK) == (0, 1, 2)
+    assert (coverage.COVERED, coverage.MISSING, coverage.BLANK) == (0, 1, 2)
+    assert COVERAGE_STATUSES == ("covered", "missing", "blank")
+    doc = report.to_json()
+    assert doc["status_codes"] == {str(s.value): s.label for s in TileStatus}
+    by_tile = {(z, x, y): code for z, x, y, code in doc["tiles"]}
+    assert by_tile[(Z, 102, 201)] == TileStatus.BLANK and by_tile[(Z, 103, 201)] == TileStatus.MISSING
+
+
+def _failing(codes: list[int]) -> CoverageReport:
+    xy = [(100 + i, 200) for i in range(len(codes))]
+    return coverage_walk(
+        ChunkGrid(Z),
+        [T(x, y) for x, y in xy],
+        [T(x, y) for (x, y), c in zip(xy, codes, strict=True) if c == 0],
+        [T(x, y) for (x, y), c in zip(xy, codes, strict=True) if c == 2],
+        threshold=99.0,
+    )
+
+
+def test_the_coverage_failure_tells_blank_from_missing() -> None:
+    all_blank = str(_failing([0, 2, 2, 2]).failure(where="s1"))
+    assert all_blank == (
+        "s1: coverage 25.00 % is below the threshold 99 % (0 missing, 3 blank of 4 tiles) (fix: the imagery is "
+        "nodata or near-uniform over 3 tiles (blank): use imagery with detail there, or lower [orthophoto] "
+        "blank_std if it is faint but usable; or lower coverage_threshold (the previous manifest stays in force))"
+    )
+    assert "extend the orthophoto" not in all_blank
+    missing = str(_failing([0, 0, 1, 1]).failure(where="s1"))
+    assert missing == (
+        "s1: coverage 50.00 % is below the threshold 99 % (2 missing, 0 blank of 4 tiles) (fix: extend the "
+        "orthophoto over the 2 tiles it does not reach (missing); or lower coverage_threshold (the previous "
+        "manifest stays in force))"
+    )
+    both = str(_failing([0, 1, 2, 2]).failure())
+    assert "over the 1 tile it does not reach (missing); the imagery is nodata or near-uniform over 2 tiles" in both
+    assert _failing([0, 1]).failure().exit_code == 1

@@ -3,6 +3,7 @@ stand in for pixels that changed."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,10 +12,19 @@ import pytest
 from PIL import Image
 
 import navcache_runtime as nr
-from navcache.descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_shard
+from navcache.descriptors import (
+    SCAN_VERSION,
+    DescriptorEngine,
+    Preprocessing,
+    ScanMemo,
+    ShardResult,
+    describe_shard,
+    load_shard,
+)
 from navcache.imagery import GeoTiffSource, TileSource
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache.types import Tile, TileId
+from navcache_runtime.coverage import DEFAULT_BLANK_STD, TileStatus
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX
 from tests.conftest import TinyModel
 from tests.support.sorties import Assets, block_tiles
@@ -72,6 +82,7 @@ def _describe(
     *,
     digests: bool = True,
     ortho: Path | None = None,
+    blank_std: float = DEFAULT_BLANK_STD,
 ) -> tuple[ShardResult, CountingSource]:
     progress: list[int] = []
     with GeoTiffSource(ortho or assets.ortho) as inner:
@@ -84,6 +95,7 @@ def _describe(
             preprocessing=Preprocessing(64, 64),
             out_dir=out,
             on_batch=progress.append,
+            blank_std=blank_std,
         )
     assert sum(progress) == len(plan.chunks), progress  # the progress bar always ends at the shard's size
     return result, source
@@ -216,3 +228,31 @@ def test_preprocessing_table_is_bit_identical_to_the_formula(size: int) -> None:
     out = np.zeros((2, 3, size, size), np.float32)
     prep(rgb, out=out[1])
     assert np.array_equal(out[1], formula) and not out[0].any()
+
+
+def test_the_blank_threshold_decides_statuses_and_keeps_its_own_memo(
+    assets: Assets, engine: DescriptorEngine, tmp_path: Path
+) -> None:
+    """[orthophoto] blank_std: a contrast floor no chunk reaches makes every chunk blank (TileStatus.BLANK, the
+    coverage table's code), under another shard key and memo; the default rule's memo still serves it."""
+    plan = _plans()[0]
+    normal, _ = _describe(assets, engine, plan, tmp_path)
+    strict, strict_source = _describe(assets, engine, plan, tmp_path, blank_std=200.0)
+    assert strict_source.reads  # a memo of another blank rule is not trusted for statuses
+    assert (strict.described, strict.blank, strict.missing) == (0, len(plan.chunks), 0)
+    assert strict.key != normal.key and len(_memo_entries(tmp_path)) == 2
+    descriptors, table = load_shard(strict)
+    assert len(descriptors) == 0 and set(table["status"].tolist()) == {TileStatus.BLANK} == {2}
+    _, table = load_shard(normal)
+    assert set(table["status"].tolist()) == {TileStatus.DESCRIBED} == {TileStatus.COVERED}
+    again, source = _describe(assets, engine, plan, tmp_path)
+    assert source.reads == [] and again.key == normal.key
+
+
+def test_a_memo_of_an_older_status_encoding_is_never_read() -> None:
+    """Scan v1/v2 memos stored blank as 1 and missing as 2; read now, those would swap meanings."""
+    rows = [["d" * 64, 1, "-"]]
+    key = "a" * 64
+    old = json.dumps({"version": "navcache-scan-v2", "key": key, "rows": rows}).encode()
+    assert ScanMemo.from_json(old) is None
+    assert ScanMemo.from_json(old.replace(b"navcache-scan-v2", SCAN_VERSION.encode())) is not None

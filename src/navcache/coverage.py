@@ -1,9 +1,10 @@
 """The coverage walk: classify every storage tile of the area as covered, blank or missing.
 
 * **covered** — at least one chunk that overlaps the tile has a descriptor;
-* **blank** — not covered, and the imagery step looked at a chunk over it and found it blank (nodata):
-  there is nothing to localise against, which is not the cache's fault;
-* **missing** — anything else: no chunk over the tile was described or found blank.
+* **blank** — not covered, and the imagery step looked at a chunk over it and found it blank (mostly nodata,
+  or near-uniform: see :class:`navcache_runtime.coverage.TileStatus`): there is nothing to localise against,
+  and more of the same imagery will not help;
+* **missing** — anything else: no chunk over the tile was described or found blank (no imagery there).
 
 ``percent = covered / total * 100`` is compared with the sortie's threshold. The report's digest is
 :func:`navcache_runtime.coverage.coverage_digest` over every (tile, status), the same function the
@@ -17,7 +18,8 @@ JSON form (``CoverageReport.to_json``)::
      "status_codes": {"0": "covered", "1": "missing", "2": "blank"},
      "tiles": [[z, x, y, code], ...]}            # sorted by (z, x, y)
 
-Status codes are indexes into :data:`navcache_runtime.coverage.COVERAGE_STATUSES`.
+Status codes are :class:`navcache_runtime.coverage.TileStatus` values, the same encoding as the shards'
+``.tiles.npy`` (where ``DESCRIBED`` = ``COVERED`` = 0).
 """
 
 from __future__ import annotations
@@ -34,16 +36,17 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from navcache_runtime.coverage import COVERAGE_STATUSES, coverage_digest_arrays
+from navcache_runtime.coverage import COVERAGE_STATUSES, TileStatus, coverage_digest_arrays
 
+from .errors import CoverageError
 from .tiles import ChunkGrid, array_to_tiles, lat_to_px, lon_to_px, tiles_to_array
 from .types import TileId
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "navcache.coverage/1"
-COVERED, MISSING, BLANK = (COVERAGE_STATUSES.index(s) for s in ("covered", "missing", "blank"))
-STATUS_CODES: dict[int, str] = dict(enumerate(COVERAGE_STATUSES))
+COVERED, MISSING, BLANK = TileStatus.COVERED, TileStatus.MISSING, TileStatus.BLANK
+STATUS_CODES: dict[int, str] = {int(status): status.label for status in TileStatus}
 
 # map colours (RGB)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -112,6 +115,29 @@ class CoverageReport:
         return (
             f"coverage {self.percent:.2f}% (threshold {self.threshold:g}%) {verdict}: "
             f"{self.covered:,} covered, {self.blank:,} blank, {self.missing:,} missing of {self.total:,} tiles"
+        )
+
+    def failure(self, where: str | None = None) -> CoverageError:
+        """The error a run below the threshold stops with; its hint tells blank tiles (the imagery is there
+        but nodata or near-uniform: more of it will not help) from missing ones (no imagery there)."""
+
+        def tiles(n: int) -> str:
+            return f"{n:,} tile" + ("" if n == 1 else "s")
+
+        fixes = []
+        if self.missing:
+            fixes.append(f"extend the orthophoto over the {tiles(self.missing)} it does not reach (missing)")
+        if self.blank:
+            fixes.append(
+                f"the imagery is nodata or near-uniform over {tiles(self.blank)} (blank): use imagery with "
+                "detail there, or lower [orthophoto] blank_std if it is faint but usable"
+            )
+        fixes.append("or lower coverage_threshold (the previous manifest stays in force)")
+        return CoverageError(
+            f"coverage {self.percent:.2f} % is below the threshold {self.threshold:g} % "
+            f"({self.missing:,} missing, {self.blank:,} blank of {tiles(self.total)})",
+            where=where,
+            hint="; ".join(fixes),
         )
 
     def manifest_fields(self, table_relpath: str) -> dict[str, Any]:
@@ -270,7 +296,8 @@ def coverage_walk(
 
 # --- picture ------------------------------------------------------------------------------------------------
 
-_PRIORITY = np.array([1, 3, 2], dtype=np.uint8)  # by status code: covered < blank < missing (0 = outside)
+_PRIORITY = np.zeros(len(TileStatus), dtype=np.uint8)  # by status code: covered < blank < missing (0 = outside)
+_PRIORITY[[COVERED, BLANK, MISSING]] = (1, 2, 3)
 _BY_PRIORITY = ("outside", "covered", "blank", "missing")
 _HEADER_PX = 34
 _MIN_WIDTH_PX = 420

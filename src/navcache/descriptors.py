@@ -1,7 +1,8 @@
 """Descriptor batching: retrieval chunks of one shard → the VPR engine → a content-addressed shard.
 
 A shard is two files in ``descriptors/``: ``{key}.desc.npy`` (float16, one row per described chunk) and
-``{key}.tiles.npy`` (every chunk of the shard with its status: described / blank / missing), each with a
+``{key}.tiles.npy`` (every chunk of the shard with its :class:`~navcache_runtime.coverage.TileStatus`:
+described 0 / missing 1 / blank 2, the coverage table's encoding), each with a
 ``.sha256`` sidecar. ``key`` hashes every chunk's pixel content, the engine's identity (artifact sha256)
 and the preprocessing, so a re-run computes only shards whose tiles, engine or preprocessing changed, and an
 interrupted run resumes: finished shards are complete files, unfinished ones never got a name.
@@ -38,6 +39,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from navcache_runtime import EngineHashMismatchError, EngineSidecarMissingError, verify_artifact, write_artifact
+from navcache_runtime.coverage import DEFAULT_BLANK_STD, TileStatus
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes
 from navcache_runtime.preprocessing import Preprocess
 
@@ -48,14 +50,16 @@ from .types import Tile, TileId
 
 log = logging.getLogger(__name__)
 
-DESCRIBED, BLANK, MISSING = 0, 1, 2
-STATUS_NAMES = {DESCRIBED: "described", BLANK: "blank", MISSING: "missing"}
+# One encoding with the coverage table (TileStatus). Until shard/scan v3 it was 0/1/2 = described/blank/missing
+# here; the versions moved on with it, so older shards and memos are recomputed, never misread.
+DESCRIBED, BLANK, MISSING = TileStatus.DESCRIBED, TileStatus.BLANK, TileStatus.MISSING
+STATUS_NAMES = {DESCRIBED: "described", MISSING: "missing", BLANK: "blank"}
 TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1")])
 _PREFETCH_BATCHES = 2
 #: Threads decoding chunks for one shard (GDAL/Pillow/numpy release the GIL; more than 4 gains little).
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Bump when pass 1's decisions change (blank rule, content hash): older memo entries then never match.
-SCAN_VERSION = "navcache-scan-v2"  # v2: shards hold L2-normalised rows; v1 memos point at raw ones
+SCAN_VERSION = "navcache-scan-v3"  # v2: shards hold L2-normalised rows; v1 memos point at raw ones; v3: TileStatus
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -166,25 +170,27 @@ class ChunkReader:
         return Tile(rgb, valid) if found else None
 
 
-def classify(tile: Tile | None) -> int:
+def classify(tile: Tile | None, blank_std: float = DEFAULT_BLANK_STD) -> TileStatus:
     if tile is None:
         return MISSING
-    return BLANK if is_blank(tile) else DESCRIBED
+    return BLANK if is_blank(tile, min_std=blank_std) else DESCRIBED
 
 
-def scan_shard(plan: ShardPlan, reader: ChunkReader) -> list[tuple[TileId, int, str]]:
+def scan_shard(
+    plan: ShardPlan, reader: ChunkReader, blank_std: float = DEFAULT_BLANK_STD
+) -> list[tuple[TileId, int, str]]:
     """Pass 1 for a source without raw digests: (chunk, status, content hash) for every chunk."""
-    rows = []
+    rows: list[tuple[TileId, int, str]] = []
     for chunk in plan.chunks:
         tile = reader.read(chunk)
-        rows.append((chunk, classify(tile), tile_content_hash(tile) if tile is not None else "-"))
+        rows.append((chunk, classify(tile, blank_std), tile_content_hash(tile) if tile is not None else "-"))
     return rows
 
 
 def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, preprocessing: Preprocessing) -> str:
     digest = hashlib.sha256()
-    # v2: rows are L2-normalised before the float16 cast (v1 shards held the raw output).
-    digest.update(f"navcache-shard-v2\n{engine_identity}\n{preprocessing.spec()}\n".encode())
+    # v2: rows are L2-normalised before the float16 cast (v1 shards held the raw output); v3: TileStatus codes.
+    digest.update(f"navcache-shard-v3\n{engine_identity}\n{preprocessing.spec()}\n".encode())
     for chunk, status, content in scan:
         digest.update(f"{chunk} {status} {content}\n".encode())
     return digest.hexdigest()
@@ -240,12 +246,20 @@ def chunk_raw_digests(plan: ShardPlan, source: TileSource, grid: ChunkGrid) -> l
 
 
 def memo_path(
-    out_dir: Path, plan: ShardPlan, source: TileSource, grid: ChunkGrid, engine_identity: str, prep: Preprocessing
+    out_dir: Path,
+    plan: ShardPlan,
+    source: TileSource,
+    grid: ChunkGrid,
+    engine_identity: str,
+    prep: Preprocessing,
+    blank_std: float = DEFAULT_BLANK_STD,
 ) -> Path:
-    """One memo per shard plan, engine, preprocessing and source format: rows align with ``plan.chunks``."""
+    """One memo per shard plan, engine, preprocessing, blank rule and source format: rows align with
+    ``plan.chunks`` (a memo's statuses hold only for the blank rule that decided them)."""
     ident = hashlib.sha256(
         f"{SCAN_VERSION}\n{source.raw_identity()}\n{grid!r}\n{engine_identity}\n{prep.spec()}\n".encode()
     )
+    ident.update(f"blank_std={blank_std!r}\n".encode())
     ident.update(";".join(str(c) for c in plan.chunks).encode())
     return out_dir / f"{SCAN_MEMO_PREFIX}{ident.hexdigest()[:40]}"
 
@@ -383,6 +397,7 @@ def _scan_batches(
     preprocessing: Preprocessing,
     batch_size: int,
     scan: list[tuple[TileId, int, str]],
+    blank_std: float = DEFAULT_BLANK_STD,
 ) -> Iterator[tuple[list[int], np.ndarray]]:
     """Pass 1 for a source with raw digests, with inference folded in: fills ``scan`` with every chunk's
     row (when exhausted) and yields (chunk indices, preprocessed batch) of the described chunks it decoded
@@ -400,7 +415,7 @@ def _scan_batches(
 
     def examine(i: int) -> tuple[int, int, str, np.ndarray | None]:
         tile = _thread_reader(readers, source, grid).read(plan.chunks[i])
-        status = classify(tile)
+        status = classify(tile, blank_std)
         content = tile_content_hash(tile) if tile is not None else "-"
         wanted = tile is not None and status == DESCRIBED and content not in known
         return i, status, content, preprocessing(tile.rgb) if wanted and tile is not None else None
@@ -435,9 +450,11 @@ def describe_shard(
     preprocessing: Preprocessing,
     out_dir: Path,
     on_batch: Callable[[int], None] | None = None,
+    blank_std: float = DEFAULT_BLANK_STD,
 ) -> ShardResult:
     """Compute (or reuse) the descriptors of one shard. ``on_batch(n)`` is told as chunks are done; over one
-    call the ``n`` add up to the shard's chunk count."""
+    call the ``n`` add up to the shard's chunk count. ``blank_std`` is the blank rule's contrast floor
+    (``[orthophoto] blank_std``); the statuses it decides are part of the shard key."""
     started = time.perf_counter()
     block = (plan.block_x, plan.block_y)
     reported = 0
@@ -449,7 +466,9 @@ def describe_shard(
             on_batch(n)
 
     raw = chunk_raw_digests(plan, source, grid)
-    memo_file = memo_path(out_dir, plan, source, grid, engine.identity, preprocessing) if raw is not None else None
+    memo_file = (
+        memo_path(out_dir, plan, source, grid, engine.identity, preprocessing, blank_std) if raw is not None else None
+    )
     memo = _read_memo(memo_file, len(plan.chunks)) if memo_file is not None else None
     # The previous shard's rows matter only where raw bytes moved (an unchanged shard is checked once, below).
     moved = memo is None or raw is None or any(row[0] != r for row, r in zip(memo.rows, raw, strict=True))
@@ -459,13 +478,13 @@ def describe_shard(
     if raw is not None:
         scan: list[tuple[TileId, int, str]] = []
         for indices, batch in _in_background(
-            _scan_batches(plan, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan)
+            _scan_batches(plan, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan, blank_std)
         ):
             fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
             batches += 1
             report(len(indices))
     else:  # no memo possible: scan first, so a stored shard costs no inference
-        scan = scan_shard(plan, ChunkReader(source, grid))
+        scan = scan_shard(plan, ChunkReader(source, grid), blank_std)
     key = shard_key(scan, engine.identity, preprocessing)
     desc_path, table_path = shard_paths(out_dir, key)
     counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_NAMES}

@@ -1,13 +1,35 @@
 """Errors the ground crew can act on. Each says what is wrong, where, and how to fix it; the CLI prints
-them without a traceback and exits non-zero."""
+them without a traceback and exits with a code from :class:`ExitCode`."""
 
 from __future__ import annotations
+
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """What every ``navcache`` command's exit status means; README's exit-code table lists the same rows
+    (a test holds them together). Scripts can rely on these: 2 and 3 guarantee nothing was written."""
+
+    OK = 0
+    #: provision: the run started (Prefect, lock, writes) and then failed, whatever the error's kind; nothing
+    #: was signed, the previous manifest and every file it names are intact. verify/inspect: the cache was
+    #: checked and REFUSED.
+    FAILED = 1
+    #: bad input or usage (sortie file, models, imagery, keys, options): refused before Prefect starts or
+    #: anything is written. verify: the cache directory or trusted-keys file is missing or invalid.
+    REFUSED = 2
+    #: another run held the cache lock past --lock-timeout (provision, gc); nothing was written.
+    LOCKED = 3
+    #: interrupted (Ctrl-C); atomic writes leave the previous cache intact.
+    INTERRUPTED = 130
 
 
 class NavcacheError(Exception):
     """Base for provisioning errors. ``where`` names the file/field; ``hint`` the fix."""
 
-    exit_code = 2
+    #: the exit status when this error refuses input *before* a run starts; once the flow has started, any
+    #: error exits ExitCode.FAILED (or LOCKED), whatever its class (the CLI decides, see ExitCode).
+    exit_code: int = ExitCode.REFUSED
 
     def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
         super().__init__(message)
@@ -37,15 +59,21 @@ class TileBudgetError(SortieError):
 class ProvisionError(NavcacheError):
     """A provisioning step failed; the previous good cache is untouched."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class CoverageError(ProvisionError):
     """Coverage is below the threshold; the previous manifest stays in force."""
 
 
+class SelfTestError(ProvisionError):
+    """The self-test's recall is below the sortie's min_recall_at_5; the previous manifest stays in force."""
+
+
 class CacheLockedError(ProvisionError):
     """Another run holds the cache lock and did not release it in time."""
+
+    exit_code = ExitCode.LOCKED
 
 
 class ManifestError(NavcacheError):

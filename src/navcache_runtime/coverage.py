@@ -1,17 +1,51 @@
-"""The coverage digest: one sha256 over every tile's coverage status, shared by the provisioning side
-(which signs it) and the onboard verifier (which re-derives it in operator mode)."""
+"""Tile statuses and the coverage digest: one encoding of a tile's status (:class:`TileStatus`) shared by the
+descriptor shards' ``.tiles.npy``, the coverage JSON and the onboard side, and one sha256 over every tile's
+status, computed by the provisioning side (which signs it) and the onboard verifier (which re-derives it in
+operator mode)."""
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from enum import IntEnum
 from operator import eq, itemgetter
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import numpy as np
 
-COVERAGE_STATUSES = ("covered", "missing", "blank")
+
+class TileStatus(IntEnum):
+    """The one status encoding, stored as uint8 in ``descriptors/*.tiles.npy`` (per retrieval chunk) and
+    in ``coverage/coverage-*.json`` (per storage tile, with its ``status_codes`` map).
+
+    * ``COVERED`` (0) — a chunk: it has a descriptor (``DESCRIBED`` is the same code); a storage tile: a
+      chunk over it has one.
+    * ``MISSING`` (1) — the imagery has no pixels there (outside it, or unreadable).
+    * ``BLANK`` (2) — the imagery is there but useless to localise against: mostly nodata (fewer than half
+      the pixels valid) or near-uniform (no channel's standard deviation reaches the blank threshold, by
+      default 2 grey levels; sortie field ``[orthophoto] blank_std``).
+    """
+
+    COVERED = 0
+    MISSING = 1
+    BLANK = 2
+    DESCRIBED = 0  # alias of COVERED: what a chunk with a descriptor is called
+
+    @property
+    def label(self) -> str:
+        """The word in the coverage table and the digest: covered, missing, blank."""
+        return self.name.lower()
+
+
+#: The blank rule (:func:`navcache.imagery.is_blank`): a chunk with fewer valid pixels than this fraction is blank.
+BLANK_MIN_VALID_FRACTION = 0.5
+#: ... and so is one where no RGB channel's standard deviation (grey levels) reaches this; ``[orthophoto]
+#: blank_std`` in the sortie file overrides it.
+DEFAULT_BLANK_STD = 2.0
+
+#: Status names by code (the digest's words); iteration skips the DESCRIBED alias.
+COVERAGE_STATUSES = tuple(status.label for status in TileStatus)
 
 _STATUS_BYTES = tuple(s.encode("ascii") for s in COVERAGE_STATUSES)
 
