@@ -296,7 +296,7 @@ def test_fp16_without_a_gpu_provider_is_refused(tmp_path: Path, assets: Assets, 
     error = _refused(_sortie(tmp_path, assets, models["vit"], shape=[8, 3, 224, 224], precision="fp16"))
     assert error.where == "sortie.toml [[backbones]][0].precision"
     assert error.message == (
-        "backbone 'vit_s14': precision 'fp16' needs the Tensorrt or CUDA execution provider, but this host's ONNX "
+        "backbone 'vit_s14': precision 'fp16' needs the TensorRT or CUDA execution provider, but this host's ONNX "
         f"Runtime offers {', '.join(ort.get_available_providers())} (the CPU provider builds fp32 engines only)"
     )
     assert error.hint == 'use precision = "fp32" on this host, or provision on the airframe with onnxruntime-gpu'
