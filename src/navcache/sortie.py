@@ -39,9 +39,27 @@ Layout (every field, with its default; relative paths are resolved against this 
     #                                 # any CRSs (e.g. two UTM zones), composited in sorted-path order, the
     #                                 # first valid pixel winning; the scan memo works per sheet
     # geotiff = "ortho.vrt"           # a GDAL VRT (alone), read as one raster; decoded on every run (no memo)
+    blank_std = 2.0                   # 0..255: a retrieval chunk is *blank* (not described, nothing to localise
+    #                                 # against) when under half its pixels are valid (nodata) or no RGB
+    #                                 # channel's standard deviation over its valid pixels reaches blank_std
+    #                                 # grey levels (near-uniform: water, snow, clipped sky). Lower it for faint
+    #                                 # but usable imagery; 0 keeps every chunk with enough valid pixels
 
     [descriptors]
     batch_size = 16
+
+    [self_test]                       # does the cache localise? (navcache.selftest; README "Self-test")
+    samples = 256                     # drone-like views rendered from the orthophoto (all chunks if fewer)
+    seed = 0                          # same inputs and seed, same figures
+    max_rotation_deg = 20.0           # each view: rotation within +-this,
+    scale_range = [0.85, 1.15]        # scale (> 1 sees more ground),
+    max_offset = 0.2                  # offset up to this fraction of a chunk,
+    brightness = 0.15                 # brightness +-, contrast 1 +- contrast,
+    contrast = 0.15
+    max_blur_px = 1.0                 # a Gaussian blur up to this radius,
+    jpeg_quality = [60, 95]           # and a JPEG round trip at a quality in this range
+    # min_recall_at_5 = 0.8           # a gate: below it the run fails before signing (default: report only)
+    onboard_samples = 32              # views stored in the cache for `navcache_runtime selftest` (0: none)
 
     [[backbones]]                     # one per model; exactly one with role = "vpr"
     name = "tiny_vpr"                 # letters, digits, '.', '-', single '_' (it names engine files)
@@ -104,6 +122,7 @@ from shapely.geometry import LineString, MultiPolygon, Point, Polygon, mapping
 from shapely.geometry.base import BaseGeometry
 from shapely.validation import explain_validity
 
+from navcache_runtime.coverage import DEFAULT_BLANK_STD
 from navcache_runtime.errors import EngineSchemaMismatchError
 from navcache_runtime.naming import EngineName
 from navcache_runtime.preprocessing import (
@@ -155,13 +174,27 @@ _TOP = (
     "orthophoto",
     "descriptors",
     "backbones",
+    "self_test",
 )
 _TABLES: dict[str, tuple[str, ...]] = {
     "takeoff": ("lat", "lon"),
     "area": ("geojson", "file", "corridor_m"),
     "tiles": ("zoom", "size", "chunk_span", "overlap", "budget", "shard_block", "max_upsampling"),
-    "orthophoto": ORTHOPHOTO_KINDS,
+    "orthophoto": (*ORTHOPHOTO_KINDS, "blank_std"),
     "descriptors": ("batch_size",),
+    "self_test": (
+        "samples",
+        "seed",
+        "max_rotation_deg",
+        "scale_range",
+        "max_offset",
+        "brightness",
+        "contrast",
+        "max_blur_px",
+        "jpeg_quality",
+        "min_recall_at_5",
+        "onboard_samples",
+    ),
     "backbones": (
         "name",
         "onnx",
@@ -206,6 +239,7 @@ class OrthophotoSpec:
     kind: str  # "geotiff" | "xyz" | "mbtiles"
     path: Path
     paths: tuple[Path, ...] = ()
+    blank_std: float = DEFAULT_BLANK_STD  # the blank rule's contrast floor (see the module docstring)
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -248,6 +282,45 @@ class BackboneSpec:
 
 
 @dataclass(frozen=True)
+class SelfTestConfig:
+    """``[self_test]``: how the provision checks that the cache localises (see :mod:`navcache.selftest`)."""
+
+    samples: int = 256
+    seed: int = 0
+    max_rotation_deg: float = 20.0
+    scale_range: tuple[float, float] = (0.85, 1.15)
+    max_offset: float = 0.2  # of a chunk's width
+    brightness: float = 0.15  # +- fraction of full scale
+    contrast: float = 0.15  # contrast factor in 1 +- this
+    max_blur_px: float = 1.0  # Gaussian blur radius, pixels of the view
+    jpeg_quality: tuple[int, int] = (60, 95)
+    min_recall_at_5: float | None = None  # None: report only
+    onboard_samples: int = 32
+
+    def __post_init__(self) -> None:
+        lo, hi = self.scale_range
+        qlo, qhi = self.jpeg_quality
+        problems = [
+            (self.samples < 1, "samples must be at least 1"),
+            (not 0 <= self.max_rotation_deg <= 180, "max_rotation_deg must be within 0..180"),
+            (not 0 < lo <= hi <= 4, "scale_range must be [min, max] with 0 < min <= max <= 4"),
+            (not 0 <= self.max_offset <= 1, "max_offset must be within 0..1 (of a chunk)"),
+            (not 0 <= self.brightness <= 1, "brightness must be within 0..1"),
+            (not 0 <= self.contrast < 1, "contrast must be within 0..1"),
+            (not 0 <= self.max_blur_px <= 10, "max_blur_px must be within 0..10"),
+            (not 1 <= qlo <= qhi <= 100, "jpeg_quality must be [min, max] within 1..100"),
+            (
+                self.min_recall_at_5 is not None and not 0 <= self.min_recall_at_5 <= 1,
+                "min_recall_at_5 must be within 0..1",
+            ),
+            (not 0 <= self.onboard_samples <= 256, "onboard_samples must be within 0..256"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+
+@dataclass(frozen=True)
 class Sortie:
     path: Path
     sortie_id: str
@@ -265,6 +338,7 @@ class Sortie:
     coverage_threshold: float = 99.0
     expires_hours: int = 72
     batch_size: int = 16
+    self_test: SelfTestConfig = SelfTestConfig()
 
     @property
     def vpr(self) -> BackboneSpec:
@@ -511,6 +585,7 @@ def load_sortie(path: Path, *, cache_dir_override: Path | None = None) -> Sortie
     orthophoto = _read_orthophoto(top.table("orthophoto", "orthophoto", required=True))
     batch_size = top.table("descriptors", "descriptors").integer("batch_size", Sortie.batch_size, lo=1, hi=4096)
     backbones = _read_backbones(top)
+    self_test = _read_self_test(top.table("self_test", "self_test"))
 
     sortie = Sortie(
         path=path.resolve(),
@@ -529,11 +604,54 @@ def load_sortie(path: Path, *, cache_dir_override: Path | None = None) -> Sortie
         coverage_threshold=threshold,
         expires_hours=expires,
         batch_size=batch_size,
+        self_test=self_test,
     )
     logger.info(
         "sortie %s: %d chunks at z%d, %d backbone(s), runtime %s", sortie_id, count, tiles.zoom, len(backbones), runtime
     )
     return sortie
+
+
+def _read_self_test(table: _Table) -> SelfTestConfig:
+    d = SelfTestConfig()
+    lo, hi = _pair(table, "scale_range", d.scale_range, 0.01, 4.0)
+    qlo, qhi = _pair(table, "jpeg_quality", d.jpeg_quality, 1, 100, integers=True)
+    floor = table.raw("min_recall_at_5", None)
+    try:
+        return SelfTestConfig(
+            samples=table.integer("samples", d.samples, lo=1, hi=100_000),
+            seed=table.integer("seed", d.seed, lo=0, hi=2**31 - 1),
+            max_rotation_deg=table.number("max_rotation_deg", d.max_rotation_deg, lo=0.0, hi=180.0),
+            scale_range=(lo, hi),
+            max_offset=table.number("max_offset", d.max_offset, lo=0.0, hi=1.0),
+            brightness=table.number("brightness", d.brightness, lo=0.0, hi=1.0),
+            contrast=table.number("contrast", d.contrast, lo=0.0, hi=0.99),
+            max_blur_px=table.number("max_blur_px", d.max_blur_px, lo=0.0, hi=10.0),
+            jpeg_quality=(int(qlo), int(qhi)),
+            min_recall_at_5=None if floor is None else table.number("min_recall_at_5", lo=0.0, hi=1.0),
+            onboard_samples=table.integer("onboard_samples", d.onboard_samples, lo=0, hi=256),
+        )
+    except ValueError as exc:
+        raise table.error(None, str(exc)) from None
+
+
+def _pair(
+    table: _Table, key: str, default: tuple[Any, Any], lo: float, hi: float, *, integers: bool = False
+) -> tuple[Any, Any]:
+    """A ``[min, max]`` field within ``lo``..``hi``."""
+    value = table.raw(key, list(default))
+    kinds = (int,) if integers else (int, float)
+    if (
+        not isinstance(value, list)
+        or len(value) != 2
+        or not all(isinstance(v, kinds) and not isinstance(v, bool) for v in value)
+        or not (lo <= value[0] <= value[1] <= hi)
+    ):
+        what = "integers" if integers else "numbers"
+        raise table.error(
+            key, f"{key} must be [min, max], two {what} with {lo:g} <= min <= max <= {hi:g}, got {_short(value)}"
+        )
+    return value[0], value[1]
 
 
 def _toml_error(name: str, text: str, exc: tomllib.TOMLDecodeError) -> SortieError:
@@ -570,11 +688,12 @@ def _read_orthophoto(table: _Table) -> OrthophotoSpec:
             hint='give one of geotiff = "ortho.tif", xyz = "tiles/" or mbtiles = "area.mbtiles"',
         )
     kind = given[0]
+    blank_std = table.number("blank_std", DEFAULT_BLANK_STD, lo=0.0, hi=255.0)
     if kind == "geotiff":
         paths = _geotiff_paths(table)
-        return OrthophotoSpec(kind, paths[0], paths)
+        return OrthophotoSpec(kind, paths[0], paths, blank_std=blank_std)
     path = table.path(kind, must="dir" if kind == "xyz" else "file", what=f"orthophoto ({kind})")
-    return OrthophotoSpec(kind, path)
+    return OrthophotoSpec(kind, path, blank_std=blank_std)
 
 
 _GLOB_CHARS = frozenset("*?[")
