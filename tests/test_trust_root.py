@@ -426,3 +426,33 @@ def test_trust_cli_round_trip(tmp_path: Path) -> None:
     result = runner.invoke(app, ["trust", "sign", *trust, "--key", str(keys / "ops-a.key")])
     assert result.exit_code == 2 and "not a root key" in result.output
     assert runner.invoke(app, ["trust", "show", "--dir", str(tmp_path / "nowhere")]).exit_code == 2
+
+
+# --------------------------------------------------------------------------------------------------------
+# The verifier keeps what it verified
+
+
+def test_the_report_keeps_the_verified_statement(tmp_path: Path) -> None:
+    cache = make_cache(tmp_path)
+    report = cache.verify()
+    assert report.ok
+    assert report.statement == json.loads(base64.b64decode(cache.envelope()["payload"]))
+    assert report.predicate["sortie_id"] == "SORTIE-0042" and report.predicate["version"] == 1
+    assert report.signed_subjects() == {s["name"]: s["digest"]["sha256"] for s in cache.statement["subject"]}
+    assert "statement" not in json.loads(report.to_json())  # the JSON report stays a report
+    # a manifest replaced after verification does not change what the caller holds
+    cache.resign({**cache.statement, "predicate": {**cache.statement["predicate"], "sortie_id": "X"}})
+    assert report.predicate["sortie_id"] == "SORTIE-0042"
+    # nothing is kept when the signatures do not hold
+    cache.resign(cache.statement, [Ed25519PrivateKey.generate()])
+    refused = cache.verify()
+    assert refused.statement is None and refused.predicate == {} and refused.signed_subjects() == {}
+
+
+def test_inspect_shows_the_verified_statement(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cache = make_cache(tmp_path)
+    assert onboard_main(["inspect", str(cache.root), "--trusted-keys", str(cache.trusted)]) == 1  # expired now
+    out = capsys.readouterr().out
+    assert "REFUSED" in out and "sortie     SORTIE-0042" in out and "version 1" in out
+    assert onboard_main(["inspect", str(cache.root)]) == 0
+    assert "UNVERIFIED" in capsys.readouterr().out

@@ -109,6 +109,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         report = verify_cache(args.cache, args.trusted_keys, mode="operator")
         status = "VERIFIED" if report.ok else f"REFUSED ({len(report.failures)} failures: run verify for details)"
         code = 0 if report.ok else 1
+        if report.statement is not None:  # show what was verified, not a second read of the file
+            statement, predicate = report.statement, report.predicate
     subjects = [s["name"] for s in statement.get("subject", [])]
     lengths = predicate.get("artifacts", {})
     sizes: Counter[str] = Counter()
