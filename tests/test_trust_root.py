@@ -456,3 +456,14 @@ def test_inspect_shows_the_verified_statement(tmp_path: Path, capsys: pytest.Cap
     assert "REFUSED" in out and "sortie     SORTIE-0042" in out and "version 1" in out
     assert onboard_main(["inspect", str(cache.root)]) == 0
     assert "UNVERIFIED" in capsys.readouterr().out
+
+
+def test_securesystemslib_verifies_a_trust_root_from_its_own_key_list(fleet: Fleet) -> None:
+    from securesystemslib.dsse import Envelope
+    from securesystemslib.signer import SSlibKey
+
+    envelope = Envelope.from_dict(json.loads(root_path(fleet.trust, 1).read_bytes()))
+    payload = json.loads(envelope.payload)
+    keys = [SSlibKey.from_dict(keyid, dict(payload["keys"][keyid])) for keyid in payload["roles"]["root"]["keyids"]]
+    accepted = envelope.verify(keys, payload["roles"]["root"]["threshold"])
+    assert set(accepted) == {keyid_for(k.public_key()) for k in fleet.roots[:2]}
