@@ -188,6 +188,7 @@ def test_a_source_error_after_the_run_started_exits_failed(
     assert not (tmp_path / "cache" / "manifest.dsse.json").exists()
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith(f"error: {ortho}")
+    assert [line for line in result.stderr.splitlines() if str(ortho) in line] == [last]  # said once
     assert last.endswith("; the run stopped, the previous cache and manifest are untouched")
 
 
@@ -256,3 +257,43 @@ def test_verify_exit_codes(
         index.write_bytes(original)
     assert refused.returncode == ExitCode.FAILED
     assert "REFUSED" in refused.stdout
+
+
+def test_leftovers_are_one_line_in_verify_and_in_the_temp_sweep(
+    provisioned: tuple[Path, subprocess.CompletedProcess[str]], assets: Assets, tmp_path: Path
+) -> None:
+    """A failed run leaves files the manifest does not name, and a killed one temp files: each kind is one
+    summary line, not one warning per file."""
+    from navcache.gc import summarise_temps, sweep_orphan_temps
+    from navcache_runtime.integrity import TEMP_PREFIX
+
+    cache, _ = provisioned
+    leftovers = [cache / "descriptors" / f"{i:032x}.desc.npy" for i in range(5)]
+    try:
+        for path in leftovers:
+            path.write_bytes(b"left by a failed run")
+        proc = navcache("verify", str(cache), "--trusted-keys", str(assets.trusted_keys), home=tmp_path / "home")
+    finally:
+        for path in leftovers:
+            path.unlink()
+    assert proc.returncode == ExitCode.OK
+    warned = [line for line in proc.stdout.splitlines() if "extra_file" in line]
+    assert warned == [
+        "warn  [extra_file] 5 file(s) in the cache are not listed in the manifest (left by earlier or failed runs; "
+        "`navcache gc CACHE` removes them): descriptors/00000000000000000000000000000000.desc.npy, "
+        "descriptors/00000000000000000000000000000001.desc.npy, "
+        "descriptors/00000000000000000000000000000002.desc.npy, ..."
+    ]
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    other = tmp_path / "cache"
+    for directory, n in (("engines", 1), ("descriptors", 3)):
+        (other / directory).mkdir(parents=True)
+        for i in range(n):
+            (other / directory / f"{TEMP_PREFIX}{pid}-{i:08x}-x.npy").write_bytes(b"12345")
+    swept = sweep_orphan_temps(other)
+    assert summarise_temps(swept) == (
+        f"removed 4 temp files (20 bytes) left by interrupted runs (pid {pid}): 3 in descriptors/, 1 in engines/"
+    )
+    assert not list(other.rglob(f"{TEMP_PREFIX}*"))

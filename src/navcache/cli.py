@@ -41,6 +41,8 @@ class _OurRecordsOnly(logging.Filter):
     CLI prints one clean error itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.startswith("navcache_flows") and record.levelno >= logging.ERROR:
+            return False  # the flow's failure line is for the run log; the CLI prints that error once itself
         return record.name.split(".")[0] in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows")
 
 
@@ -75,8 +77,9 @@ def _setup_logging(verbose: bool) -> None:
     handler.addFilter(_OurRecordsOnly())
     handler.addFilter(_preflight_once)
     logging.basicConfig(level=logging.WARNING, handlers=[handler], format="%(message)s", force=True)
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)  # the console's level; the run log gets INFO
     for name in ("navcache", "navcache_runtime", "navcache_tasks", "navcache_flows"):
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+        logging.getLogger(name).setLevel(logging.INFO)
 
 
 def _quiet_prefect_console() -> None:
@@ -162,8 +165,17 @@ def provision(
     json_output: Annotated[bool, typer.Option("--json", help="print the summary as JSON on stdout")] = False,
     lock_timeout: Annotated[float, typer.Option(help="seconds to wait for another run on the same cache")] = 600.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    dask_address: Annotated[
+        str | None, typer.Option("--dask-address", help="describe the shards on this Dask scheduler (tcp://host:8786)")
+    ] = None,
 ) -> None:
-    """Run the provision-sortie flow (ephemeral Prefect API unless PREFECT_API_URL is set)."""
+    """Run the provision-sortie flow: on the local server when `navcache server start` runs one, else on an
+    ephemeral Prefect API (PREFECT_API_URL, when set, wins)."""
+    from .server import announce
+
+    # The first line (where the run is recorded) before anything heavy is imported: at once at a terminal,
+    # after preflight otherwise (a refusal stays the one line a script reads).
+    announced = announce(sortie, now=sys.stderr.isatty())
     _setup_logging(verbose)
     from navcache_runtime import InferenceRuntimeError
 
@@ -176,6 +188,7 @@ def provision(
         _fail(str(exc), ExitCode.REFUSED)
     finally:
         _preflight_once.recording = False
+    announced()
     _quiet_prefect_console()
 
     bars = Progress(
@@ -200,7 +213,7 @@ def provision(
         from navcache_flows.provision_sortie import provision_sortie
 
         with bars:
-            summary = provision_sortie(str(sortie), str(cache_dir) if cache_dir else None, lock_timeout)
+            summary = provision_sortie(str(sortie), str(cache_dir) if cache_dir else None, lock_timeout, dask_address)
     except NavcacheError as exc:
         _run_failed(exc)
     except InferenceRuntimeError as exc:
@@ -424,6 +437,7 @@ def plan(
 from .trust_cli import app as trust_app  # noqa: E402  (the `navcache trust …` commands)
 
 app.add_typer(trust_app, name="trust")
+__import__("navcache.server").server.register(app)  # `navcache server start|stop|status` and `navcache serve`
 
 
 def main() -> None:

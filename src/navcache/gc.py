@@ -16,6 +16,7 @@ import binascii
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from .errors import NavcacheError
 from .lock import cache_lock
 
 log = logging.getLogger(__name__)
+_PID = re.compile(r"\(pid (\d+)\)")
 
 ARTIFACT_DIRS: dict[str, tuple[str, ...]] = {
     "engines": (".onnx", ".engine", ".pt2"),
@@ -179,6 +181,24 @@ def sweep_orphan_temps(cache_root: Path, *, dry_run: bool = False, now: float | 
             GcItem(path.relative_to(cache_root).as_posix(), stat.st_size, (now - stat.st_mtime) / DAY_S, reason)
         )
     return removed
+
+
+def summarise_temps(items: list[GcItem], verb: str = "removed") -> str:
+    """One line for the temp files :func:`sweep_orphan_temps` returned (a run killed mid-write can leave
+    hundreds): how many, their size, per top-level directory, and the writers' pids."""
+    per_dir: dict[str, int] = {}
+    for item in items:
+        top = item.path.split("/", 1)[0] if "/" in item.path else "."
+        per_dir[top] = per_dir.get(top, 0) + 1
+    pids = sorted({int(m.group(1)) for item in items if (m := _PID.search(item.reason))})
+    more = ", ..." if len(pids) > 5 else ""
+    writers = f" (pid{'s' if len(pids) > 1 else ''} {', '.join(map(str, pids[:5]))}{more})" if pids else ""
+    where = ", ".join(f"{n} in {d}/" for d, n in sorted(per_dir.items()))
+    size = sum(item.size for item in items)
+    return (
+        f"{verb} {len(items)} temp file{'s' if len(items) != 1 else ''} ({size:,} bytes) left by interrupted "
+        f"runs{writers}: {where}"
+    )
 
 
 def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:

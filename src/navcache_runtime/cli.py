@@ -20,7 +20,7 @@ from typing import Any
 from .errors import InferenceRuntimeError
 from .naming import parse_engine_name
 from .trustroot import default_state_path
-from .verify import MANIFEST_NAME, VerificationReport, loads_strict, printable, verify_cache
+from .verify import MANIFEST_NAME, FailureCode, VerificationReport, loads_strict, printable, verify_cache
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -43,8 +43,17 @@ def _print_report(report: VerificationReport) -> None:
         print()
     for failure in report.failures:
         print(f"FAIL  {failure}")
+    # Files a failed or older run left are one line, not one warning each (--json lists them all).
+    extras = [w for w in report.warnings if w.code == FailureCode.EXTRA_FILE]
     for warning in report.warnings:
-        print(f"warn  {warning}")
+        if warning.code != FailureCode.EXTRA_FILE:
+            print(f"warn  {warning}")
+    if extras:
+        named = ", ".join(printable(w.subject) for w in extras[:3]) + (", ..." if len(extras) > 3 else "")
+        print(
+            f"warn  [{FailureCode.EXTRA_FILE}] {len(extras)} file(s) in the cache are not listed in the manifest "
+            f"(left by earlier or failed runs; `navcache gc CACHE` removes them): {named}"
+        )
     verdict = "VERIFIED" if report.ok else "REFUSED"
     print(
         f"{verdict}: {printable(report.cache_root)} ({report.mode}) sortie {printable(report.sortie_id)} "
