@@ -4,6 +4,8 @@ Importing this package imports numpy (and cryptography where verification is use
 libraries (onnxruntime, torch, tensorrt) are imported when :func:`build_inference_runtime` selects one.
 """
 
+from typing import TYPE_CHECKING
+
 from .config import RuntimeConfig, load_runtime_config
 from .errors import (
     CONTRACT_ERRORS,
@@ -130,6 +132,22 @@ _LAZY = {
     "preprocess": "cache",
     "CacheIndexError": "index",
 }
+
+if TYPE_CHECKING:  # type checkers of consumer code see the real types of the lazy names (same list as _LAZY)
+    from .cache import CacheOpenError, Candidate, OnboardCache, open_cache, preprocess
+    from .index import CacheIndexError
+    from .trust import TrustedKeys, TrustedKeysError, keyid_for, load_trusted_keys
+    from .verify import (
+        MANIFEST_NAME,
+        ArtifactResult,
+        CacheVerificationError,
+        CacheVerifier,
+        Failure,
+        FailureCode,
+        VerificationReport,
+        VerifierConfig,
+        verify_cache,
+    )
 
 
 def __getattr__(name: str) -> object:
