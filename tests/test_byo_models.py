@@ -58,6 +58,13 @@ def test_ground_and_onboard_preprocessing_are_identical_for_every_option(
         assert np.array_equal(batch[1], ground) and not batch[0].any()
 
 
+def test_every_option_is_part_of_the_shard_key() -> None:
+    combos = list(itertools.product(RESIZE_MODES, SCALES, CHANNEL_ORDERS, LAYOUTS))
+    specs = {Preprocess(96, 160, resize=r, scale=s, channels=c, layout=lay).spec() for r, s, c, lay in combos}
+    assert len(specs) == len(combos)
+    assert Preprocess(96, 160, mean=(0.5, 0.5, 0.5)).spec() != Preprocess(96, 160).spec()
+
+
 def test_each_option_does_what_it_says() -> None:
     rgb = _frame()
     base = Preprocess(96, 160)

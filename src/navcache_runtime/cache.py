@@ -156,7 +156,8 @@ class OnboardCache:
 
     @property
     def input_shape(self) -> tuple[int, ...] | None:
-        """(C, H, W) the VPR engine takes, when its runtime says; preprocess frames to this size."""
+        """The input of one image the VPR engine takes ((C, H, W), or (H, W, C) for a channels-last model),
+        when its runtime says; :meth:`preprocess` makes exactly this."""
         return None if self._vpr.probe_shape is None else tuple(self._vpr.probe_shape[1:])
 
     @property
