@@ -2,17 +2,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 from navcache.coverage import CoverageReport, coverage_walk, render_coverage_png
 from navcache.descriptors import BLANK, DESCRIBED, TABLE_DTYPE, ShardResult, load_shard
+from navcache.errors import NavcacheError
 from navcache.tiles import ChunkGrid
 from navcache.types import TileId
 from navcache_runtime.integrity import write_artifact_once
+
+from .runlog import gate
+
+log = logging.getLogger(__name__)
 
 
 def chunk_statuses(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray]:
@@ -41,4 +49,25 @@ def coverage_task(
     write_artifact_once(table_path, table)
     png = render_coverage_png(report, grid, takeoff_lonlat=takeoff_lonlat)
     write_artifact_once(table_path.with_suffix(".png"), png)
+    log.info(
+        "coverage %.2f %% (threshold %s %%): %d covered, %d blank, %d missing of %d tiles; table %s",
+        report.percent,
+        report.threshold,
+        report.covered,
+        report.blank,
+        report.missing,
+        report.total,
+        table_path,
+    )
     return report, table_path, png
+
+
+@task(name="coverage-gate", task_run_name="coverage-gate", cache_policy=NO_CACHE)
+def coverage_gate(report: CoverageReport, error: Callable[[], NavcacheError]) -> State[None]:
+    """The coverage quality gate as its own task run: green when the threshold is met, red with the error's one
+    message when not (``error`` builds it; the flow owns its wording)."""
+    return gate(
+        report.passed,
+        error,
+        f"coverage gate passed: {report.percent:.2f} % ≥ {report.threshold} % of {report.total} tiles",
+    )

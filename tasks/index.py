@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ from navcache.descriptors import DESCRIBED, ShardResult, load_shard
 from navcache.errors import ProvisionError
 from navcache.index import IndexBudget, IndexResult, build_index
 from navcache.tiles import ChunkGrid
+
+log = logging.getLogger(__name__)
 
 
 def gather(shards: list[ShardResult], grid: ChunkGrid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -39,4 +42,16 @@ def gather(shards: list[ShardResult], grid: ChunkGrid) -> tuple[np.ndarray, np.n
 @task(name="build-index", cache_policy=NO_CACHE)
 def build_index_task(shards: list[ShardResult], grid: ChunkGrid, out_dir: Path, budget: IndexBudget) -> IndexResult:
     descriptors, tile_ids, bounds = gather(shards, grid)
-    return build_index(descriptors, tile_ids, bounds, out_dir, budget)
+    index = build_index(descriptors, tile_ids, bounds, out_dir, budget)
+    log.info(
+        "index %s (%s): %d vectors of dim %d, recall@1 %.3f, recall@10 %.3f, %d bytes: %s",
+        index.index_type,
+        index.reason,
+        index.n,
+        index.dim,
+        index.recall_at_1,
+        index.recall_at_10,
+        index.size_bytes,
+        index.index_path,
+    )
+    return index

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -8,12 +9,18 @@ from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import State
 
 import navcache
+from navcache.errors import ProvisionError
 from navcache.manifest import build_statement, next_version, sign_manifest
 from navcache_runtime.integrity import sidecar_path
 from navcache_runtime.preprocessing import Preprocess
 from navcache_runtime.verify import VerificationReport, verify_cache
+
+from .runlog import gate
+
+log = logging.getLogger(__name__)
 
 PASSPHRASE_ENV = "NAVCACHE_KEY_PASSPHRASE"
 
@@ -28,7 +35,7 @@ def with_sidecars(cache_root: Path, paths: list[Path]) -> list[Path]:
     return sorted(set(listed))
 
 
-@task(name="sign-manifest", cache_policy=NO_CACHE)
+@task(name="sign-manifest", task_run_name="sign-manifest", cache_policy=NO_CACHE)
 def sign_manifest_task(
     cache_root: Path,
     artifacts: list[Path],
@@ -71,9 +78,26 @@ def sign_manifest_task(
         trusted_keys=trusted_keys,
         passphrase=passphrase.encode() if passphrase else None,
     )
+    log.info(
+        "manifest v%d signed for %s (expires %s): %s", version, sortie_id, statement_expiry(issued, expires_hours), path
+    )
     return path, version
 
 
-@task(name="verify-cache", cache_policy=NO_CACHE)
-def verify_task(cache_root: Path, trusted_keys: Path) -> VerificationReport:
-    return verify_cache(cache_root, trusted_keys, mode="operator")
+def statement_expiry(issued: datetime, expires_hours: int) -> str:
+    return (issued + timedelta(hours=expires_hours)).isoformat().replace("+00:00", "Z")
+
+
+@task(name="verify-cache", task_run_name="verify-cache", cache_policy=NO_CACHE)
+def verify_task(cache_root: Path, trusted_keys: Path) -> VerificationReport | State[VerificationReport]:
+    """The verify quality gate: the report when the new cache verifies (``.fn`` returns it as is); under
+    Prefect, a red task run whose message lists the failures when it does not."""
+    report = verify_cache(cache_root, trusted_keys, mode="operator")
+    if report.ok:
+        log.info("verify: the new cache verifies against %s", trusted_keys)
+        return report
+    return gate(
+        False,
+        lambda: ProvisionError("the new cache does not verify: " + "; ".join(f.message for f in report.failures)),
+        "",
+    )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
 import re
+from pathlib import Path
 from typing import Any
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
@@ -14,7 +17,21 @@ def artifact_key(kind: str, sortie_id: str) -> str:
     return f"{kind}-{slug}"[:100]
 
 
+def failed_engine_row(backbone: str, outcome: str, reason: str) -> dict[str, Any]:
+    """A row of the engine table for a backbone whose compile failed (``FAILED``, with the error) or was not
+    attempted because an earlier one failed (``SKIPPED``)."""
+    return {
+        "backbone": backbone,
+        "outcome": outcome,
+        "seconds": None,
+        "reason": reason,
+        "artifact": None,
+        "max_abs_error": None,
+    }
+
+
 def engine_table(sortie_id: str, rows: list[dict[str, Any]]) -> None:
+    """Written on every run, failed or not: FAILED and SKIPPED rows carry their reason."""
     create_table_artifact(
         key=artifact_key("engines", sortie_id),
         table=[
@@ -28,7 +45,7 @@ def engine_table(sortie_id: str, rows: list[dict[str, Any]]) -> None:
             }
             for r in rows
         ],
-        description=f"Engines for sortie {sortie_id}: BUILT or REUSED, and why",
+        description=f"Engines for sortie {sortie_id}: BUILT, REUSED or FAILED, and why",
     )
 
 
@@ -61,6 +78,52 @@ def coverage_report(sortie_id: str, summary: dict[str, Any], png: bytes, missing
         key=artifact_key("coverage", sortie_id),
         markdown=markdown,
         description="Coverage of the area by descriptors, with a map",
+    )
+
+
+def manifest_facts(path: Path) -> dict[str, Any]:
+    """What the crew checks on a signed manifest, read back from the envelope on disk: payload sha256, the
+    signing keyids, and the statement's version, host and validity."""
+    envelope = json.loads(path.read_text())
+    payload = base64.b64decode(envelope["payload"])
+    statement = json.loads(payload)
+    predicate = statement.get("predicate", statement)
+    return {
+        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "keyids": [signature.get("keyid", "?") for signature in envelope.get("signatures", [])],
+        "version": predicate.get("version"),
+        "issued_at": predicate.get("issued_at"),
+        "expires": predicate.get("expires"),
+        "host": predicate.get("host"),
+    }
+
+
+def manifest_report(sortie_id: str, path: Path, version: int, trusted_keys: Path, host_name: str) -> None:
+    """The manifest as text (a ``file://`` link opens nothing on another machine): path, host, version,
+    expiry, payload digest and signing keys."""
+    facts = manifest_facts(path)
+    host = facts["host"] or {}
+    host_text = ", ".join(f"{k}={v}" for k, v in host.items()) if isinstance(host, dict) else str(host)
+    lines = [
+        f"# Manifest v{version} for {sortie_id}",
+        "",
+        "| field | value |",
+        "|---|---|",
+        f"| path | `{path}` on `{host_name}` |",
+        f"| version | {facts['version'] if facts['version'] is not None else version} |",
+        f"| issued | {facts['issued_at']} |",
+        f"| expires | {facts['expires']} |",
+        f"| payload sha256 | `{facts['payload_sha256']}` |",
+        f"| signing keyids | {', '.join(f'`{k}`' for k in facts['keyids']) or 'none'} |",
+        f"| trusted keys | `{trusted_keys}` |",
+        f"| built for host | {host_text} |",
+        "",
+        f"Check it onboard: `navcache-onboard verify {path.parent} --trusted-keys {trusted_keys}`",
+    ]
+    create_markdown_artifact(
+        key=artifact_key("manifest", sortie_id),
+        markdown="\n".join(lines),
+        description=f"The signed cache manifest (DSSE) v{version}: digest, keys, validity",
     )
 
 

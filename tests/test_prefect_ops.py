@@ -1,0 +1,187 @@
+"""What the operator sees in Prefect, read back through Prefect's API: red gates with one clear message,
+navcache's own lines in the run log, the engine table on failure, compile runs named after their backbone,
+the parameter form's descriptions and the retry policy."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from navcache.errors import CoverageError, ProvisionError, SortieError
+from navcache_tasks.runlog import is_transient
+from tests.support.sorties import Assets, block_tiles, tiles_polygon, write_sortie
+
+
+def _run(sortie: Path) -> Any:
+    from navcache_flows.provision_sortie import provision_sortie
+
+    return provision_sortie(str(sortie), return_state=True)
+
+
+def _task_runs(flow_run_id: UUID) -> dict[str, Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {run.name: run for run in runs}
+
+
+def _logs(flow_run_id: UUID) -> list[Any]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=30)
+    with get_client(sync_client=True) as client:
+        return client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+
+
+def _artifact(key: str) -> Any:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        (latest,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
+    return latest
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_good_run_logs_navcache_lines_names_compiles_and_a_coverage_failure_reads_as_one_red_gate(
+    assets: Assets, tmp_path: Path
+) -> None:
+    import logging
+
+    from navcache_tasks.reporting import artifact_key
+
+    first, second = block_tiles()
+    cache = tmp_path / "cache"
+    good = write_sortie(tmp_path / "good.toml", assets, area=tiles_polygon(first), cache_dir=cache)
+    state = _run(good)
+    assert state.is_completed(), state
+    flow_run_id = state.state_details.flow_run_id
+    runs = _task_runs(flow_run_id)
+    assert {"compile-tiny_vpr", "compile-local_features", "coverage-gate", "verify-cache"} <= set(runs)
+    assert runs["coverage-gate"].state.is_completed()
+    lines = [(log.level, log.message) for log in _logs(flow_run_id)]
+    text = "\n".join(message for _, message in lines)
+    assert "engine tiny_vpr: BUILT" in text and "engine local_features: BUILT" in text
+    assert "takes a `navcache-compile:" in text  # the per-host compile slot, named in the log
+    assert "shard " in text and "computed, 4 described" in text
+    assert "index Flat" in text and "4 vectors" in text
+    assert "coverage 100.00 %" in text and "coverage gate passed" in text
+    assert "manifest v1 signed for test-good (expires " in text and str(cache / "manifest.dsse.json") in text
+    assert all(level >= logging.INFO for level, _ in lines if "engine " in _)
+    manifest = _artifact(artifact_key("manifest", "test-good"))
+    assert manifest.type == "markdown"
+    for field in ("payload sha256", "signing keyids", "expires", "built for host", str(cache / "manifest.dsse.json")):
+        assert field in manifest.data
+
+    # One tile 20 km east, outside the orthophoto: 8 of 9 tiles covered (88.89 %), close enough to the
+    # threshold that preflight's estimate lets the run start and the coverage gate decides.
+    far = [type(t)(t.z, t.x + 100, t.y) for t in first[:1]]
+    area = tiles_polygon(first + second + far)
+    partial = write_sortie(tmp_path / "partial.toml", assets, area=area, cache_dir=cache, threshold=92.0)
+    state = _run(partial)
+    assert state.is_failed()
+    with pytest.raises(CoverageError):
+        state.result()
+    # The flow's state message is navcache's own message, nothing of Prefect's wrapping.
+    assert state.message.startswith("test-partial: coverage 88.89 % is below the threshold 92"), state.message
+    runs = _task_runs(state.state_details.flow_run_id)
+    red = {name for name, run in runs.items() if not run.state.is_completed()}
+    assert red == {"coverage-gate"}, red  # one red task: the gate; every other step completed
+    assert runs["coverage-gate"].state.message == state.message
+    assert "verify-cache" not in runs and "sign-manifest" not in runs
+    logs = _logs(state.state_details.flow_run_id)
+    text = "\n".join(log.message for log in logs)
+    assert "Traceback" not in text and "NoneType: None" not in text
+    assert text.count("coverage 88.89 % is below the threshold") == 2  # the gate's line and the flow's final state
+    engines = _artifact(artifact_key("engines", "test-partial"))
+    assert "REUSED" in str(engines.data)
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_a_compile_that_fails_writes_a_failed_row_and_fails_the_run_with_its_message(
+    assets: Assets, tmp_path: Path
+) -> None:
+    from navcache.preflight import preflight
+    from navcache_flows.provision_sortie import backbone_build
+    from navcache_runtime import RuntimeConfig, build_inference_runtime
+    from navcache_tasks.reporting import artifact_key
+
+    first, _ = block_tiles()
+    cache = tmp_path / "cache"
+    sortie = write_sortie(tmp_path / "broken.toml", assets, area=tiles_polygon(first), cache_dir=cache)
+    # A directory where the first engine file goes: preflight is satisfied (the cache is writable), and the
+    # build fails the same way on every try (IsADirectoryError).
+    spec = preflight(sortie)
+    runtime = build_inference_runtime(RuntimeConfig(runtime=spec.runtime, engine_dir=cache / "engines"))
+    build = backbone_build(spec.backbones[0], spec.runtime)
+    for path in runtime.expected_artifacts(build.onnx, build.build_config):  # type: ignore[attr-defined]
+        path.mkdir(parents=True)
+    state = _run(sortie)
+    assert state.is_failed()
+    engines = _artifact(artifact_key("engines", "test-broken"))
+    rows = engines.data if isinstance(engines.data, list) else __import__("json").loads(engines.data)
+    assert [(row["model"], row["outcome"]) for row in rows] == [("tiny_vpr", "FAILED"), ("local_features", "SKIPPED")]
+    assert "tiny_vpr" in rows[0]["why"] and rows[1]["why"] == "not attempted: an earlier backbone failed"
+    assert state.message == rows[0]["why"]
+    runs = _task_runs(state.state_details.flow_run_id)
+    assert runs["compile-tiny_vpr"].run_count == 1  # deterministic: not retried
+    text = "\n".join(log.message for log in _logs(state.state_details.flow_run_id))
+    assert "Traceback" not in text
+
+
+def test_the_deployment_form_describes_every_parameter_with_its_type() -> None:
+    from prefect.utilities.callables import parameter_schema, parameter_schema_from_entrypoint
+
+    from navcache_flows.provision_sortie import provision_sortie
+
+    schema = parameter_schema(provision_sortie).model_dump()
+    assert schema == parameter_schema_from_entrypoint("flows/provision_sortie.py:provision_sortie").model_dump()
+    properties = schema["properties"]
+    assert set(properties) == {"sortie", "cache_dir", "lock_timeout_s", "dask_address"}
+    for name, prop in properties.items():
+        assert len(prop.get("description", "")) > 30, name
+    assert properties["sortie"]["type"] == "string" and properties["lock_timeout_s"]["type"] == "number"
+    for name in ("cache_dir", "dask_address"):
+        assert (
+            properties[name]["anyOf"] == [{"type": "string"}, {"type": "null"}] and properties[name]["default"] is None
+        )
+    assert schema["required"] == ["sortie"]
+
+
+@pytest.mark.parametrize(
+    ("exc", "transient"),
+    [
+        (OSError(errno.EIO, "Input/output error", "/mnt/ortho.tif"), True),
+        (TimeoutError("read timed out"), True),
+        (ConnectionResetError("peer reset"), True),
+        (MemoryError(), True),
+        (FileNotFoundError(errno.ENOENT, "No such file", "/data/ortho.tif"), False),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/c/engines"), False),
+        (CoverageError("coverage 50 %"), False),
+        (SortieError("bad field"), False),
+        (ProvisionError("shard is inconsistent"), False),
+        (TypeError("unsupported operand"), False),
+        (KeyError("sortie_id"), False),
+        (ValueError("could not convert"), False),
+    ],
+)
+def test_only_transient_failures_are_retried(exc: BaseException, transient: bool) -> None:
+    assert is_transient(exc) is transient
+
+
+def test_numerical_mismatch_and_out_of_memory_builds() -> None:
+    from navcache.engines import BackboneBuildError, NumericalMismatchError
+    from navcache_runtime.errors import EngineBuildError, OutOfMemoryError
+
+    assert is_transient(BackboneBuildError("vpr", OutOfMemoryError("CUDA OOM"), transient=True))
+    assert not is_transient(BackboneBuildError("vpr", EngineBuildError("unsupported op")))
+    assert not is_transient(NumericalMismatchError.__new__(NumericalMismatchError))
+    assert is_transient(OutOfMemoryError("CUDA OOM"))
