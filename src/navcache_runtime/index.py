@@ -124,17 +124,16 @@ def load_verified_index(index_path: Path | str, sha256: str, *, mmap: bool = Tru
     faiss = faiss_module()
     path = Path(index_path)
     where = str(path)
+    raw: bytes | mmap_module.mmap
     try:
         with open_regular(path) as handle:
             if not mmap:
-                data = handle.read()
-                mapped: Any = None
+                raw = handle.readall()
             else:
                 size = os.fstat(handle.fileno()).st_size
                 if size == 0:
                     raise OSError(errno.EINVAL, "the file is empty")
-                mapped = mmap_module.mmap(handle.fileno(), size, access=mmap_module.ACCESS_READ)
-                data = None
+                raw = mmap_module.mmap(handle.fileno(), size, access=mmap_module.ACCESS_READ)
     except OSError as exc:
         raise CacheIndexError(
             f"cannot open index {path.name}: {exc.strerror or exc}",
@@ -142,8 +141,8 @@ def load_verified_index(index_path: Path | str, sha256: str, *, mmap: bool = Tru
             hint="verify the cache (navcache verify) and re-provision it",
             path=path,
         ) from exc
-    buffer = np.frombuffer(mapped if mapped is not None else data, dtype=np.uint8)
-    actual = hashlib.sha256(buffer).hexdigest()  # what faiss reads below, byte for byte
+    actual = hashlib.sha256(raw).hexdigest()  # the mapping (or buffer) faiss reads below, byte for byte
+    buffer = np.frombuffer(raw, dtype=np.uint8)
     if actual != sha256:
         raise CacheIndexError(
             f"{path.name} changed after the cache verified (sha256 {actual[:12]}… != signed {sha256[:12]}…)",
@@ -152,7 +151,7 @@ def load_verified_index(index_path: Path | str, sha256: str, *, mmap: bool = Tru
             path=path,
         )
     try:
-        if mapped is None:
+        if not mmap:
             return faiss.deserialize_index(buffer)
         reader = faiss.ZeroCopyIOReader(faiss.swig_ptr(buffer), buffer.nbytes)
         flags = getattr(faiss, "IO_FLAG_MMAP_IFC", 0) | faiss.IO_FLAG_READ_ONLY
@@ -170,7 +169,7 @@ def load_verified_index(index_path: Path | str, sha256: str, *, mmap: bool = Tru
         ) from exc
     # Codes (of the core, or of a wrapped storage index) may point into the mapping: it lives as long as
     # the index does, whatever the type.
-    index.referenced_objects = [mapped, buffer, reader]
+    index.referenced_objects = [raw, buffer, reader]
     if not _mappable(faiss, index):
         logger.info("%s: %s cannot be memory-mapped; it was read into memory", path.name, _core_name(faiss, index))
     return index

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fnmatch
 import hashlib
+import io
 import os
 import re
 import secrets
@@ -19,7 +20,6 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from .errors import EngineHashMismatchError, EngineSidecarMissingError
 
@@ -88,7 +88,7 @@ def file_kind(mode: int) -> str:
     return "not a regular file"
 
 
-def fdopen_regular(fd: int) -> BinaryIO:
+def fdopen_regular(fd: int) -> io.FileIO:
     """Wrap an open descriptor in an unbuffered binary file, or close it and raise ``OSError(EINVAL)``
     when it is not a regular file. The type is checked on the raw descriptor first: ``open(fd)`` itself
     raises a bare ``IsADirectoryError`` for a directory (and leaves the descriptor open)."""
@@ -103,7 +103,7 @@ def fdopen_regular(fd: int) -> BinaryIO:
     return open(fd, "rb", buffering=0)
 
 
-def open_regular(path: Path | str) -> BinaryIO:
+def open_regular(path: Path | str) -> io.FileIO:
     """Open ``path`` for reading, refusing anything but a regular file (``OSError(EINVAL)``) without
     blocking on a FIFO."""
     return fdopen_regular(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)))
