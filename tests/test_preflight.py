@@ -278,3 +278,27 @@ def test_the_survey_of_a_tile_never_decodes_it(ortho: Path) -> None:
         source.read_tile = None  # type: ignore[method-assign,assignment]
         inside = valid_at(source, np.array([11.15, 11.15, 12.0]), np.array([47.70, 47.601, 47.70]))
     assert inside is not None and inside.tolist() == [True, False, False]  # centre, ragged corner, outside
+
+
+def test_sheets_are_surveyed_like_the_single_file_they_were_cut_from(
+    assets: Assets, ortho: Path, tmp_path: Path
+) -> None:
+    from rasterio.windows import Window
+
+    sheets = tmp_path / "sheets"
+    sheets.mkdir()
+    with rasterio.open(ortho) as ds:
+        half = ds.width // 2
+        for name, window in (("a", Window(0, 0, half, ds.height)), ("b", Window(half, 0, ds.width - half, ds.height))):
+            profile = ds.profile | {
+                "width": window.width,
+                "height": window.height,
+                "transform": ds.window_transform(window),
+            }
+            with rasterio.open(sheets / f"{name}.tif", "w", **profile) as out:
+                out.write(ds.read(window=window))
+    whole = run_preflight(_sortie(tmp_path, assets, ortho, km=25, threshold=0.0)).imagery
+    split = run_preflight(_sortie(tmp_path, assets, sheets / "*.tif", km=25, threshold=0.0)).imagery
+    assert "2 GeoTIFF sheets" in split.source
+    assert split.estimated_coverage_percent == pytest.approx(whole.estimated_coverage_percent, abs=0.5)
+    assert split.upsampling == pytest.approx(whole.upsampling, rel=1e-6)
