@@ -133,7 +133,8 @@ def render_value(value: Any) -> str:
         inner = ", ".join(render_value(v) for v in value)
         return f"({inner},)" if len(value) == 1 else f"({inner})"
     if isinstance(value, timedelta):
-        return f"timedelta(seconds={value.total_seconds():g})"
+        seconds = value.total_seconds()
+        return f"timedelta(seconds={int(seconds) if seconds.is_integer() else seconds})"
     return repr(value)
 
 
