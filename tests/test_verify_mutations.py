@@ -240,3 +240,36 @@ def test_the_cli_cannot_be_made_to_print_a_forged_verified_line(
         doc = json.loads(capsys.readouterr().out)
     assert code == 1 and not doc["ok"]
     assert os.fsdecode(b"tiles/" + forged) in doc["extra_files"]  # JSON keeps the raw name, validly escaped
+
+
+def test_inspect_escapes_what_the_manifest_says_and_survives_malformed_fields(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cache = make_cache(tmp_path)
+    statement = json.loads(json.dumps(cache.statement))
+    forged = "x\x1b[1A\x1b[2K\rVERIFIED\n"
+    statement["predicate"]["sortie_id"] = forged
+    statement["predicate"]["version"] = forged
+    statement["subject"].append({"name": "engines/" + forged, "digest": {"sha256": "0" * 64}})
+    statement["subject"].append("not an object")
+    statement["predicate"]["artifacts"]["engines/" + forged] = "not an object"
+    statement["predicate"]["coverage"] = ["not", "an", "object"]
+    cache.resign(json.dumps(statement).encode())
+    (cache.root / "index").mkdir(exist_ok=True)
+    os.mkfifo(cache.root / "index" / "index-0.json")  # a listed-looking report that is a FIFO: no hang
+    statement["subject"].append({"name": "index/index-0.json", "digest": {"sha256": "0" * 64}})
+    cache.resign(json.dumps(statement).encode())
+
+    assert cli.main(["inspect", str(cache.root)]) == 0
+    text = capsys.readouterr().out
+    _assert_no_control_characters(text)
+    assert "x\\x1b[1A\\x1b[2K\\rVERIFIED\\n" in text and "UNVERIFIED" in text
+
+    assert cli.main(["inspect", str(cache.root), "--trusted-keys", str(cache.trusted)]) == 1
+    text = capsys.readouterr().out
+    _assert_no_control_characters(text)
+    assert "REFUSED" in text and not any(line.startswith("VERIFIED") for line in text.splitlines())
+
+
+def _assert_no_control_characters(text: str) -> None:
+    assert not any((ord(ch) < 0x20 and ch != "\n") or 0x7F <= ord(ch) < 0xA0 for ch in text), repr(text)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InferenceRuntimeError
+from .integrity import open_regular
 from .naming import parse_engine_name
 from .trustroot import default_state_path
 from .verify import MANIFEST_NAME, FailureCode, VerificationReport, loads_strict, printable, verify_cache
@@ -101,8 +102,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _read_statement(cache: Path) -> dict[str, Any]:
-    envelope = loads_strict((cache / MANIFEST_NAME).read_bytes(), allow_floats=False)
+    with open_regular(cache / MANIFEST_NAME) as handle:  # bounded, and a FIFO or directory here cannot hang it
+        raw = handle.read(16 << 20)
+    envelope = loads_strict(raw, allow_floats=False)
     return dict(loads_strict(base64.b64decode(envelope["payload"], validate=True)))
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -111,7 +118,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     except (OSError, ValueError, KeyError, TypeError, binascii.Error) as exc:
         print(f"error: cannot read {printable(args.cache / MANIFEST_NAME)}: {printable(exc)}", file=sys.stderr)
         return 2
-    predicate = statement.get("predicate", {})
+    predicate = _dict(statement.get("predicate"))
     status = "UNVERIFIED (give --trusted-keys to verify)"
     code = 0
     if args.trusted_keys is not None:
@@ -120,19 +127,30 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         code = 0 if report.ok else 1
         if report.statement is not None:  # show what was verified, not a second read of the file
             statement, predicate = report.statement, report.predicate
-    subjects = [s["name"] for s in statement.get("subject", [])]
-    lengths = predicate.get("artifacts", {})
+    # Without --trusted-keys nothing here is verified: every field may have any JSON type, so each is
+    # type-checked before use (a malformed manifest is shown as far as it goes, never a traceback).
+    predicate = _dict(predicate)
+    raw_subjects = statement.get("subject")
+    subjects = [
+        s["name"]
+        for s in (raw_subjects if isinstance(raw_subjects, list) else [])
+        if isinstance(s, dict) and isinstance(s.get("name"), str)
+    ]
+    lengths = _dict(predicate.get("artifacts"))
     sizes: Counter[str] = Counter()
     for name in subjects:
-        sizes[name.split("/")[0]] += int(lengths.get(name, {}).get("length", 0))
-    coverage = predicate.get("coverage", {})
+        length = _dict(lengths.get(name)).get("length", 0)
+        sizes[name.split("/")[0]] += length if isinstance(length, int) else 0
+    coverage = _dict(predicate.get("coverage"))
+    percent = coverage.get("percent_x100", 0)
     print(
         # Unverified, signed or not: every value from the manifest is escaped before it reaches the terminal.
         f"cache      {printable(args.cache)}\nmanifest   version {printable(predicate.get('version'))}, "
         f"issued {printable(predicate.get('issued_at'))}, expires {printable(predicate.get('expires'))} — {status}"
     )
     print(
-        f"sortie     {printable(predicate.get('sortie_id'))}; coverage {coverage.get('percent_x100', 0) / 100:.2f} % "
+        f"sortie     {printable(predicate.get('sortie_id'))}; "
+        f"coverage {(percent if isinstance(percent, int) else 0) / 100:.2f} % "
         f"({printable(coverage.get('covered'))} of {printable(coverage.get('total'))} tiles)"
     )
     print(
@@ -161,7 +179,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for name in subjects:
         if name.startswith("index/") and name.endswith(".json"):
             try:
-                report_doc = json.loads((args.cache / name).read_text())
+                with open_regular(args.cache / name) as handle:  # a FIFO or directory here must not hang it
+                    report_doc = _dict(json.loads(handle.read(1 << 20)))
             except (OSError, ValueError):
                 continue
             print(
