@@ -414,3 +414,27 @@ def test_a_declared_nhwc_model_is_provisioned_signed_and_applied_onboard(
             assert abs(float(np.linalg.norm(descriptor)) - 1.0) < 1e-5
             hits = cache.query(descriptor, k=1)
             assert hits[0].tile == (tile.z, tile.x, tile.y) and hits[0].score > 0.99
+
+
+def test_the_cli_refuses_a_byo_mistake_with_exit_2_and_writes_nothing(
+    tmp_path: Path, assets: Assets, models: dict[str, Path]
+) -> None:
+    import os
+    import subprocess
+    import sys
+
+    sortie = _sortie(tmp_path, assets, models["two"], shape=[8, 3, 224, 224])
+    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), NO_COLOR="1", COLUMNS="300")
+    env.pop("PREFECT_API_URL", None)
+    done = subprocess.run(
+        [sys.executable, "-m", "navcache", "provision", str(sortie)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert 'set output = "descriptor" in sortie.toml [[backbones]][0]' in done.stderr
+    assert "'features' [N, 64, 16, 16], 'descriptor' [N, 384]" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "cache").exists()
