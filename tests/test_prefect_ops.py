@@ -185,3 +185,39 @@ def test_numerical_mismatch_and_out_of_memory_builds() -> None:
     assert not is_transient(BackboneBuildError("vpr", EngineBuildError("unsupported op")))
     assert not is_transient(NumericalMismatchError.__new__(NumericalMismatchError))
     assert is_transient(OutOfMemoryError("CUDA OOM"))
+
+
+def test_the_failed_sortie_automation_is_a_valid_prefect_automation() -> None:
+    import yaml
+    from prefect.events.schemas.automations import AutomationCore
+
+    data = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "deployments" / "notify-failed-sortie.yaml").read_text()
+    )
+    (automation,) = [AutomationCore.model_validate(item) for item in data["automations"]]
+    assert automation.trigger.expect == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"}
+    assert automation.actions[0].type == "send-notification"
+
+
+def test_deploying_without_navcache_repo_stops_early_and_a_missing_checkout_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from navcache_tasks.deploy import DeployConfigError, enter_repo, require_repo
+
+    monkeypatch.delenv("NAVCACHE_REPO", raising=False)
+    with pytest.raises(DeployConfigError, match=r"NAVCACHE_REPO is not set.*Fix: NAVCACHE_REPO=/opt/navcache"):
+        require_repo()
+    monkeypatch.setenv("NAVCACHE_REPO", "relative/path")
+    with pytest.raises(DeployConfigError, match="relative path"):
+        require_repo()
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("NAVCACHE_REPO", str(repo))
+    assert require_repo() == {"directory": str(repo)}
+    with pytest.raises(DeployConfigError, match=r"flows/provision_sortie\.py does not exist"):
+        enter_repo(str(tmp_path))
+    with pytest.raises(DeployConfigError, match="not at"):
+        enter_repo("{{ $NAVCACHE_REPO }}")
+    monkeypatch.chdir(tmp_path)
+    assert enter_repo(str(repo)) == {"directory": str(repo)} and Path.cwd() == repo
+    # The root prefect.yaml is the one configuration; deployments/prefect.yaml points at it.
+    assert (repo / "deployments" / "prefect.yaml").resolve() == (repo / "prefect.yaml").resolve()
