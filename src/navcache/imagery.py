@@ -41,6 +41,8 @@ from PIL import Image, UnidentifiedImageError
 from rasterio.enums import ColorInterp, Interleaving, MaskFlags, Resampling
 from rasterio.windows import Window
 
+from navcache_runtime.coverage import BLANK_MIN_VALID_FRACTION, DEFAULT_BLANK_STD
+
 from .errors import SourceError
 from .types import Bounds, Tile, TileId
 
@@ -162,9 +164,12 @@ def empty_tile(height: int, width: int) -> Tile:
     return Tile(rgb=np.zeros((height, width, 3), np.uint8), valid=np.zeros((height, width), bool))
 
 
-def is_blank(tile: Tile, min_valid_fraction: float = 0.5, min_std: float = 2.0) -> bool:
-    """True when ``tile`` is nodata-dominated (valid fraction below ``min_valid_fraction``) or featureless
-    (the largest per-channel standard deviation of its valid pixels is below ``min_std``)."""
+def is_blank(
+    tile: Tile, min_valid_fraction: float = BLANK_MIN_VALID_FRACTION, min_std: float = DEFAULT_BLANK_STD
+) -> bool:
+    """True when ``tile`` is *blank* (:class:`navcache_runtime.coverage.TileStatus`): nodata-dominated (valid
+    fraction below ``min_valid_fraction``) or featureless (the largest per-channel standard deviation of its
+    valid pixels is below ``min_std``, the sortie's ``[orthophoto] blank_std``)."""
     if tile.valid.size == 0 or tile.valid_fraction < min_valid_fraction:
         return True
     pixels = tile.rgb.reshape(-1, 3) if tile.valid.all() else tile.rgb[tile.valid]
@@ -580,12 +585,20 @@ class GeoTiffSource(_SourceBase):
         return plans
 
     def read_tile(self, tile: TileId) -> Tile | None:
+        dst = self._warp(tile, (0, 0, self.tile_size, self.tile_size))
+        if dst is None:
+            return None
+        return Tile(rgb=np.ascontiguousarray(np.moveaxis(dst[:3], 0, -1)), valid=dst[3] >= _ALPHA_VALID)
+
+    def _warp(self, tile: TileId, box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """The tile's pixels ``box`` = (col0, row0, col1, row1) as (4, rows, cols) uint8: RGB and alpha
+        (>= _ALPHA_VALID is valid); None outside the raster. A sheet of a mosaic warps only the part of the
+        tile its footprint covers."""
         plan = self._read_plan(tile)
         if plan is None:
             return None
         window, out_w, out_h, _ = plan
         ds = self._handles.get(self._where)
-        size = self.tile_size
         try:
             bands = ds.read(
                 self._indexes,
@@ -612,20 +625,21 @@ class GeoTiffSource(_SourceBase):
             @ Affine.translation(window.col_off, window.row_off)
             @ Affine.scale(window.width / out_w, window.height / out_h)
         )
-        dst = np.zeros((4, size, size), np.uint8)
+        col0, row0, col1, row1 = box
+        dst = np.zeros((4, row1 - row0, col1 - col0), np.uint8)
         rasterio.warp.reproject(
             src,
             dst,
             src_transform=src_transform,
             src_crs=self._crs,
-            dst_transform=_tile_transform(tile, size),
+            dst_transform=_tile_transform(tile, self.tile_size) @ Affine.translation(col0, row0),
             dst_crs=_MERCATOR_CRS,
             resampling=Resampling.bilinear,
             src_alpha=4,
             dst_alpha=4,
             num_threads=1,
         )
-        return Tile(rgb=np.ascontiguousarray(np.moveaxis(dst[:3], 0, -1)), valid=dst[3] >= _ALPHA_VALID)
+        return dst
 
     def _source_windows(self, boxes: np.ndarray) -> list[tuple[Window | None, tuple[float, float]]]:
         """Per mercator box (west, south, east, north): the source pixel window under it (its edges
@@ -950,16 +964,23 @@ class GeoTiffMosaicSource(_SourceBase):
         size = self.tile_size
         rgb = np.zeros((size, size, 3), np.uint8)
         valid = np.zeros((size, size), bool)
+        west, _, east, north = mercator_bounds(tile)
+        res = (east - west) / size
         for k in cover:
-            sheet_tile = self._sheets[k].read_tile(tile)
-            if sheet_tile is None:  # pragma: no cover - the cover holds only sheets with a read plan
+            # Warp only the part of the tile under the sheet's footprint (a bounding box, padded): a sheet
+            # under a sliver of the tile then costs a sliver of a warp.
+            sw, ss, se, sn = self._mercator[k]
+            col0, col1 = max(0, math.floor((sw - west) / res) - 2), min(size, math.ceil((se - west) / res) + 2)
+            row0, row1 = max(0, math.floor((north - sn) / res) - 2), min(size, math.ceil((north - ss) / res) + 2)
+            if col1 <= col0 or row1 <= row0:
                 continue
-            if not valid.any():
-                rgb, valid = sheet_tile.rgb.copy(), sheet_tile.valid.copy()
-            else:
-                take = sheet_tile.valid & ~valid
-                rgb[take] = sheet_tile.rgb[take]
-                valid |= take
+            dst = self._sheets[k]._warp(tile, (col0, row0, col1, row1))
+            if dst is None:  # pragma: no cover - the cover holds only sheets with a read plan
+                continue
+            region = np.s_[row0:row1, col0:col1]
+            take = (dst[3] >= _ALPHA_VALID) & ~valid[region]
+            rgb[region][take] = np.moveaxis(dst[:3], 0, -1)[take]
+            valid[region] |= take
             if valid.all():
                 break
         return Tile(rgb=rgb, valid=valid)
