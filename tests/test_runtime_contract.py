@@ -16,6 +16,8 @@ fails, and the failure message says which version to pick and what to write.
 from __future__ import annotations
 
 import ast
+import builtins
+import collections.abc
 import dataclasses
 import enum
 import hashlib
@@ -57,6 +59,7 @@ TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "labels": ("label", ("extension", "library", "extra")),
     "constants": ("constant", ("value",)),
     "failure_codes": ("code", ("value",)),
+    "referenced": ("name", ()),
 }
 # The dunder members that are part of a class's public use (construction, `with`).
 PUBLIC_DUNDERS = ("__init__", "__enter__", "__exit__")
@@ -247,6 +250,46 @@ def _field_default(f: dataclasses.Field[Any]) -> str:
     return text if f.init else f"{text} (not an argument)"
 
 
+# Names an annotation may use without the runtime exporting them: the language's, typing's, the standard
+# library's and numpy's. Any other name a consumer meets in a signature must be exported, or be listed (and
+# explained) in the document's "referenced" table.
+STANDARD_NAMES = frozenset(dir(builtins)) | frozenset(typing.__all__) | frozenset(collections.abc.__all__) | {
+    "Path", "datetime", "timedelta", "TracebackType", "np", "Ed25519PublicKey",
+}  # fmt: skip
+
+
+def annotation_names(objects: dict[str, Any]) -> set[str]:
+    """Every top-level name used in the annotations of the exported functions, methods and fields."""
+    texts: list[str] = []
+
+    def signature_of(function: Callable[..., Any]) -> None:
+        signature = inspect.signature(function)
+        annotations = [render_annotation(p.annotation) for p in signature.parameters.values()]
+        if function.__name__ == "__init__" and re.search(r"(?<![\w.])_[A-Za-z]", " ".join(annotations)):
+            return  # built by the runtime only (see _member_rows)
+        texts.extend(annotations)
+        texts.append(render_annotation(signature.return_annotation))
+
+    for obj in objects.values():
+        if inspect.isfunction(inspect.unwrap(obj)):
+            signature_of(obj)
+        if not isinstance(obj, type) or issubclass(obj, (BaseException, enum.Enum)):
+            continue
+        if dataclasses.is_dataclass(obj):
+            texts.extend(render_annotation(f.type) for f in dataclasses.fields(obj))
+        for name, member in vars(obj).items():
+            if name.startswith("_") and name not in PUBLIC_DUNDERS:
+                continue
+            function = member.fget if isinstance(member, property) else getattr(member, "__func__", member)
+            if inspect.isfunction(function):
+                signature_of(function)
+    names: set[str] = set()
+    for text in texts:
+        unquoted = re.sub(r"'[^']*'|\"[^\"]*\"", "", text)
+        names.update(m.split(".")[0] for m in re.findall(r"[A-Za-z_][\w.]*", unquoted))
+    return names
+
+
 def code_tables() -> dict[str, dict[str, dict[str, str]]]:
     """Every checked column of every table, derived from the code: table -> key -> column -> text."""
     from navcache_runtime.factory import STRATEGIES
@@ -292,6 +335,8 @@ def code_tables() -> dict[str, dict[str, dict[str, str]]]:
             for f in dataclasses.fields(obj):
                 key = f.name if target == "config" else f"{name}.{f.name}"
                 tables[target][key] = {"type": render_annotation(f.type), "default": _field_default(f)}
+    for name in sorted(annotation_names(objects) - STANDARD_NAMES - set(objects)):
+        tables["referenced"][name] = {}
     for label in nr.RUNTIME_LABELS:
         _module, _cls, library, extra = STRATEGIES.get(label, ("", "", "(none)", "(none)"))
         extension = f".{RUNTIME_EXTENSION[label]}" if label in RUNTIME_EXTENSION else "(none)"
@@ -524,6 +569,12 @@ MUTATIONS: dict[str, tuple[str, str, str, str]] = {
         'RuntimeLabel = Literal["tensorrt", "onnx_trt_ep", "pytorch_fp16"]',
         'RuntimeLabel = Literal["tensorrt", "onnx_trt_ep", "pytorch_fp16", "openvino"]',
         "in the code, not in the document: 'openvino'",
+    ),
+    "unexported type in a signature": (
+        "protocol.py",
+        "    def thermal_state(self) -> ThermalState:",
+        "    def thermal_state(self) -> ThermalReading:  # type: ignore[name-defined]  # noqa: F821",
+        "in the code, not in the document: 'ThermalReading'",
     ),
     "export removed": ("__init__.py", '    "preprocess",\n', "", "in the document, not in the code: 'preprocess'"),
     "config default changed": (
