@@ -88,6 +88,7 @@ __all__ = [
     "TrustedKeysError",
     "keyid_for",
     "load_trusted_keys",
+    "TrustRootError",
     "MANIFEST_NAME",
     "ArtifactResult",
     "CacheVerificationError",
@@ -116,6 +117,7 @@ _LAZY = {
     "TrustedKeysError": "trust",
     "keyid_for": "trust",
     "load_trusted_keys": "trust",
+    "TrustRootError": "trustroot",
     "MANIFEST_NAME": "verify",
     "ArtifactResult": "verify",
     "CacheVerificationError": "verify",
@@ -137,6 +139,7 @@ if TYPE_CHECKING:  # type checkers of consumer code see the real types of the la
     from .cache import CacheOpenError, Candidate, OnboardCache, open_cache, preprocess
     from .index import CacheIndexError
     from .trust import TrustedKeys, TrustedKeysError, keyid_for, load_trusted_keys
+    from .trustroot import TrustRootError
     from .verify import (
         MANIFEST_NAME,
         ArtifactResult,

@@ -57,7 +57,7 @@ from .naming import EXTENSIONS, parse_engine_name
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .protocol import InferenceRuntime
 from .trust import TrustedKeys
-from .trustroot import DEFAULT_STATE, TrustRoot, _Default, state_path_from
+from .trustroot import DEFAULT_STATE, DefaultState, TrustRoot, state_path_from
 from .types import EngineHandle
 from .verify import MANIFEST_NAME, CacheVerificationError, Mode, VerificationReport, verify_cache
 
@@ -330,7 +330,7 @@ def open_cache(
     runtime_config: RuntimeConfig | Mapping[str, Any] | Path | str | None = None,
     mode: Mode = "airborne",
     now: datetime | None = None,
-    state_path: Path | str | Literal[_Default.STATE] | None = DEFAULT_STATE,
+    state_path: Path | str | Literal[DefaultState.DEFAULT] | None = DEFAULT_STATE,
     vpr_model: str | None = None,
     mmap: bool = True,
 ) -> OnboardCache:

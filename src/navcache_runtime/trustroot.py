@@ -96,13 +96,15 @@ class TrustRootError(TrustedKeysError):
     """A trust root is malformed, not signed by enough root keys, older than the one held, or expired."""
 
 
-class _Default(enum.Enum):
-    STATE = "default"
+class DefaultState(enum.Enum):
+    """The type of :data:`DEFAULT_STATE` (a sentinel, so that ``None`` can mean "off")."""
+
+    DEFAULT = "default"
 
 
 #: ``open_cache(state_path=DEFAULT_STATE)``: the default device state (:func:`default_state_path`); pass
 #: ``state_path=None`` to switch rollback protection off explicitly.
-DEFAULT_STATE: Final = _Default.STATE
+DEFAULT_STATE: Final = DefaultState.DEFAULT
 
 
 def default_state_path() -> Path:
@@ -474,7 +476,7 @@ def resolve_trust(
     return result
 
 
-def state_path_from(state_path: Path | str | Literal[_Default.STATE] | None) -> Path | None:
+def state_path_from(state_path: Path | str | Literal[DefaultState.DEFAULT] | None) -> Path | None:
     """``DEFAULT_STATE`` → :func:`default_state_path`; None stays None (rollback protection off)."""
     if state_path is DEFAULT_STATE:
         return default_state_path()
