@@ -5,9 +5,7 @@ per sheet."""
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -313,26 +311,33 @@ def test_editing_one_sheet_rescans_only_tiles_over_it(
     assert 1 <= again.inferred <= len(over[edited])  # and only those ran the engine
 
 
-def test_a_vrt_reads_as_one_raster_without_raw_digests(
+def test_a_vrt_reads_as_one_raster_and_digests_per_source_file(
     assets: Assets, sheets: dict[str, list[Path]], tmp_path: Path
 ) -> None:
     paths = [Path(shutil.copy(p, tmp_path)) for p in sheets["same-crs"]]
     vrt = _write_vrt(tmp_path / "ortho.vrt", assets.ortho, paths)
-    tiles = _centre_block(4)
+    tiles = _centre_block(6)
     with GeoTiffSource(assets.ortho) as one, open_tile_source("geotiff", vrt, 256) as mosaic:
         assert isinstance(mosaic, GeoTiffSource)
         figures = _compare(one, mosaic, tiles)
-        assert mosaic.raw_digests(tiles) is None  # documented: a VRT is decoded on every run
+        before = mosaic.raw_digests(tiles)
     assert figures["valid_mismatch"] == 0 and figures["max_abs"] <= 1, figures  # the VRT mosaics before warping
-    # The shared-source cache notices an edited sheet behind the VRT.
-    before = source_version([vrt])
-    time.sleep(0.01)
-    os.utime(paths[3])
-    assert source_version([vrt]) != before
-    paths[5].unlink()
+    with GeoTiffMosaicSource(paths) as listed:
+        over = {t for t in tiles if paths[5] in listed.sheets_of(t)}
+    assert before is not None and 0 < len(over) < len(tiles)
+    # A write to one sheet moves the digests of exactly the tiles over it; so does the shared-source version.
+    version = source_version([vrt])
+    with rasterio.open(paths[5], "r+") as ds:
+        ds.write(np.full((ds.count, 4, 4), 9, np.uint8), window=Window(0, 0, 4, 4))
+    assert source_version([vrt]) != version
+    with open_tile_source("geotiff", vrt, 256) as mosaic:
+        after = mosaic.raw_digests(tiles)
+    assert after is not None
+    assert {t for t, a, b in zip(tiles, before, after, strict=True) if a != b} == over
+    paths[6].unlink()
     with pytest.raises(SourceError) as info:
         GeoTiffSource(vrt)
-    assert f"the VRT names source file {paths[5]}, which does not exist" in info.value.message
+    assert f"the VRT names source file {paths[6]}, which does not exist" in info.value.message
     assert info.value.where == str(vrt)
 
 

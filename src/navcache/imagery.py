@@ -115,14 +115,18 @@ def _tile_transform(tile: TileId, tile_size: int) -> Affine:
 
 
 @runtime_checkable
-class TileSource(Protocol):
-    """Something that yields Web-Mercator tiles of ``tile_size`` pixels."""
+class TileReader(Protocol):
+    """What :func:`read_window` needs: Web-Mercator tiles of ``tile_size`` pixels, by id."""
 
     tile_size: int
 
     def read_tile(self, tile: TileId) -> Tile | None:
         """The tile's pixels, or None when the source has nothing there at all."""
         ...
+
+
+class TileSource(TileReader, Protocol):
+    """Something that yields Web-Mercator tiles of ``tile_size`` pixels."""
 
     def bounds_lonlat(self) -> Bounds:
         """WGS84 (west, south, east, north) of the source's data."""
@@ -198,7 +202,7 @@ def tile_content_hash(tile: Tile) -> str:
     return digest.hexdigest()
 
 
-def read_window(source: TileSource, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
+def read_window(source: TileReader, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
     """Pixels ``[x0, x1) x [y0, y1)`` in global pixel coordinates at ``zoom`` (tile (x, y) covers
     ``x*tile_size ...``), mosaicked from the storage tiles they touch. Tiles the source lacks, and pixels
     outside the world, are invalid."""
@@ -440,9 +444,10 @@ class GeoTiffSource(_SourceBase):
     carried through the warp as an alpha band so invalid pixels never blend into valid ones; pixels
     outside the raster are invalid. Thread safety: one rasterio dataset handle per thread.
 
-    A GDAL VRT (``.vrt``, e.g. from ``gdalbuildvrt sheets/*.tif``) reads as one raster too, but gives no raw
-    digests (its blocks live in other files, behind the VRT's own placement and resampling), so the scan
-    memo decodes every chunk of a VRT on each run; list the sheets instead (a glob) to keep the memo.
+    A GDAL VRT (``.vrt``, e.g. from ``gdalbuildvrt sheets/*.tif``) reads as one raster too. Its raw digests
+    (:class:`_VrtSources`) cover, per tile, the *file versions* of the source files under it rather than
+    their block bytes: editing one sheet re-decodes the tiles over that sheet, but so does merely touching
+    it, and a copy of the imagery is decoded again. Sheets listed directly (a glob) digest block bytes.
     """
 
     def __init__(self, path: Path | str, tile_size: int = 256) -> None:
@@ -454,7 +459,7 @@ class GeoTiffSource(_SourceBase):
                 "orthophoto GeoTIFF not found", where=self._where, hint="check the [orthophoto] path in the sortie"
             )
         self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
-        self._blocks: _TiffBlocks | None = None
+        self._blocks: _TiffBlocks | _VrtSources | None = None
         self._plans: dict[TileId, _ReadPlan | None] = {}
         self._transformers = threading.local()
         ds = self._handles.get(self._where)
@@ -462,6 +467,8 @@ class GeoTiffSource(_SourceBase):
             self._check_vrt_sources(ds)
             self._inspect(ds)
             self._blocks = _TiffBlocks.open(ds, self.path, self._handles, self.tile_size, self._palette)
+            if self._blocks is None:
+                self._blocks = _VrtSources.open(ds, self.path, self.tile_size, self._palette)
         except BaseException:
             self._handles.close()
             raise
@@ -721,6 +728,95 @@ class GeoTiffSource(_SourceBase):
         self._handles.close()
         if self._blocks is not None:
             self._blocks.close()
+
+
+class _VrtSources:
+    """Raw digests of a GDAL VRT: a tile's digest covers the VRT itself (its XML and sidecars, in
+    :attr:`identity`) and the version (:func:`file_version`: size, times, inode) of every source file whose
+    destination rectangle meets the tile's read window. File versions, not block bytes: any write to a sheet
+    moves the digests of the tiles over that sheet (a touched but unchanged sheet costs a re-decode, never a
+    wrong reuse), and a copy of the imagery elsewhere is decoded once. Sources, the VRT and its sidecars are
+    checked for changes on every :meth:`unchanged` (one stat each)."""
+
+    def __init__(self, identity: str, files: list[Path], sources: list[tuple[float, float, float, float, int]]) -> None:
+        self.identity = identity
+        self._files = files  # the VRT, its sidecars, then every source file
+        self._versions = [file_version(f) for f in files]
+        self._sources = sources  # (x0, y0, x1, y1) destination rectangle in VRT pixels, index into files
+
+    @classmethod
+    def open(cls, ds: Any, path: Path, tile_size: int, palette: np.ndarray | None) -> _VrtSources | None:
+        """None unless every source is a plain file (not ``/vsi…``, not another VRT) that exists."""
+        if ds.driver != "VRT":
+            return None
+        try:
+            xml = path.read_bytes()
+            root = ElementTree.fromstring(xml)
+        except (OSError, ElementTree.ParseError):
+            return None
+        sidecars = [Path(f) for f in ds.files if Path(f).resolve() != path.resolve()]
+        files = [path]
+        sources: list[tuple[float, float, float, float, int]] = []
+        for band in root.iter("VRTRasterBand"):
+            for element in band:
+                name_element = element.find("SourceFilename")
+                if name_element is None:
+                    continue
+                name = (name_element.text or "").strip()
+                if not name or name.startswith("/vsi") or name.lower().endswith(".vrt"):
+                    return None
+                relative = name_element.get("relativeToVRT", "0").strip() == "1"
+                source = (path.parent / name if relative else Path(name)).resolve()
+                if not source.is_file():
+                    return None
+                if source not in files:
+                    files.append(source)
+                rect = element.find("DstRect")
+                try:
+                    x0, y0 = (float(rect.get(k, "0")) for k in ("xOff", "yOff")) if rect is not None else (0.0, 0.0)
+                    w, h = (
+                        (float(rect.get(k, "0")) for k in ("xSize", "ySize"))
+                        if rect is not None
+                        else (float(ds.width), float(ds.height))
+                    )
+                except ValueError:
+                    return None
+                sources.append((x0, y0, x0 + w, y0 + h, files.index(source)))
+        sidecars = [f for f in sidecars if f.resolve() not in files]
+        header = {
+            "vrt": hashlib.sha256(xml).hexdigest(),
+            "sidecars": [[str(f), *file_version(f)] for f in sidecars if f.is_file()],
+            "profile": {k: v for k, v in ds.profile.items() if k != "crs"},
+            "crs": ds.crs.to_wkt() if ds.crs else None,
+            "colorinterp": [c.name for c in ds.colorinterp],
+            "mask_flags": [[f.name for f in flags] for flags in ds.mask_flag_enums],
+            "overviews": [ds.overviews(b) for b in range(1, ds.count + 1)],
+            "palette": hashlib.sha256(palette.tobytes()).hexdigest() if palette is not None else None,
+            "gdal": rasterio.__gdal_version__,
+            "rasterio": rasterio.__version__,
+        }
+        try:
+            return cls(_decoder_identity("geotiff-vrt", tile_size, header), files + sidecars, sources)
+        except OSError:
+            return None
+
+    def unchanged(self) -> bool:
+        try:
+            return [file_version(f) for f in self._files] == self._versions
+        except OSError:
+            return False
+
+    def digest(self, window: Window, with_overviews: bool) -> str:
+        c0, r0 = float(window.col_off), float(window.row_off)
+        c1, r1 = c0 + float(window.width), r0 + float(window.height)
+        digest = hashlib.sha256(f"vrt-window:{c0}:{r0}:{c1}:{r1}".encode())
+        for x0, y0, x1, y1, k in self._sources:
+            if x0 < c1 and x1 > c0 and y0 < r1 and y1 > r0:
+                digest.update(f"|{x0},{y0},{x1},{y1}:{self._files[k]}:{self._versions[k]}".encode())
+        return digest.hexdigest()
+
+    def close(self) -> None:
+        pass  # holds no handle
 
 
 class _TiffBlocks:

@@ -38,7 +38,8 @@ Layout (every field, with its default; relative paths are resolved against this 
     # geotiff = "sheets/*.tif"        # sheets: a glob, or an array of files and globs ["a.tif", "b/*.tif"];
     #                                 # any CRSs (e.g. two UTM zones), composited in sorted-path order, the
     #                                 # first valid pixel winning; the scan memo works per sheet
-    # geotiff = "ortho.vrt"           # a GDAL VRT (alone), read as one raster; decoded on every run (no memo)
+    # geotiff = "ortho.vrt"           # a GDAL VRT (alone), read as one raster; its scan memo tracks each source
+    #                                 # file's version (any write re-decodes the tiles over that file)
     blank_std = 2.0                   # 0..255: a retrieval chunk is *blank* (not described, nothing to localise
     #                                 # against) when under half its pixels are valid (nodata) or no RGB
     #                                 # channel's standard deviation over its valid pixels reaches blank_std
