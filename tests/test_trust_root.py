@@ -467,3 +467,20 @@ def test_securesystemslib_verifies_a_trust_root_from_its_own_key_list(fleet: Fle
     keys = [SSlibKey.from_dict(keyid, dict(payload["keys"][keyid])) for keyid in payload["roles"]["root"]["keyids"]]
     accepted = envelope.verify(keys, payload["roles"]["root"]["threshold"])
     assert set(accepted) == {keyid_for(k.public_key()) for k in fleet.roots[:2]}
+
+
+def test_a_broken_trust_directory_is_a_report_not_a_traceback(fleet: Fleet) -> None:
+    cache_a = fleet.cache("a", fleet.a)
+    trust = cache_a.root / "trust"
+    shutil.rmtree(trust)
+    trust.mkdir()
+    (trust / "root-2.json").mkdir()  # a directory where a root version should be
+    report = fleet.verify(cache_a)
+    assert report.codes == {F.TRUST_ROOT_UPDATE_REFUSED} and "not a regular file" in report.summary()
+    shutil.rmtree(trust)
+    trust.write_text("not a directory")  # ignored: no versions shipped
+    assert fleet.verify(cache_a).ok
+    trust.unlink()
+    trust.mkdir()
+    (trust / "root-2.json").write_bytes(b"\\xff" * 10)
+    assert fleet.verify(cache_a).codes == {F.TRUST_ROOT_UPDATE_REFUSED}

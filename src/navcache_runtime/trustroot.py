@@ -401,21 +401,18 @@ def resolve_trust(
             result.stored_version = stored.version
             if stored.version >= anchor.version:
                 current = stored
-    candidates: dict[int, tuple[bytes, str]] = {}
+    # Candidates are named first and read only when the walk reaches them (a cache can hold many files).
+    candidates: dict[int, tuple[Path | bytes, str]] = {}
     trust_dir = Path(cache_root) / TRUST_DIR
-    if trust_dir.is_dir():
-        for entry in sorted(os.listdir(trust_dir)):
-            match = _ROOT_FILE.fullmatch(entry)
-            if not match:
-                continue
-            version = int(match.group(1))
-            if version <= current.version:
-                continue  # superseded: the device already holds this version or a newer one
-            try:
-                candidates[version] = (read_root_file(trust_dir / entry), f"{TRUST_DIR}/{entry}")
-            except TrustRootError as exc:
-                result.problems.append(("trust_root_update_refused", f"{TRUST_DIR}/{entry}", str(exc)))
-                return result
+    try:
+        entries = sorted(os.listdir(trust_dir)) if trust_dir.is_dir() else []
+    except OSError as exc:
+        result.problems.append(("trust_root_update_refused", TRUST_DIR, f"cannot list: {exc.strerror or exc}"))
+        return result
+    for entry in entries:
+        match = _ROOT_FILE.fullmatch(entry)
+        if match and int(match.group(1)) > current.version:  # older versions are superseded: ignored
+            candidates[int(match.group(1))] = (trust_dir / entry, f"{TRUST_DIR}/{entry}")
     if stored is not None and anchor.version > stored.version:
         candidates.setdefault(anchor.version, (anchor.raw, "the given trust root"))
     removed_operators: set[str] = set()
@@ -425,7 +422,8 @@ def resolve_trust(
         if step is None:
             break
         try:
-            new = verify_root_update(current, step[0], source=step[1])
+            raw = step[0] if isinstance(step[0], bytes) else read_root_file(step[0])
+            new = verify_root_update(current, raw, source=step[1])
         except TrustRootError as exc:
             result.problems.append(("trust_root_update_refused", step[1], str(exc)))
             return result
