@@ -30,10 +30,17 @@ def gather(shards: list[ShardResult], grid: ChunkGrid) -> tuple[np.ndarray, np.n
         if len(rows):
             parts.append(descriptors)
             ids.append(np.stack([rows["z"], rows["x"], rows["y"]], axis=1).astype(np.int64))
-    if not parts:
+    if not parts:  # coverage is 0 %: say why, blank (imagery there, useless) apart from missing (none there)
+        blank, missing = sum(s.blank for s in shards), sum(s.missing for s in shards)
+        fixes = ["check that the orthophoto covers the area"] if missing else []
+        if blank:
+            fixes.append(
+                "the imagery is nodata or near-uniform there: use imagery with detail, or lower "
+                "[orthophoto] blank_std if it is faint but usable"
+            )
         raise ProvisionError(
-            "no tile of the area has imagery to describe",
-            hint="check that the orthophoto covers the area and is not all nodata",
+            f"no chunk of the area can be described: {blank:,} blank, {missing:,} missing",
+            hint="; ".join(fixes) or "check that the orthophoto covers the area",
         )
     tile_ids = np.concatenate(ids)
     return np.concatenate(parts), tile_ids, grid.chunk_bounds_array(tile_ids[:, 1:])

@@ -192,6 +192,60 @@ def test_a_source_error_after_the_run_started_exits_failed(
     assert last.endswith("; the run stopped, the previous cache and manifest are untouched")
 
 
+def test_nothing_describable_exits_failed_and_says_blank_not_missing(
+    good: Path, assets: Assets, tmp_path: Path
+) -> None:
+    """Imagery over the whole area, but every chunk blank under a contrast floor no chunk reaches
+    ([orthophoto] blank_std = 200): preflight passes, the run builds engines and shards, coverage is 0 %."""
+    text = good.read_text()
+    good.write_text(text.replace(f'geotiff = "{assets.ortho}"', f'geotiff = "{assets.ortho}"\nblank_std = 200.0'))
+    proc = navcache("provision", str(good), home=tmp_path / "home", columns=200)
+    assert proc.returncode == ExitCode.FAILED, proc.stderr
+    assert (tmp_path / "cache" / "engines").is_dir() and not (tmp_path / "cache" / "manifest.dsse.json").exists()
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: no chunk of the area can be described: 4 blank, 0 missing (fix: the imagery is nodata or "
+        "near-uniform there: use imagery with detail, or lower [orthophoto] blank_std if it is faint but usable)"
+    )
+
+
+def _half_flat_orthophoto(source: Path, out: Path, east_of_lon: float, lat: float) -> Path:
+    """A copy of ``source`` whose pixels east of a meridian (less a 12 m margin for the UTM grid's tilt)
+    are one flat grey: valid pixels, no detail, like a lake or snow."""
+    import numpy as np
+    import rasterio
+    from pyproj import Transformer
+
+    with rasterio.open(source) as src:
+        profile, data = src.profile, src.read()
+        x, _ = Transformer.from_crs("EPSG:4326", src.crs, always_xy=True).transform(east_of_lon, lat)
+        col = int((x - 12.0 - src.transform.c) / src.transform.a)
+    data[:, :, max(col, 0) :] = np.array([90, 120, 80], np.uint8)[:, None, None]
+    with rasterio.open(out, "w", **profile) as dst:
+        dst.write(data)
+    return out
+
+
+def test_coverage_failure_hint_tells_blank_tiles_from_missing_ones(assets: Assets, tmp_path: Path) -> None:
+    """Half the area is over flat imagery (a lake): preflight sees valid pixels everywhere, the run then finds
+    2 of 4 tiles blank and stops below the threshold with FAILED and the blank fix, not "extend the orthophoto"."""
+    from navcache.tiles import tile_bounds
+
+    first, _ = block_tiles()
+    east_column = max(t.x for t in first)
+    west, south, _, north = tile_bounds(next(t for t in first if t.x == east_column))
+    ortho = _half_flat_orthophoto(assets.ortho, tmp_path / "lake.tif", west, (south + north) / 2)
+    sortie = write_sortie(tmp_path / "lake.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "cache")
+    sortie.write_text(sortie.read_text().replace(str(assets.ortho), str(ortho)))
+    proc = navcache("provision", str(sortie), home=tmp_path / "home", columns=200)
+    assert proc.returncode == ExitCode.FAILED, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: test-lake: coverage 50.00 % is below the threshold 99 % (0 missing, 2 blank of 4 tiles) "
+        "(fix: the imagery is nodata or near-uniform over 2 tiles (blank): use imagery with detail there, or lower "
+        "[orthophoto] blank_std if it is faint but usable; or lower coverage_threshold (the previous manifest "
+        "stays in force))"
+    )
+
+
 # --- a real run: summary, -v, verify ----------------------------------------------------------------------
 
 
@@ -214,6 +268,16 @@ def test_summary_and_progress_print_names_literally(provisioned: tuple[Path, sub
     assert f"sortie test-sortie: cache {cache}" in proc.stdout
     assert f"v1 {cache}/manifest.dsse.json — verified" in proc.stdout
     assert re.search(r"^\s+descriptors ━+ 4/4", proc.stderr, re.M)
+
+
+def test_gc_table_prints_paths_literally(
+    provisioned: tuple[Path, subprocess.CompletedProcess[str]], tmp_path: Path
+) -> None:
+    cache, _ = provisioned
+    proc = navcache("gc", str(cache), "--dry-run", home=tmp_path / "home", columns=250)
+    assert proc.returncode == ExitCode.OK, proc.stderr
+    assert f"gc {cache}: would remove 0, kept" in proc.stdout
+    assert "named by the current manifest" in proc.stdout
 
 
 def test_verbose_prints_preflight_lines_once(provisioned: tuple[Path, subprocess.CompletedProcess[str]]) -> None:
