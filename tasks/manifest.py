@@ -49,6 +49,7 @@ def sign_manifest_task(
     coverage: dict[str, Any],
     expires_hours: int,
     preprocess: Mapping[str, Preprocess] | None = None,
+    self_test: dict[str, Any] | None = None,
     signing_key: Path,
     trusted_keys: Path,
 ) -> tuple[Path, int]:
@@ -65,6 +66,7 @@ def sign_manifest_task(
         host=host,
         coverage=coverage,
         preprocess=preprocess,
+        self_test=self_test,
         version=version,
         issued_at=issued,
         expires=issued + timedelta(hours=expires_hours),

@@ -59,6 +59,38 @@ def index_report(sortie_id: str, report: dict[str, Any]) -> None:
     )
 
 
+def self_test_report(sortie_id: str, figures: dict[str, Any], png: bytes) -> None:
+    """The self-test's figures, its finding and a few query views beside their top-1 chunks (green: own chunk)."""
+    gate = "report only" if figures["min_recall_at_5"] is None else f"min_recall_at_5 {figures['min_recall_at_5']}"
+    picture = base64.b64encode(png).decode("ascii")
+    markdown = "\n".join(
+        [
+            f"# Self-test for {sortie_id}: recall@5 {figures['recall_at_5']:.3f} ({gate}) — "
+            f"{'PASSED' if figures['passed'] else 'FAILED'}",
+            "",
+            f"{figures['samples']} drone-like views rendered from the orthophoto, described by the VPR engine through "
+            "the drone's preprocessing and queried against the built index.",
+            "",
+            "| figure | exact chunk | within one chunk |",
+            "|---|---|---|",
+            f"| recall@1 | {figures['recall_at_1']:.3f} | {figures['near_recall_at_1']:.3f} |",
+            f"| recall@5 | {figures['recall_at_5']:.3f} | {figures['near_recall_at_5']:.3f} |",
+            "",
+            f"**Descriptor space:** {figures['finding']}",
+            "",
+            f"Onboard: {figures['onboard_queries']} signed views, at least {figures['onboard_min_hits_at_5']} must "
+            "find their chunk in the top 5 (`python -m navcache_runtime selftest`).",
+            "",
+            f"![query views (left) and their top-1 chunks (right)](data:image/png;base64,{picture})",
+        ]
+    )
+    create_markdown_artifact(
+        key=artifact_key("self-test", sortie_id),
+        markdown=markdown,
+        description="Does the cache localise? Recall of drone-like views, and the descriptor space's health",
+    )
+
+
 def coverage_report(sortie_id: str, summary: dict[str, Any], png: bytes, missing: list[str]) -> None:
     picture = base64.b64encode(png).decode("ascii")
     shown = ", ".join(missing[:50]) + (f" … ({len(missing)} in all)" if len(missing) > 50 else "")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from shapely.geometry import box
 
-from navcache.descriptors import ChunkReader, DescriptorEngine, classify
+from navcache.descriptors import DESCRIBED, ChunkReader, DescriptorEngine, classify
 from navcache.imagery import open_tile_source
 from navcache.index import build_index
 from navcache.selftest import SelfTestConfig, SelfTestResult, run_self_test, sample_chunks
@@ -55,7 +55,7 @@ def build(model: Path, ortho: Path, tmp: Path, zoom: int = 17, half: float = HAL
     chunks, images, blank = [], [], 0
     for chunk in grid.chunks_for_area(area):
         tile = reader.read(chunk)
-        if classify(tile) == 0:
+        if classify(tile) == DESCRIBED:
             assert tile is not None
             chunks.append((chunk.x, chunk.y))
             images.append(preprocess(np.where(tile.valid[:, :, None], tile.rgb, 0).astype(np.uint8)))

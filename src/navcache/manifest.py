@@ -106,6 +106,7 @@ def build_statement(
     preprocess: Mapping[str, Preprocess] | None = None,
     route: Mapping[str, Any] | None = None,
     corridor_m: float | None = None,
+    self_test: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The in-toto Statement for the artifacts under ``cache_root`` (paths relative to it).
 
@@ -152,6 +153,7 @@ def build_statement(
     coverage_block = _coverage_block(coverage, names)
     preprocess_block = {model: prep.to_signed() for model, prep in sorted((preprocess or {}).items())}
     route_block = _route_block(route, corridor_m) if route is not None else None
+    self_test_block = _self_test_block(self_test, names) if self_test is not None else None
 
     hashes = _hash_all(root_real, names)
     statement: dict[str, Any] = {
@@ -175,6 +177,8 @@ def build_statement(
         statement["predicate"]["route"] = route_block
     if preprocess_block:
         statement["predicate"]["preprocess"] = preprocess_block
+    if self_test_block is not None:
+        statement["predicate"]["self_test"] = self_test_block
     reject_floats(statement)
     return statement
 
@@ -267,6 +271,19 @@ def _scale_area(area: Mapping[str, Any]) -> dict[str, Any]:
             raise ManifestError("MultiPolygon coordinates must be a list of polygons", where="area_geojson")
         scaled = [polygon(p) for p in coords]
     return {"type": kind, "coordinates": scaled}
+
+
+def _self_test_block(block: Mapping[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """The self-test's figures (navcache.selftest.SelfTestResult.manifest_fields); its onboard query set must be
+    one of the signed artifacts, or the drone could be pointed at unsigned views."""
+    if not isinstance(block, Mapping):
+        raise ManifestError("self_test must be an object", where="self_test")
+    onboard = block.get("onboard")
+    if onboard is not None and (not isinstance(onboard, Mapping) or onboard.get("path") not in names):
+        raise ManifestError(
+            f"the self-test's onboard query set {onboard!r} is not among the signed artifacts", where="self_test"
+        )
+    return dict(block)
 
 
 def _route_block(route: Mapping[str, Any], corridor_m: float | None) -> dict[str, Any]:

@@ -295,8 +295,8 @@ def run_self_test(
     query = _describe_all(views, describe, preprocess, batch_size)
     hits = search(index, table, query, 5)
     found = np.full((len(views), 5), -1, np.int64)
-    for row, result in enumerate(hits):
-        for rank, (rid, _score) in enumerate(result):
+    for row, ranked in enumerate(hits):
+        for rank, (rid, _score) in enumerate(ranked):
             found[row, rank] = rid
     found_xy = np.where(found[:, :, None] >= 0, np.stack([table["x"], table["y"]], 1)[found], -(10**9))
     exact = np.all(found_xy == targets[:, None, :], axis=2)
@@ -450,8 +450,8 @@ def _write_onboard_set(
     query = _describe_all(list(stored), describe, preprocess, batch)
     hits = search(index, table, query, 5)
     got = sum(
-        any((int(table["x"][rid]), int(table["y"][rid])) == (int(x), int(y)) for rid, _ in result)
-        for result, (x, y) in zip(hits, targets, strict=True)
+        any((int(table["x"][rid]), int(table["y"][rid])) == (int(x), int(y)) for rid, _ in ranked)
+        for ranked, (x, y) in zip(hits, targets, strict=True)
     )
     floor = math.ceil(ONBOARD_FLOOR_FRACTION * got)
     buffer = io.BytesIO()

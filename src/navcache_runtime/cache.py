@@ -56,6 +56,7 @@ from .integrity import read_hashed
 from .naming import EXTENSIONS, parse_engine_name
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .protocol import InferenceRuntime
+from .selftest import OnboardSelfTest, SelfTestFailedError, load_queries, onboard_block, run_self_test
 from .trust import TrustedKeys
 from .trustroot import DEFAULT_STATE, DefaultState, TrustRoot, state_path_from
 from .types import EngineHandle
@@ -131,8 +132,10 @@ class OnboardCache:
         table: np.ndarray,
         index_report: Mapping[str, Any],
         preprocessing: Preprocess | None = None,
+        self_test_set: tuple[bytes, str, int, int] | None = None,
     ) -> None:
         self.root = root
+        self._self_test_set = self_test_set  # (verified bytes, name, queries, min_hits_at_5) of the signed views
         self._preprocessing = preprocessing  # as signed in the manifest; None for caches signed before it was
         self.report = report
         self.runtime = runtime
@@ -277,6 +280,23 @@ class OnboardCache:
         outputs = self.runtime.infer(engine.handle, {engine.input_name: batch})
         return {name: np.asarray(value)[:n] for name, value in outputs.items()}
 
+    # -- self-test ---------------------------------------------------------------------------------------
+
+    def self_test(self) -> OnboardSelfTest:
+        """Run the signed query views through this cache's engine and index (:mod:`navcache_runtime.selftest`);
+        the result's ``passed`` says whether the signed floor is met. Raises :class:`SelfTestFailedError` when
+        the manifest carries no query set or it cannot be read."""
+        self._check_open()
+        if self._self_test_set is None:
+            raise SelfTestFailedError(
+                "this cache carries no self-test query set",
+                hint="re-provision with [self_test] onboard_samples > 0",
+                path=self.root / MANIFEST_NAME,
+            )
+        data, name, queries, floor = self._self_test_set
+        views, expected = load_queries(data, queries, name)
+        return run_self_test(self, views, expected, floor)
+
     # -- lifetime ---------------------------------------------------------------------------------------
 
     def _check_open(self) -> None:
@@ -333,13 +353,18 @@ def open_cache(
     state_path: Path | str | Literal[DefaultState.DEFAULT] | None = DEFAULT_STATE,
     vpr_model: str | None = None,
     mmap: bool = True,
+    self_test: bool = False,
 ) -> OnboardCache:
     """Verify the cache at ``path`` against ``trusted_keys``, then open its engines and index (see the
     module docstring). Raises CacheVerificationError (nothing opened) or another InferenceRuntimeError.
 
     ``trusted_keys`` is a signed trust root or a plain allowlist (see :func:`verify_cache`). Rollback
     protection is on by default: ``state_path`` defaults to ``$NAVCACHE_STATE`` or
-    ``/var/lib/navcache/state.json``; ``state_path=None`` switches it off explicitly."""
+    ``/var/lib/navcache/state.json``; ``state_path=None`` switches it off explicitly.
+
+    ``self_test=True`` also runs the signed query views through the opened engine and index
+    (:meth:`OnboardCache.self_test`) and raises :class:`~navcache_runtime.selftest.SelfTestFailedError`, with
+    nothing left open, when fewer than the signed floor find their tile."""
     started = time.perf_counter()
     root = Path(path)
     report = verify_cache(root, trusted_keys, mode=mode, now=now, state_path=state_path_from(state_path))
@@ -385,7 +410,29 @@ def open_cache(
     except BaseException:
         _release(runtime, [e.handle for e in engines.values()])
         raise
-    cache = OnboardCache(root, report, runtime, engines, vpr, output, index, table, index_report, preprocessing)
+    onboard = onboard_block(report.self_test)
+    self_test_set = None
+    if onboard is not None:
+        name, queries, floor = onboard
+        self_test_set = (_read_signed(root, name, subjects), name, queries, floor)
+    cache = OnboardCache(
+        root, report, runtime, engines, vpr, output, index, table, index_report, preprocessing, self_test_set
+    )
+    if self_test:
+        try:
+            result = cache.self_test()
+        except BaseException:
+            cache.close()
+            raise
+        logger.info("%s", result.summary())
+        if not result.passed:
+            cache.close()
+            raise SelfTestFailedError(
+                f"{root}: {result.summary()}",
+                hint="the engine on this airframe disagrees with the one the descriptors were made with "
+                "(precision, a bad build, a driver change, other weights): rebuild it, or re-provision",
+                path=root,
+            )
     logger.info(
         "opened %s: %d tiles (%s), engines %s, vpr=%s, in %.2f s (verification %.2f s)",
         root,

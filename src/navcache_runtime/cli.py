@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import dataclasses
 import json
 import sys
 from collections import Counter
@@ -21,7 +22,15 @@ from .errors import InferenceRuntimeError
 from .integrity import open_regular
 from .naming import parse_engine_name
 from .trustroot import default_state_path
-from .verify import MANIFEST_NAME, FailureCode, VerificationReport, loads_strict, printable, verify_cache
+from .verify import (
+    MANIFEST_NAME,
+    CacheVerificationError,
+    FailureCode,
+    VerificationReport,
+    loads_strict,
+    printable,
+    verify_cache,
+)
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:
@@ -191,7 +200,56 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                     f"recall@10 {report_doc.get('recall_at_10')}"
                 )
             )
+    self_test = _dict(predicate.get("self_test"))
+    if self_test:
+        onboard = _dict(self_test.get("onboard"))
+        rates = {k: self_test.get(k) for k in ("recall_at_1_x1000", "recall_at_5_x1000", "near_recall_at_5_x1000")}
+        shown = {k: f"{v / 1000:.3f}" if isinstance(v, int) else "?" for k, v in rates.items()}
+        print(
+            "\nself-test  "
+            + printable(
+                f"{self_test.get('samples')} views: recall@1 {shown['recall_at_1_x1000']}, "
+                f"recall@5 {shown['recall_at_5_x1000']} (within one chunk {shown['near_recall_at_5_x1000']}); "
+                f"{self_test.get('finding')}"
+            )
+        )
+        if onboard:
+            print(
+                "           "
+                + printable(
+                    f"onboard: {onboard.get('queries')} signed views, at least {onboard.get('min_hits_at_5')} must "
+                    f"find their tile (python -m navcache_runtime selftest)"
+                )
+            )
     return code
+
+
+def cmd_selftest(args: argparse.Namespace) -> int:
+    """Verify, open the cache with this airframe's runtime and run the signed query views through it."""
+    from .cache import open_cache  # needs the strategy's library and faiss; verify does not
+
+    if not args.cache.is_dir():
+        print(f"error: cache directory {printable(args.cache)} does not exist", file=sys.stderr)
+        return 2
+    try:
+        with open_cache(
+            args.cache,
+            args.trusted_keys,
+            runtime_config=args.runtime_config,
+            state_path=None if args.no_state else (args.state or default_state_path()),
+        ) as cache:
+            result = cache.self_test()
+    except CacheVerificationError as exc:
+        _print_report(exc.report)
+        return 1
+    except InferenceRuntimeError as exc:
+        print(f"error: {printable(exc)}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({**dataclasses.asdict(result), "passed": result.passed}, indent=2))
+    else:
+        print(("PASSED: " if result.passed else "REFUSED: ") + printable(result.summary()))
+    return 0 if result.passed else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,6 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("cache", type=Path)
     inspect.add_argument("--trusted-keys", type=Path, help="also verify against these keys")
     inspect.set_defaults(handler=cmd_inspect)
+    selftest = sub.add_parser(
+        "selftest", help="run the cache's signed query views through this airframe's engine and index"
+    )
+    selftest.add_argument("cache", type=Path, help="the cache directory")
+    selftest.add_argument(
+        "--trusted-keys", "--trust-root", dest="trusted_keys", type=Path, required=True, help="as for verify"
+    )
+    selftest.add_argument("--runtime-config", type=Path, help="the airframe's runtime config (default: the cache's)")
+    selftest.add_argument("--state", type=Path, help="as for verify")
+    selftest.add_argument("--no-state", action="store_true", help="as for verify")
+    selftest.add_argument("--json", action="store_true", help="machine-readable result on stdout")
+    selftest.set_defaults(handler=cmd_selftest)
     return parser
 
 

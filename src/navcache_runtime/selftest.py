@@ -74,7 +74,7 @@ def load_queries(data: bytes, expected_count: int, name: str) -> tuple[np.ndarra
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             views, expected = npz["views"], npz["expected"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-        raise SelfTestFailedError(f"cannot read the self-test query set {name}: {exc}", where=name) from None
+        raise SelfTestFailedError(f"cannot read the self-test query set {name}: {exc}", path=name) from None
     if (
         views.dtype != np.uint8
         or views.ndim != 4
@@ -86,7 +86,7 @@ def load_queries(data: bytes, expected_count: int, name: str) -> tuple[np.ndarra
         raise SelfTestFailedError(
             f"{name} is not the signed query set (views {views.dtype} {views.shape}, expected {expected.shape}, "
             f"{expected_count} signed)",
-            where=name,
+            path=name,
         )
     return views, expected.astype(np.int64)
 

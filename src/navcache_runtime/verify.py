@@ -76,6 +76,7 @@ from .coverage import coverage_digest
 from .errors import InferenceRuntimeError
 from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes, fdopen_regular
 from .preprocessing import Preprocess
+from .selftest import onboard_block
 from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, root_store_path
 
 if TYPE_CHECKING:
@@ -261,6 +262,8 @@ class VerificationReport:
     payload_sha256: str | None = None
     # model name → its signed preprocessing block (navcache_runtime.preprocessing.Preprocess.to_signed), parsed
     preprocess: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # the provision's signed self-test block (navcache.selftest), when the manifest has one
+    self_test: dict[str, Any] | None = None
     bytes_hashed: int = 0
     elapsed_s: float = 0.0
 
@@ -1042,6 +1045,29 @@ class CacheVerifier:
 
         if "preprocess" in predicate:  # optional: caches signed before it was recorded lack it
             self._check_preprocess(predicate["preprocess"])
+        if "self_test" in predicate:  # optional, as preprocess
+            self._check_self_test(predicate["self_test"], {name for name, _ in m.subjects})
+
+    def _check_self_test(self, block: object, subjects: set[str]) -> None:
+        """``predicate.self_test``: the provision's self-test figures and, optionally, the onboard query set
+        (a signed subject) with its floor (``navcache_runtime.selftest``)."""
+        where = "predicate.self_test"
+        if not isinstance(block, dict):
+            self._fail(FailureCode.SCHEMA_INVALID, where, "must be an object")
+            return
+        if "onboard" in block:
+            onboard = onboard_block(block)
+            if onboard is None:
+                self._fail(FailureCode.SCHEMA_INVALID, f"{where}.onboard", "must be {path, queries, min_hits_at_5}")
+                return
+            path, queries, floor = onboard
+            if path not in subjects:
+                self._fail(FailureCode.SCHEMA_INVALID, f"{where}.onboard", f"{path!r} is not a signed subject")
+                return
+            if not 0 <= floor <= queries:
+                self._fail(FailureCode.SCHEMA_INVALID, f"{where}.onboard", "min_hits_at_5 must be within 0..queries")
+                return
+        self.report.self_test = dict(block)
 
     def _check_preprocess(self, blocks: object) -> None:
         """``predicate.preprocess``: model name → the preprocessing its descriptors were made with."""
