@@ -104,6 +104,8 @@ __all__ = [
     "open_cache",
     "preprocess",
     "CacheIndexError",
+    "OnboardSelfTest",
+    "SelfTestFailedError",
 ]
 
 #: The version of the runtime contract (docs/runtime-contract.md) this package implements: semver, bumped
@@ -133,11 +135,14 @@ _LAZY = {
     "open_cache": "cache",
     "preprocess": "cache",
     "CacheIndexError": "index",
+    "OnboardSelfTest": "selftest",
+    "SelfTestFailedError": "selftest",
 }
 
 if TYPE_CHECKING:  # type checkers of consumer code see the real types of the lazy names (same list as _LAZY)
     from .cache import CacheOpenError, Candidate, OnboardCache, open_cache, preprocess
     from .index import CacheIndexError
+    from .selftest import OnboardSelfTest, SelfTestFailedError
     from .trust import TrustedKeys, TrustedKeysError, keyid_for, load_trusted_keys
     from .trustroot import TrustRootError
     from .verify import (
