@@ -42,6 +42,7 @@ from navcache_tasks.host import probe_host_task
 from navcache_tasks.index import build_index_task
 from navcache_tasks.manifest import sign_manifest_task, verify_task
 from navcache_tasks.runlog import clean_failures, install, raise_if_failed
+from navcache_tasks.selftest import self_test_gate, self_test_task
 
 log = logging.getLogger(__name__)
 
@@ -241,6 +242,9 @@ def provision_sortie(
         shards = _describe_shards(plans, job, dask_address, spec.sortie_id)
 
         index = build_index_task(shards, grid, cache_root / "index", IndexBudget())
+        self_test = self_test_task(
+            job, shards, index, spec.self_test, checked.imagery.upsampling, spec.tiles.max_upsampling
+        )
         reporting.index_report(
             spec.sortie_id,
             {
@@ -253,12 +257,23 @@ def provision_sortie(
                 "size (bytes)": index.size_bytes,
                 "build (s)": round(index.build_s, 2),
                 "gpu": index.gpu,
+                "self-test recall@1 / @5": f"{self_test.recall_at_1:.3f} / {self_test.recall_at_5:.3f}",
+                "self-test descriptor space": self_test.finding,
             },
         )
+        reporting.self_test_report(spec.sortie_id, self_test.summary(), self_test.preview_png)
+        raise_if_failed(self_test_gate(quote(self_test), return_state=True))  # the self-test gate
 
         takeoff_lonlat = (spec.takeoff[1], spec.takeoff[0])
         coverage, coverage_path, png = coverage_task(
-            shards, grid, quote(storage_tiles), spec.coverage_threshold, cache_root / "coverage", takeoff_lonlat
+            shards,
+            grid,
+            quote(storage_tiles),
+            spec.coverage_threshold,
+            cache_root / "coverage",
+            takeoff_lonlat,
+            area=quote(spec.area),  # the map's outline (the corridor around a route)
+            imagery=(spec.orthophoto.kind, tuple(spec.orthophoto.paths) or (spec.orthophoto.path,)),
         )
         summary_cov = {
             "percent": coverage.percent,
@@ -283,6 +298,9 @@ def provision_sortie(
             coverage_path,
             coverage_path.with_suffix(".png"),
         ]
+        onboard_set = self_test.onboard_path
+        if onboard_set is not None:
+            artifacts.append(onboard_set)
         trusted = spec.trusted_keys or spec.signing_key.with_name("trusted_keys.json")
         manifest_path, version = sign_manifest_task(
             cache_root,
@@ -295,6 +313,9 @@ def provision_sortie(
             host=host.identity(),
             preprocess={spec.vpr.name: spec.vpr.preprocess},
             coverage=coverage.manifest_fields(coverage_path.relative_to(cache_root).as_posix()),
+            self_test=self_test.manifest_fields(
+                onboard_set.relative_to(cache_root).as_posix() if onboard_set is not None else None
+            ),
             expires_hours=spec.expires_hours,
             signing_key=spec.signing_key,
             trusted_keys=trusted,
@@ -329,6 +350,7 @@ def provision_sortie(
             "path": str(index.index_path),
         },
         "coverage": summary_cov,
+        "self_test": self_test.summary(),
         "imagery": checked.imagery.summary(),  # preflight's estimate and upsampling factor
         "verified": report.ok,
     }

@@ -27,8 +27,9 @@ def described_rows(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray, f
     for shard in shards:
         descriptors, table = load_shard(shard)
         described = table["status"] == DESCRIBED
-        xy.append(np.stack([table["x"][described], table["y"][described]], 1))
-        rows.append(np.asarray(descriptors, np.float32))
+        if described.any():  # a shard with nothing described (no imagery there) has a shapeless empty array
+            xy.append(np.stack([table["x"][described], table["y"][described]], 1))
+            rows.append(np.asarray(descriptors, np.float32))
         blank += shard.blank
         total += len(table)
     return np.concatenate(xy), np.concatenate(rows), blank / max(1, total)

@@ -221,3 +221,39 @@ def test_deploying_without_navcache_repo_stops_early_and_a_missing_checkout_is_n
     assert enter_repo(str(repo)) == {"directory": str(repo)} and Path.cwd() == repo
     # The root prefect.yaml is the one configuration; deployments/prefect.yaml points at it.
     assert (repo / "deployments" / "prefect.yaml").resolve() == (repo / "prefect.yaml").resolve()
+
+
+@pytest.mark.usefixtures("prefect_harness")
+def test_dask_progress_reaches_100_percent_and_the_sub_flow_is_named_after_the_sortie(
+    assets: Assets, tmp_path: Path
+) -> None:
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("prefect_dask")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    from navcache_tasks.reporting import artifact_key
+
+    first, second = block_tiles()
+    sortie = write_sortie(
+        tmp_path / "dask.toml", assets, area=tiles_polygon(first + second), cache_dir=tmp_path / "cache"
+    )
+    # A real scheduler with two workers; in-process threads keep it quick on a loaded machine (the workers'
+    # progress counters are still not the flow's: the flow counts from the shard results).
+    with distributed.LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
+    ) as cluster:
+        from navcache_flows.provision_sortie import provision_sortie
+
+        state = provision_sortie(str(sortie), dask_address=cluster.scheduler_address, return_state=True)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert summary["shards"]["total"] == 2 and summary["verified"]
+    assert float(_artifact(artifact_key("descriptors", "test-dask")).data) == 100.0
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
+            )
+        )
+    assert [run.name for run in subflows] == ["test-dask-shards-on-dask"]
