@@ -12,9 +12,10 @@ from prefect.states import State
 from navcache.descriptors import DESCRIBED, ShardResult, load_shard
 from navcache.errors import SelfTestError
 from navcache.index import IndexResult
-from navcache.selftest import SelfTestResult, run_self_test
+from navcache.selftest import SelfTestResult, memo_key, remembered, run_self_test
 from navcache.sortie import SelfTestConfig
 from navcache_runtime.index import load_index, load_tile_table
+from navcache_runtime.integrity import read_sidecar
 from navcache_runtime.preprocessing import Preprocess
 from navcache_tasks.descriptors import DescriptorJob, _engine, _source
 
@@ -47,21 +48,39 @@ def self_test_task(
     """Render, describe and query the views (navcache.selftest); writes the onboard query set beside the
     shards. Green whatever the figures: the gate below judges them."""
     chunks, descriptors, blank_fraction = described_rows(shards)
-    return run_self_test(
-        source=_source(job),
+    source = _source(job)
+    preprocess = job.preprocessing or Preprocess.for_input_shape(job.input_shape)
+    out_dir = job.out_dir.parent / "selftest"
+    key = memo_key(
+        index=read_sidecar(index.index_path),
+        engine=job.engine.sha256,
+        preprocess=preprocess.spec(),
+        source=(job.source_kind, source.fingerprint()),
         grid=job.grid,
-        chunks=chunks,
-        descriptors=descriptors,
-        index=load_index(index.index_path, mmap=False),
-        table=load_tile_table(index.table_path),
-        describe=_engine(job).describe,
-        preprocess=job.preprocessing or Preprocess.for_input_shape(job.input_shape),
         config=config,
-        out_dir=job.out_dir.parent / "selftest",
-        batch_size=job.batch_size,
         upsampling=upsampling,
         max_upsampling=max_upsampling,
         blank_fraction=blank_fraction,
+    )
+    return remembered(
+        out_dir,
+        key,
+        lambda: run_self_test(
+            source=source,
+            grid=job.grid,
+            chunks=chunks,
+            descriptors=descriptors,
+            index=load_index(index.index_path, mmap=False),
+            table=load_tile_table(index.table_path),
+            describe=_engine(job).describe,
+            preprocess=preprocess,
+            config=config,
+            out_dir=out_dir,
+            batch_size=job.batch_size,
+            upsampling=upsampling,
+            max_upsampling=max_upsampling,
+            blank_fraction=blank_fraction,
+        ),
     )
 
 

@@ -116,3 +116,30 @@ def test_the_onboard_self_test_refuses_an_engine_with_other_weights_even_when_re
         assert not opened.self_test().passed
     with pytest.raises(SelfTestFailedError, match="self-test FAILED"):
         nr.open_cache(cache, assets.trusted_keys, state_path=None, self_test=True)
+
+
+def test_a_warm_run_takes_the_self_test_from_its_memo_and_gc_keeps_only_live_memos(
+    assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from navcache.gc import collect_garbage
+
+    first_tiles, _ = block_tiles()
+    sortie = write_sortie(
+        tmp_path / "s.toml", assets, area=tiles_polygon(first_tiles), cache_dir=tmp_path / "cache", extra=SELF_TEST
+    )
+    cold = provision(sortie)
+
+    def must_not_run(**_: object) -> None:
+        raise AssertionError("a warm run rendered and described the views again")
+
+    monkeypatch.setattr("navcache_tasks.selftest.run_self_test", must_not_run)
+    warm = provision(sortie)
+    assert warm["self_test"] == cold["self_test"]
+
+    selftest = tmp_path / "cache" / "selftest"
+    (live,) = selftest.glob(".navcache-scan-selftest-*")
+    stale = selftest / ".navcache-scan-selftest-0000"
+    stale.write_text('{"onboard_name": "queries-gone.npz"}')
+    report = collect_garbage(tmp_path / "cache", ttl_days=None)
+    assert "selftest/.navcache-scan-selftest-0000" in [item.path for item in report.removed]
+    assert live.is_file() and not stale.exists()

@@ -1,9 +1,10 @@
 """`navcache gc`: remove cache artifacts the current manifest does not name, by age (TTL) and size budget.
 
-What is considered: regular files directly in ``engines/``, ``descriptors/``, ``index/`` and ``coverage/``
-with a known artifact suffix, each together with its ``.sha256`` sidecar (a sidecar whose artifact is gone is
-its own unit), plus orphaned ``.navcache-tmp-*`` files anywhere under the cache whose writer is dead, and
-scan-memo entries (``descriptors/.navcache-scan-*``) whose shard is gone.
+What is considered: regular files directly in ``engines/``, ``descriptors/``, ``index/``, ``coverage/`` and
+``selftest/`` with a known artifact suffix, each together with its ``.sha256`` sidecar (a sidecar whose artifact
+is gone is its own unit), plus orphaned ``.navcache-tmp-*`` files anywhere under the cache whose writer is dead,
+scan-memo entries (``descriptors/.navcache-scan-*``) whose shard is gone, and self-test memos
+(``selftest/.navcache-scan-selftest-*``) whose onboard query set is gone.
 What is never removed: anything the current manifest names (artifact or sidecar), the manifest, lock files,
 sub-directories (compile caches) and files gc does not recognise. gc holds the cache lock while it works,
 so it waits for a running provision and a provision waits for it.
@@ -37,6 +38,7 @@ ARTIFACT_DIRS: dict[str, tuple[str, ...]] = {
     "descriptors": (".desc.npy", ".tiles.npy"),
     "index": (".faiss", ".npy", ".json"),
     "coverage": (".json", ".png"),
+    "selftest": (".npz",),
 }
 DAY_S = 86400.0
 #: A temp file whose writer's pid still runs is left alone unless it is this old (pid reuse, other hosts).
@@ -226,6 +228,28 @@ def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now
     return stale
 
 
+def _stale_self_test_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
+    """Self-test memos whose onboard query set is gone (or that this gc removes), or unreadable."""
+    directory = cache_root / "selftest"
+    stale = []
+    for path in sorted(directory.glob(f"{SCAN_MEMO_PREFIX}selftest-*")) if directory.is_dir() else []:
+        try:
+            stat = path.stat()
+            record = json.loads(path.read_bytes())
+        except OSError:
+            continue
+        except ValueError:
+            record = None
+        onboard = record.get("onboard_name") if isinstance(record, dict) else None
+        if isinstance(onboard, str) and (directory / onboard).is_file() and f"selftest/{onboard}" not in removed:
+            continue
+        if not dry_run:
+            path.unlink(missing_ok=True)
+        rel = path.relative_to(cache_root).as_posix()
+        stale.append(GcItem(rel, stat.st_size, (now - stat.st_mtime) / DAY_S, "self-test memo whose views are gone"))
+    return stale
+
+
 def collect_garbage(
     cache_root: Path,
     *,
@@ -292,6 +316,7 @@ def collect_garbage(
             report.removed.append(GcItem(unit.rel, unit.size, age, remove[unit.rel]))
         report.removed += sweep_orphan_temps(cache_root, dry_run=dry_run, now=now)
         report.removed += _stale_scan_memos(cache_root, set(remove), dry_run=dry_run, now=now)
+        report.removed += _stale_self_test_memos(cache_root, set(remove), dry_run=dry_run, now=now)
         report.bytes_after = report.bytes_before - freed
         log.info(
             "gc %s: %s %d items (%d bytes), kept %d",

@@ -31,21 +31,25 @@ before signing and the previous manifest stays in force. Without it the figures 
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
+from navcache_runtime.errors import EngineHashMismatchError, EngineSidecarMissingError
 from navcache_runtime.index import search
-from navcache_runtime.integrity import write_artifact_once
+from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes, verify_artifact, write_artifact_once
 from navcache_runtime.preprocessing import Preprocess
 
 from .imagery import TileSource, read_window
@@ -460,6 +464,68 @@ def _write_onboard_set(
     path = out_dir / f"queries-{hashlib.sha256(data).hexdigest()[:16]}.npz"
     write_artifact_once(path, data)
     return path, len(stored), floor
+
+
+# --------------------------------------------------------------------------------------------- memo
+
+#: Bump when the figures a memo holds would change for the same inputs (sampling, rendering, finding rules).
+SELFTEST_VERSION = "navcache-selftest-v1"
+
+
+def memo_key(**inputs: Any) -> str:
+    """A digest of everything the figures depend on: index and engine digests, preprocessing, the source's
+    identity, the grid, the config and the hints. Same key, same figures (the self-test is deterministic)."""
+    text = repr(sorted((k, repr(v)) for k, v in inputs.items()))
+    return hashlib.sha256(f"{SELFTEST_VERSION}|{text}".encode()).hexdigest()[:40]
+
+
+def memo_path(out_dir: Path, key: str) -> Path:
+    # The scan-memo prefix: ground-side, never in a manifest; the verifier ignores it, gc prunes it.
+    return out_dir / f"{SCAN_MEMO_PREFIX}selftest-{key}"
+
+
+def save_memo(out_dir: Path, key: str, result: SelfTestResult) -> None:
+    record = {
+        **{f.name: getattr(result, f.name) for f in fields(result) if f.name not in ("onboard_path", "preview_png")},
+        "onboard_name": result.onboard_path.name if result.onboard_path is not None else None,
+        "preview_png": base64.b64encode(result.preview_png).decode("ascii"),
+    }
+    atomic_write_bytes(memo_path(out_dir, key), json.dumps(record).encode())
+
+
+def load_memo(out_dir: Path, key: str) -> SelfTestResult | None:
+    """The remembered result, when its memo is intact and its onboard query set still verifies; else None."""
+    try:
+        record = json.loads(memo_path(out_dir, key).read_bytes())
+        onboard = record.pop("onboard_name")
+        preview = base64.b64decode(record.pop("preview_png"), validate=True)
+        path = None
+        if onboard is not None:
+            path = out_dir / onboard
+            verify_artifact(path)
+        return SelfTestResult(**record, onboard_path=path, preview_png=preview)
+    except (
+        OSError,
+        ValueError,
+        TypeError,
+        KeyError,
+        binascii.Error,
+        EngineHashMismatchError,
+        EngineSidecarMissingError,
+    ):
+        return None
+
+
+def remembered(out_dir: Path, key: str, run: Callable[[], SelfTestResult]) -> SelfTestResult:
+    """The memo's result for ``key`` when it holds (a warm re-provision renders and infers nothing), else
+    ``run()``'s, remembered."""
+    result = load_memo(out_dir, key)
+    if result is not None:
+        log.info("self-test: unchanged index, engine, imagery and config; figures from the memo")
+        return result
+    result = run()
+    save_memo(out_dir, key, result)
+    return result
 
 
 # --------------------------------------------------------------------------------------------- picture
