@@ -2,8 +2,10 @@
 
 Starts `prefect server start` on a free loopback port with a throwaway PREFECT_HOME, provisions a tiny sortie
 (the test suite's synthetic orthophoto and models) against it, with one descriptor shard made to fail once so
-the UI shows a retried task, then loads the flow run page and the engine-table and coverage artifacts:
-docs/ui-flow-run.png, docs/ui-artifact-engines.png, docs/ui-artifact-coverage.png.
+the UI shows a retried task, then one sortie whose coverage is below its threshold, and loads the flow run
+pages, their logs and the artifacts: docs/ui-flow-run.png, docs/ui-run-log.png, docs/ui-failure.png,
+docs/ui-failure-log.png, docs/ui-artifact-engines.png, docs/ui-artifact-coverage.png,
+docs/ui-artifact-manifest.png.
 
     python scripts/ui_screenshot.py [--out docs] [--keep-server]
 
@@ -88,8 +90,9 @@ def fail_first_shard_once() -> None:
     descriptors.describe_shard = flaky
 
 
-def provision(work: Path) -> str:
-    """Run a two-shard sortie against the server; returns the flow run id."""
+def provision(work: Path) -> tuple[str, str]:
+    """Run a two-shard sortie against the server (one shard fails once and is retried), then one whose coverage
+    is below its threshold; returns the two flow run ids (completed, failed)."""
     sys.path.insert(0, str(REPO))  # tests.support builds the synthetic assets
     from navcache_flows.provision_sortie import provision_sortie
     from tests.support.sorties import block_tiles, make_assets, tiles_polygon, write_sortie
@@ -101,7 +104,14 @@ def provision(work: Path) -> str:
     state = provision_sortie(str(sortie), return_state=True)
     if not state.is_completed():
         sys.exit(f"the flow run ended {state.type.value}: {state.message}")
-    return str(state.state_details.flow_run_id)
+    # One tile 20 km east, outside the orthophoto: 8 of 9 tiles covered, below a 92 % threshold.
+    far = [type(t)(t.z, t.x + 100, t.y) for t in first[:1]]
+    area = tiles_polygon(first + second + far)
+    short = write_sortie(work / "ui-short.toml", assets, area=area, cache_dir=work / "cache", threshold=92.0)
+    failed = provision_sortie(str(short), return_state=True)
+    if not failed.is_failed():
+        sys.exit(f"the coverage failure run ended {failed.type.value}, not Failed")
+    return str(state.state_details.flow_run_id), str(failed.state_details.flow_run_id)
 
 
 def screenshot(chromium: str, url: str, out: Path, profile: Path, budget_ms: int = 20000) -> None:
@@ -161,12 +171,18 @@ def main() -> None:
             "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
             "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
         }
-        flow_run_id = provision(work)
+        flow_run_id, failed_id = provision(work)
         ui = f"http://127.0.0.1:{port}"
         args.out.mkdir(parents=True, exist_ok=True)
-        screenshot(chromium, f"{ui}/runs/flow-run/{flow_run_id}", args.out / "ui-flow-run.png", work / "chrome")
-        # The keyed artifacts (engine table, coverage report with its map) each have a page of their own.
-        for kind in ("engines", "coverage"):
+        chrome = work / "chrome"
+        screenshot(chromium, f"{ui}/runs/flow-run/{flow_run_id}", args.out / "ui-flow-run.png", chrome)
+        # The run log: navcache's own lines, the retried shard at WARNING.
+        screenshot(chromium, f"{ui}/runs/flow-run/{flow_run_id}?tab=Logs", args.out / "ui-run-log.png", chrome)
+        # The failure: the red coverage-gate task run, the state message, and its one-line log.
+        screenshot(chromium, f"{ui}/runs/flow-run/{failed_id}", args.out / "ui-failure.png", chrome)
+        screenshot(chromium, f"{ui}/runs/flow-run/{failed_id}?tab=Logs", args.out / "ui-failure-log.png", chrome)
+        # The keyed artifacts (engine table, coverage report with its map, manifest) each have a page of their own.
+        for kind in ("engines", "coverage", "manifest"):
             artifact_id = artifact_for(ui, flow_run_id, kind)
             shot = args.out / f"ui-artifact-{kind}.png"
             screenshot(chromium, f"{ui}/artifacts/artifact/{artifact_id}", shot, work / "chrome")

@@ -257,3 +257,35 @@ def test_dask_progress_reaches_100_percent_and_the_sub_flow_is_named_after_the_s
             )
         )
     assert [run.name for run in subflows] == ["test-dask-shards-on-dask"]
+
+
+def test_prefect_retry_and_failure_records_read_as_navcache_lines() -> None:
+    import logging
+    import sys
+
+    from navcache_tasks.runlog import ReadableFailures
+
+    readable = ReadableFailures()
+    error = OSError(errno.EIO, "Input/output error", "/mnt/ortho.tif")
+    retry = logging.LogRecord(
+        "prefect.task_runs",
+        logging.INFO,
+        __file__,
+        1,
+        "Task run failed with %s: %r - Retry %s/%s will start %s",
+        ("exception", error, 1, 2, "10 second(s) from now"),
+        None,
+    )
+    assert readable.filter(retry)
+    assert retry.levelno == logging.WARNING
+    assert retry.getMessage() == (
+        "retry 1/2 (10 second(s) from now) after a transient failure: [Errno 5] Input/output error: '/mnt/ortho.tif'"
+    )
+    try:
+        raise CoverageError("coverage 88.89 % is below the threshold 92 %", where="s42")
+    except CoverageError:
+        failed = logging.LogRecord(
+            "prefect.task_runs", logging.ERROR, __file__, 1, "Task run failed with exception: %r", (1,), sys.exc_info()
+        )
+    assert readable.filter(failed)
+    assert failed.exc_info is None and failed.getMessage() == "s42: coverage 88.89 % is below the threshold 92 %"

@@ -100,3 +100,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_serve_without_a_server_says_how_to_get_one(tmp_path: Path) -> None:
+    proc = navcache(tmp_path, "serve")
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "no Prefect server to serve to (fix: `navcache server start`, or set PREFECT_API_URL)" in proc.stderr
