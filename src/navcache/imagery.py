@@ -431,6 +431,28 @@ def _lonlat_bounds_of_tiles(zoom: int, xmin: int, ymin: int, xmax: int, ymax: in
     return west, south, east, north
 
 
+def _warp_to_tile(
+    src: np.ndarray, src_transform: Affine, src_crs: Any, tile: TileId, tile_size: int, box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """Warp (4, h, w) RGB + alpha source pixels into the ``box`` (col0, row0, col1, row1) of ``tile``:
+    bilinear, the alpha band carried so invalid pixels never blend into valid ones."""
+    col0, row0, col1, row1 = box
+    dst = np.zeros((4, row1 - row0, col1 - col0), np.uint8)
+    rasterio.warp.reproject(
+        src,
+        dst,
+        src_transform=src_transform,
+        src_crs=src_crs,
+        dst_transform=_tile_transform(tile, tile_size) @ Affine.translation(col0, row0),
+        dst_crs=_MERCATOR_CRS,
+        resampling=Resampling.bilinear,
+        src_alpha=4,
+        dst_alpha=4,
+        num_threads=1,
+    )
+    return dst
+
+
 # --------------------------------------------------------------------------------------------------
 # GeoTIFF (any CRS), reprojected per tile
 
@@ -605,6 +627,17 @@ class GeoTiffSource(_SourceBase):
         if plan is None:
             return None
         window, out_w, out_h, _ = plan
+        src = self._source_pixels(tile, plan)
+        src_transform = (
+            self._transform
+            @ Affine.translation(window.col_off, window.row_off)
+            @ Affine.scale(window.width / out_w, window.height / out_h)
+        )
+        return _warp_to_tile(src, src_transform, self._crs, tile, self.tile_size, box)
+
+    def _source_pixels(self, tile: TileId, plan: _ReadPlan) -> np.ndarray:
+        """(4, out_h, out_w) uint8 of the plan's source window: RGB (palette applied) and the dataset mask."""
+        window, out_w, out_h, _ = plan
         ds = self._handles.get(self._where)
         try:
             bands = ds.read(
@@ -627,26 +660,7 @@ class GeoTiffSource(_SourceBase):
         else:
             src[:3] = bands if len(self._indexes) == 3 else bands[0]
         src[3] = mask
-        src_transform = (
-            self._transform
-            @ Affine.translation(window.col_off, window.row_off)
-            @ Affine.scale(window.width / out_w, window.height / out_h)
-        )
-        col0, row0, col1, row1 = box
-        dst = np.zeros((4, row1 - row0, col1 - col0), np.uint8)
-        rasterio.warp.reproject(
-            src,
-            dst,
-            src_transform=src_transform,
-            src_crs=self._crs,
-            dst_transform=_tile_transform(tile, self.tile_size) @ Affine.translation(col0, row0),
-            dst_crs=_MERCATOR_CRS,
-            resampling=Resampling.bilinear,
-            src_alpha=4,
-            dst_alpha=4,
-            num_threads=1,
-        )
-        return dst
+        return src
 
     def _source_windows(self, boxes: np.ndarray) -> list[tuple[Window | None, tuple[float, float]]]:
         """Per mercator box (west, south, east, north): the source pixel window under it (its edges
@@ -985,17 +999,31 @@ def _raise_fd_limit(wanted: int) -> None:
         )
 
 
+def _nonempty(box: tuple[int, int, int, int]) -> bool:
+    return box[2] > box[0] and box[3] > box[1]
+
+
+def _pixel_grid(sheet: GeoTiffSource) -> tuple[object, ...] | None:
+    """What sheets must share to be mosaicked in their own CRS before warping: CRS, pixel size and the
+    grid's phase (origins a whole number of pixels apart). None for rotated grids and palette sheets."""
+    t = sheet._transform
+    if t.b != 0 or t.d != 0 or sheet._palette is not None:
+        return None
+    phase_x, phase_y = t.c / t.a - round(t.c / t.a), t.f / t.e - round(t.f / t.e)
+    return (sheet._crs.to_wkt(), t.a, t.e, round(phase_x, 4), round(phase_y, 4))
+
+
 class GeoTiffMosaicSource(_SourceBase):
     """Orthophoto sheets (GeoTIFFs in any CRSs, e.g. 1 km² sheets on both sides of a UTM zone boundary)
     read as one source.
 
-    Each tile reads only the sheets whose footprint (padded read window) it touches, each warped to the tile
-    exactly as :class:`GeoTiffSource` does, and composites them: the first valid pixel wins, in the order the
-    sheets were given (the sortie sorts them by path, so the result is deterministic). GDAL's warper splits
-    abutting sheets exactly at their common edge (a destination pixel is valid in the sheet its centre
-    falls in), so sheets cut from one raster give that raster's tiles except within half a source pixel of a
-    seam, where each side extrapolates its edge pixel instead of interpolating across. A tile no sheet
-    touches is None.
+    Each tile reads only the sheets whose footprint (padded read window) it touches. Sheets on one pixel
+    grid (same CRS, pixel size and grid phase: sheets cut from one raster) are mosaicked in their CRS and
+    warped once, as GDAL does for a VRT, so they give exactly the tiles of the raster they were cut from;
+    other sheets (another CRS, e.g. the next UTM zone; decimated low-zoom reads) are warped one by one as
+    :class:`GeoTiffSource` does. The first valid pixel wins, groups in the order of their first sheet and
+    sheets in the order given inside a group (the sortie sorts them by path, so the result is
+    deterministic). A tile no sheet touches is None.
 
     Raw digests: a tile's digest covers, in compositing order, each sheet under it (its decoder identity:
     CRS, georeferencing, format) and that sheet's block digest for the tile, so editing or replacing one
@@ -1026,6 +1054,7 @@ class GeoTiffMosaicSource(_SourceBase):
             hashlib.sha256(sheet.raw_identity().encode()).hexdigest()[:32].encode() for sheet in self._sheets
         ]
         self._covers: dict[TileId, tuple[int, ...]] = {}
+        self._grids = [_pixel_grid(sheet) for sheet in self._sheets]
         west, south, east, north = zip(*(sheet.bounds_lonlat() for sheet in self._sheets), strict=True)
         self._lonlat: Bounds = (min(west), min(south), max(east), max(north))
 
@@ -1060,26 +1089,76 @@ class GeoTiffMosaicSource(_SourceBase):
         size = self.tile_size
         rgb = np.zeros((size, size, 3), np.uint8)
         valid = np.zeros((size, size), bool)
-        west, _, east, north = mercator_bounds(tile)
-        res = (east - west) / size
-        for k in cover:
-            # Warp only the part of the tile under the sheet's footprint (a bounding box, padded): a sheet
+        for group in self._groups(cover):
+            # Warp only the part of the tile under the sheets' footprints (bounding boxes, padded): a sheet
             # under a sliver of the tile then costs a sliver of a warp.
-            sw, ss, se, sn = self._mercator[k]
-            col0, col1 = max(0, math.floor((sw - west) / res) - 2), min(size, math.ceil((se - west) / res) + 2)
-            row0, row1 = max(0, math.floor((north - sn) / res) - 2), min(size, math.ceil((north - ss) / res) + 2)
-            if col1 <= col0 or row1 <= row0:
-                continue
-            dst = self._sheets[k]._warp(tile, (col0, row0, col1, row1))
-            if dst is None:  # pragma: no cover - the cover holds only sheets with a read plan
-                continue
-            region = np.s_[row0:row1, col0:col1]
-            take = (dst[3] >= _ALPHA_VALID) & ~valid[region]
-            rgb[region][take] = np.moveaxis(dst[:3], 0, -1)[take]
-            valid[region] |= take
+            box = self._tile_box(tile, group)
+            merged = self._warp_group(tile, group, box) if len(group) > 1 and _nonempty(box) else None
+            if merged is not None:
+                parts = [(box, merged)]
+            else:  # one sheet, or a decimated read: warp the sheets one by one
+                boxes = [self._tile_box(tile, [k]) for k in group]
+                parts = [(b, self._sheets[k]._warp(tile, b)) for k, b in zip(group, boxes, strict=True) if _nonempty(b)]
+            for (col0, row0, col1, row1), part in parts:
+                if part is None:  # pragma: no cover - the cover holds only sheets with a read plan
+                    continue
+                region = np.s_[row0:row1, col0:col1]
+                take = (part[3] >= _ALPHA_VALID) & ~valid[region]
+                # copyto with a broadcast mask: half the cost of boolean fancy indexing on this layout
+                np.copyto(rgb[region], np.moveaxis(part[:3], 0, -1), where=take[..., None])
+                valid[region] |= take
             if valid.all():
                 break
         return Tile(rgb=rgb, valid=valid)
+
+    def _groups(self, cover: tuple[int, ...]) -> list[list[int]]:
+        """The cover's sheets grouped by pixel grid (sheets cut from one raster share one), each group in
+        order of its first sheet and keeping the cover's order inside."""
+        groups: dict[object, list[int]] = {}
+        for k in cover:
+            key = self._grids[k]
+            groups.setdefault(key if key is not None else ("alone", k), []).append(k)
+        return list(groups.values())
+
+    def _tile_box(self, tile: TileId, group: list[int]) -> tuple[int, int, int, int]:
+        """(col0, row0, col1, row1) of the tile's pixels under the group's footprint, padded by 2 px."""
+        size = self.tile_size
+        west, _, east, north = mercator_bounds(tile)
+        res = (east - west) / size
+        sw, ss = self._mercator[group, 0].min(), self._mercator[group, 1].min()
+        se, sn = self._mercator[group, 2].max(), self._mercator[group, 3].max()
+        col0, col1 = max(0, math.floor((sw - west) / res) - 2), min(size, math.ceil((se - west) / res) + 2)
+        row0, row1 = max(0, math.floor((north - sn) / res) - 2), min(size, math.ceil((north - ss) / res) + 2)
+        return col0, row0, col1, row1
+
+    def _warp_group(self, tile: TileId, group: list[int], box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """Sheets on one pixel grid mosaicked in their CRS (first valid pixel wins) and warped once, as GDAL
+        does for a VRT: one warp per tile instead of one per sheet, and interpolation across seams. None
+        when a read is decimated (overview levels of different sheets do not share a grid)."""
+        sheets = [self._sheets[k] for k in group]
+        plans = [sheet._read_plan(tile) for sheet in sheets]
+        if any(plan is None or plan[3] for plan in plans):
+            return None
+        origin = sheets[0]._transform
+        spans = []
+        for sheet, plan in zip(sheets, plans, strict=True):
+            assert plan is not None
+            window = plan[0]
+            dx = round((sheet._transform.c - origin.c) / origin.a)
+            dy = round((sheet._transform.f - origin.f) / origin.e)
+            c0, r0 = int(window.col_off) + dx, int(window.row_off) + dy
+            spans.append((c0, r0, c0 + int(window.width), r0 + int(window.height)))
+        gc0, gr0 = min(s[0] for s in spans), min(s[1] for s in spans)
+        gc1, gr1 = max(s[2] for s in spans), max(s[3] for s in spans)
+        src = np.zeros((4, gr1 - gr0, gc1 - gc0), np.uint8)
+        for sheet, plan, (c0, r0, c1, r1) in zip(sheets, plans, spans, strict=True):
+            assert plan is not None
+            pixels = sheet._source_pixels(tile, plan)
+            region = src[:, r0 - gr0 : r1 - gr0, c0 - gc0 : c1 - gc0]
+            take = (pixels[3] > 0) & (region[3] == 0)
+            np.copyto(region, pixels, where=take[None])
+        src_transform = origin @ Affine.translation(gc0, gr0)
+        return _warp_to_tile(src, src_transform, sheets[0]._crs, tile, self.tile_size, box)
 
     def sheets_of(self, tile: TileId) -> list[Path]:
         """The sheets ``tile`` reads, in compositing order."""
