@@ -1094,6 +1094,7 @@ class GeoTiffMosaicSource(_SourceBase):
             # under a sliver of the tile then costs a sliver of a warp.
             box = self._tile_box(tile, group)
             merged = self._warp_group(tile, group, box) if len(group) > 1 and _nonempty(box) else None
+            parts: list[tuple[tuple[int, int, int, int], np.ndarray | None]]
             if merged is not None:
                 parts = [(box, merged)]
             else:  # one sheet, or a decimated read: warp the sheets one by one
