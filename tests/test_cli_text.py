@@ -268,6 +268,12 @@ def test_summary_and_progress_print_names_literally(provisioned: tuple[Path, sub
     assert f"sortie test-sortie: cache {cache}" in proc.stdout
     assert f"v1 {cache}/manifest.dsse.json — verified" in proc.stdout
     assert re.search(r"^\s+descriptors ━+ 4/4", proc.stderr, re.M)
+    # the self-test and the imagery's resolution are in the summary too (one table row each)
+    assert re.search(r"self-test +│ 4 views: recall@1 [01]\.\d{3}, recall@5 1\.000 \(report only\)", proc.stdout)
+    assert "too few chunks (4) to judge the descriptor space" in proc.stdout
+    assert re.search(
+        r"imagery +│ valid over ~100\.0 % of the area; upsampling \d\.\d\dx \(0\.6 m/px imagery", proc.stdout
+    ), proc.stdout
 
 
 def test_gc_table_prints_paths_literally(

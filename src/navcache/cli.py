@@ -149,6 +149,24 @@ def _summary_table(summary: dict[str, Any]) -> Table:
         f"{cov['percent']:.2f} % (threshold {cov['threshold']} %): {cov['covered']} covered, "
         f"{cov['blank']} blank, {cov['missing']} missing",
     )
+    if "self_test" in summary:
+        st = summary["self_test"]
+        gate = "report only" if st["min_recall_at_5"] is None else f"min {st['min_recall_at_5']}"
+        _row(
+            table,
+            "self-test",
+            f"{st['samples']} views: recall@1 {st['recall_at_1']:.3f}, recall@5 {st['recall_at_5']:.3f} ({gate}); "
+            f"within one chunk {st['near_recall_at_1']:.3f} / {st['near_recall_at_5']:.3f}; {st['finding']}",
+        )
+    imagery = summary.get("imagery") or {}
+    if imagery.get("upsampling") is not None:
+        _row(
+            table,
+            "imagery",
+            f"valid over ~{imagery['estimated_coverage_percent']:.1f} % of the area; upsampling "
+            f"{imagery['upsampling']:.2f}x ({imagery['imagery_m_per_px']:.3g} m/px imagery, "
+            f"{imagery['tile_m_per_px']:.3g} m/px tiles)",
+        )
     _row(
         table,
         "manifest",

@@ -59,6 +59,8 @@ from .types import TileId
 
 log = logging.getLogger(__name__)
 
+#: With fewer described chunks the medians are noise: only a constant output is named.
+MIN_CHUNKS_TO_JUDGE = 16
 #: Below this separation (see ``_finding``) the descriptor space is called collapsed.
 MIN_SEPARATION = 0.25
 #: The upsampling factor above which a collapse is blamed on it when the sortie sets no max_upsampling.
@@ -416,6 +418,8 @@ def _finding(
             f"collapsed descriptor space: the model gives the same descriptor for every tile ({figures}); likely "
             "cause: constant output — check the backbone's output and weights"
         )
+    if len(descriptors) < MIN_CHUNKS_TO_JUDGE:
+        return False, f"too few chunks ({len(descriptors)}) to judge the descriptor space ({figures})"
     # How much of the spread between unrelated tiles a view's match with its own tile uses: near 1 in a
     # discriminative space, near 0 (or below) when a perturbed view is as far from its tile as any tile is.
     separation = (self_cos - random_cos) / max(1e-9, 1.0 - random_cos)
