@@ -1,9 +1,9 @@
 """provision-sortie: one flow run per sortie, from a sortie file to a verified, signed onboard cache.
 
 probe host → compile-or-reuse per backbone → plan tiles → describe shards (mapped) → FAISS index →
-coverage walk → sign manifest → verify. Everything is validated before anything is written; every
-artifact is content-addressed, so a failure at any step leaves the previous manifest — and everything it
-names — in place.
+self-test (gate) → coverage walk (gate) → sign manifest → verify (gate). Everything is validated before
+anything is written; every artifact is content-addressed, so a failure at any step leaves the previous
+manifest — and everything it names — in place.
 """
 
 from __future__ import annotations
