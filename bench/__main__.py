@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "incremental": ("provision", "1 percent of tiles changed: re-provision as a fraction of a cold one"),
     "cold": ("provision", "cold provision vs the sum of its bare parts"),
     "runtime": ("runtime", "runtime factory p99; engine load vs compile per strategy"),
+    "server": ("server", "CLI warm re-provision and first-output latency: ephemeral API vs navcache server"),
 }
 
 
