@@ -29,6 +29,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_START_S = 90.0
+LOG_HEIGHT_PX = 4200  # the flow-run page grows with its log: tall enough for the whole of a run's log
 
 
 def free_port() -> int:
@@ -114,7 +115,7 @@ def provision(work: Path) -> tuple[str, str]:
     return str(state.state_details.flow_run_id), str(failed.state_details.flow_run_id)
 
 
-def screenshot(chromium: str, url: str, out: Path, profile: Path, budget_ms: int = 20000) -> None:
+def screenshot(chromium: str, url: str, out: Path, profile: Path, budget_ms: int = 20000, height: int = 1200) -> None:
     cmd = [
         chromium,
         "--headless",
@@ -129,7 +130,7 @@ def screenshot(chromium: str, url: str, out: Path, profile: Path, budget_ms: int
         f"--user-data-dir={profile}",
         f"--virtual-time-budget={budget_ms}",  # the UI is a JS app: let it fetch and render first
         "--run-all-compositor-stages-before-draw",
-        "--window-size=1600,1200",
+        f"--window-size=1600,{height}",
         f"--screenshot={out}",
         url,
     ]
@@ -176,11 +177,13 @@ def main() -> None:
         args.out.mkdir(parents=True, exist_ok=True)
         chrome = work / "chrome"
         screenshot(chromium, f"{ui}/runs/flow-run/{flow_run_id}", args.out / "ui-flow-run.png", chrome)
-        # The run log: navcache's own lines, the retried shard at WARNING.
-        screenshot(chromium, f"{ui}/runs/flow-run/{flow_run_id}?tab=Logs", args.out / "ui-run-log.png", chrome)
+        # The run log, whole (a tall window): navcache's own lines, the retried shard at WARNING.
+        log_shot = args.out / "ui-run-log.png"
+        screenshot(chromium, f"{ui}/runs/flow-run/{flow_run_id}?tab=Logs", log_shot, chrome, height=LOG_HEIGHT_PX)
         # The failure: the red coverage-gate task run, the state message, and its one-line log.
         screenshot(chromium, f"{ui}/runs/flow-run/{failed_id}", args.out / "ui-failure.png", chrome)
-        screenshot(chromium, f"{ui}/runs/flow-run/{failed_id}?tab=Logs", args.out / "ui-failure-log.png", chrome)
+        failure_log = args.out / "ui-failure-log.png"
+        screenshot(chromium, f"{ui}/runs/flow-run/{failed_id}?tab=Logs", failure_log, chrome, height=LOG_HEIGHT_PX)
         # The keyed artifacts (engine table, coverage report with its map, manifest) each have a page of their own.
         for kind in ("engines", "coverage", "manifest"):
             artifact_id = artifact_for(ui, flow_run_id, kind)
