@@ -238,11 +238,9 @@ def test_dask_progress_reaches_100_percent_and_the_sub_flow_is_named_after_the_s
     sortie = write_sortie(
         tmp_path / "dask.toml", assets, area=tiles_polygon(first + second), cache_dir=tmp_path / "cache"
     )
-    # A real scheduler with two workers; in-process threads keep it quick on a loaded machine (the workers'
-    # progress counters are still not the flow's: the flow counts from the shard results).
-    with distributed.LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None
-    ) as cluster:
+    # A real scheduler with two worker processes: each has its own per-batch counter (the old progress
+    # stopped at 25 %); the flow counts from the shard results.
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         from navcache_flows.provision_sortie import provision_sortie
 
         state = provision_sortie(str(sortie), dask_address=cluster.scheduler_address, return_state=True)
