@@ -367,9 +367,10 @@ def onnx_model(
     dims = [None, 3, 128, 128] if dims is None else dims
     image = helper.make_tensor_value_info(input_name, TensorProto.FLOAT, dims)
     out_type = TensorProto.FLOAT if output_type is None else output_type
-    nodes = [helper.make_node("ReduceMax", [input_name], ["pooled"], keepdims=0)]
+    # a descriptor is [N, D]: the image's spatial maximum per channel
+    nodes = [helper.make_node("ReduceMax", [input_name], ["pooled"], axes=[2, 3], keepdims=0)]
     nodes.append(helper.make_node("Cast", ["pooled"], ["descriptor"], to=out_type))
-    outputs = [helper.make_tensor_value_info("descriptor", out_type, [])] if with_output else []
+    outputs = [helper.make_tensor_value_info("descriptor", out_type, [None, None])] if with_output else []
     graph = helper.make_graph(nodes, "hostile", [image], outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     return bytes(model.SerializeToString())
@@ -613,12 +614,11 @@ def _spec(**overrides: Any) -> dict[str, Any]:
     return spec | overrides
 
 
-def test_nodata_everywhere_passes_preflight(assets: Assets, tmp_path: Path) -> None:
-    """Preflight checks the raster's footprint, not its pixels: a raster that is nodata everywhere over the
-    area is accepted here. The flow then finds every tile blank and fails the coverage threshold
-    (CoverageError, exit 1, previous manifest in force): that is where this input is refused."""
+def test_nodata_everywhere_is_refused_by_preflight(assets: Assets, tmp_path: Path) -> None:
+    """Preflight surveys the raster's valid pixels under the area (not only its footprint): a raster that is
+    nodata everywhere there is refused before anything is written, naming where the imagery lies."""
     outcome = check_ortho(assets, tmp_path, "geotiff", _spec(nodata_everywhere=True))
-    assert outcome is None, outcome
+    assert isinstance(outcome, SourceError) and "no valid pixels over the area" in outcome.message, outcome
 
 
 def test_orthophoto_in_another_crs_far_away_is_no_overlap(assets: Assets, tmp_path: Path) -> None:
