@@ -4,12 +4,14 @@ Healthy, constant and upsampled-until-flat cases; determinism; the onboard query
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import rasterio
 from shapely.geometry import box
 
 from navcache.descriptors import DESCRIBED, ChunkReader, DescriptorEngine, classify
@@ -22,7 +24,7 @@ from navcache_runtime.index import load_index, load_tile_table
 from navcache_runtime.preprocessing import Preprocess
 from navcache_runtime.selftest import load_queries
 from tests.support.realistic import coarse_orthophoto
-from tests.support.selftest_models import constant, thumbnail
+from tests.support.selftest_models import constant, first_channel, thumbnail
 from tests.support.sorties import CENTER_LAT, CENTER_LON, Assets
 
 HALF = 0.006  # degrees: ~900 m x 1300 m around the centre, about 50 z17 tiles
@@ -41,13 +43,13 @@ class Built:
     blank_fraction: float
 
 
-def build(model: Path, ortho: Path, tmp: Path, zoom: int = 17, half: float = HALF) -> Built:
+def build(model: Path, ortho: Path, tmp: Path, zoom: int = 17, half: float = HALF, **options: Any) -> Built:
     """Describe every chunk of the area with the compiled engine and index them, as a provision would."""
     runtime = build_inference_runtime(RuntimeConfig(runtime="onnx_trt_ep", engine_dir=tmp / "engines"))
     profile = InputProfile("image", (1, 3, 128, 128), (8, 3, 128, 128), (16, 3, 128, 128))
     entry = runtime.compile_engine(model, BuildConfig(input_shapes=(profile,), model_name=model.stem))
     engine = DescriptorEngine(runtime, runtime.deserialize_engine(entry), "image", None, entry.sha256, 16)
-    preprocess = Preprocess.for_input_shape(profile.opt)
+    preprocess = Preprocess.for_input_shape(profile.opt, **options)  # channels="BGR", ...: as a sortie declares
     source = open_tile_source("geotiff", ortho)
     grid = ChunkGrid(zoom)
     area = box(CENTER_LON - half, CENTER_LAT - half, CENTER_LON + half, CENTER_LAT + half)
@@ -142,6 +144,21 @@ def test_imagery_upsampled_until_flat_is_a_collapsed_space_blamed_on_upsampling(
     sharp = self_test(build(assets.vpr_onnx, assets.ortho, tmp_path / "sharp"))
     assert not sharp.collapsed, sharp.finding
     assert flat.recall_at_5 < sharp.recall_at_5
+
+
+def test_shuffled_channels_collapse_the_space(assets: Assets, tmp_path: Path) -> None:
+    # The demo's imagery with its blue channel made nearly flat (within one grey level); a model that reads red
+    ortho = tmp_path / "ortho.tif"
+    shutil.copy(assets.ortho, ortho)
+    with rasterio.open(ortho, "r+") as ds:
+        blue = 90 + np.random.default_rng(0).integers(0, 2, (ds.height, ds.width))
+        ds.write(np.where(ds.read(3) == 0, 0, blue).astype(np.uint8), 3)  # nodata stays nodata
+    model = first_channel(tmp_path / "red.onnx")
+    right = self_test(build(model, ortho, tmp_path / "rgb"))
+    wrong = self_test(build(model, ortho, tmp_path / "bgr", channels="BGR"))
+    assert not right.collapsed and right.recall_at_5 >= 0.6, right.summary()
+    assert wrong.collapsed and "channel order" in wrong.finding and wrong.recall_at_5 < 0.2, wrong.summary()
+    assert wrong.recall_at_5 < right.recall_at_5
 
 
 def test_the_onboard_query_set_is_small_signed_material(healthy: Built, tmp_path: Path) -> None:

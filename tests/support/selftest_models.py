@@ -4,6 +4,7 @@
 mean (brightness), so views of the same place agree and different places differ. ``constant`` gives the same
 vector for every image (a model with its output wired wrong). ``permuted`` is ``thumbnail`` with its output
 dimensions shuffled: other weights with the same shapes, as an engine swapped onboard would be.
+``first_channel`` reads its texture from the first input channel only, so a wrong channel order shows.
 """
 
 from __future__ import annotations
@@ -50,6 +51,26 @@ def thumbnail(path: Path, *, size: int = 128, permute_seed: int | None = None) -
         init.append(numpy_helper.from_array(order, "order"))
         nodes.append(helper.make_node("Gather", ["centred", "order"], ["descriptor"], axis=1))
     return _save(nodes, init, path, size, dim)
+
+
+def first_channel(path: Path, *, size: int = 128) -> Path:
+    """[N, 3, size, size] → [N, 8 * 8]: the thumbnail of the first input channel only, minus its mean: a model
+    "trained" on RGB whose texture it reads from red. Fed BGR, it reads blue instead."""
+    k = size // GRID
+    init = [
+        numpy_helper.from_array(np.array([0], np.int64), "start"),
+        numpy_helper.from_array(np.array([1], np.int64), "end"),
+        numpy_helper.from_array(np.array([1], np.int64), "axis"),
+        numpy_helper.from_array(np.array([0, -1], np.int64), "flat_shape"),
+    ]
+    nodes = [
+        helper.make_node("Slice", ["image", "start", "end", "axis"], ["red"]),
+        helper.make_node("AveragePool", ["red"], ["pooled"], kernel_shape=[k, k], strides=[k, k]),
+        helper.make_node("Reshape", ["pooled", "flat_shape"], ["flat"]),
+        helper.make_node("ReduceMean", ["flat"], ["mean"], axes=[1], keepdims=1),
+        helper.make_node("Sub", ["flat", "mean"], ["descriptor"]),
+    ]
+    return _save(nodes, init, path, size, GRID * GRID)
 
 
 def constant(path: Path, *, size: int = 128, dim: int = 64) -> Path:
