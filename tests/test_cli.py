@@ -3,22 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.cli import navcache
 from tests.support.sorties import Assets, block_tiles, tiles_polygon, write_sortie
-
-
-def navcache(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ, PREFECT_HOME=str(home), NO_COLOR="1", COLUMNS="200")
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "navcache", *args], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from navcache.errors import ExitCode
 from navcache.lock import cache_lock
 from navcache.sortie import _TABLES
+from tests.support.cli import navcache as run_navcache
 from tests.support.sorties import Assets, block_tiles, tiles_polygon, write_sortie
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -25,12 +26,7 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 def navcache(*args: str, home: Path, columns: int = 60) -> subprocess.CompletedProcess[str]:
     # A narrow terminal on purpose: an error is still one line, never wrapped.
-    env = dict(os.environ, PREFECT_HOME=str(home), NO_COLOR="1", COLUMNS=str(columns))
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "180"  # shared, busy CI cores
-    env.pop("PREFECT_API_URL", None)
-    return subprocess.run(
-        [sys.executable, "-m", "navcache", *args], capture_output=True, text=True, env=env, timeout=600, check=False
-    )
+    return run_navcache(*args, home=home, columns=columns)
 
 
 @pytest.fixture

@@ -15,9 +15,9 @@ from shapely.geometry import LineString, Point, shape
 
 import navcache_runtime as nr
 from navcache.sortie import load_sortie
+from tests.support.cli import navcache
 from tests.support.realistic import bending_route, coarse_orthophoto, route_sortie
 from tests.support.sorties import Assets
-from tests.test_cli import navcache
 
 GEOD = Geod(ellps="WGS84")
 
