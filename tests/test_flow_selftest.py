@@ -41,7 +41,7 @@ def healthy_cache(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> P
     root = tmp_path_factory.mktemp("selftest-flow")
     first, second = block_tiles()
     sortie = write_sortie(
-        root / "sortie.toml",
+        root / "selftest-healthy.toml",
         assets,
         area=tiles_polygon(first + second),
         cache_dir=root / "cache",
@@ -74,12 +74,14 @@ def test_open_cache_runs_the_onboard_self_test(healthy_cache: Path, assets: Asse
 def test_min_recall_at_5_fails_the_run_before_signing(assets: Assets, tmp_path: Path) -> None:
     centre = tile_for_lonlat(CENTER_LON, CENTER_LAT, 18)
     area = tiles_polygon([TileId(18, centre.x + dx, centre.y + dy) for dx in range(-3, 3) for dy in range(-3, 3)])
-    good = write_sortie(tmp_path / "good.toml", assets, area=area, cache_dir=tmp_path / "cache", extra=SELF_TEST)
+    good = write_sortie(
+        tmp_path / "selftest-good.toml", assets, area=area, cache_dir=tmp_path / "cache", extra=SELF_TEST
+    )
     provision(good)
     manifest = (tmp_path / "cache" / "manifest.dsse.json").read_bytes()
     # views turned all the way round and shifted by a whole chunk: nothing finds its tile at rank 5 every time
     harsh = SELF_TEST + "min_recall_at_5 = 1.0\nmax_rotation_deg = 180.0\nmax_offset = 1.0\n"
-    gated = write_sortie(tmp_path / "gated.toml", assets, area=area, cache_dir=tmp_path / "cache", extra=harsh)
+    gated = write_sortie(tmp_path / "selftest-gated.toml", assets, area=area, cache_dir=tmp_path / "cache", extra=harsh)
     with pytest.raises(SelfTestError, match=r"self-test recall@5 .* is below min_recall_at_5 1.0"):
         provision(gated)
     assert (tmp_path / "cache" / "manifest.dsse.json").read_bytes() == manifest  # the previous one stays
@@ -125,7 +127,11 @@ def test_a_warm_run_takes_the_self_test_from_its_memo_and_gc_keeps_only_live_mem
 
     first_tiles, _ = block_tiles()
     sortie = write_sortie(
-        tmp_path / "s.toml", assets, area=tiles_polygon(first_tiles), cache_dir=tmp_path / "cache", extra=SELF_TEST
+        tmp_path / "selftest-memo.toml",
+        assets,
+        area=tiles_polygon(first_tiles),
+        cache_dir=tmp_path / "cache",
+        extra=SELF_TEST,
     )
     cold = provision(sortie)
 
