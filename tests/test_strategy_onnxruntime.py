@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 
@@ -128,7 +129,7 @@ def test_an_artifact_for_another_cpu_isa_is_refused(compiled, this_host: nr.Host
 
 
 def test_silent_provider_fallback_is_detected_reported_and_named_for_what_ran(
-    tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Pretend this ORT build lists CUDA (as onnxruntime-gpu does on a host without a usable GPU); ORT then
     # really falls back to CPU at session creation, only warning through Python's warnings module.
@@ -136,10 +137,23 @@ def test_silent_provider_fallback_is_detected_reported_and_named_for_what_ran(
         ort_strategy.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
     runtime = _runtime(tmp_path / "engines")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        entry = runtime.compile_engine(tiny_model.onnx, tiny_model.build_config())
-    assert "fell back from CUDAExecutionProvider to CPUExecutionProvider" in caplog.text
+    # A handler on the strategy's own logger: what the root logger carries depends on what other tests (an
+    # in-process CLI run configures logging) did before this one.
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logging.getLogger(ort_strategy.__name__).addHandler(handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            entry = runtime.compile_engine(tiny_model.onnx, tiny_model.build_config())
+    finally:
+        logging.getLogger(ort_strategy.__name__).removeHandler(handler)
+    assert any(
+        "fell back from CUDAExecutionProvider to CPUExecutionProvider" in r.getMessage()
+        and r.levelno == logging.WARNING
+        for r in records
+    ), [r.getMessage() for r in records]
     assert entry.notes and "fell back" in entry.notes[0]
     assert entry.host.sm is None and entry.host.cpu_isa  # named for the CPU it really was built for
     strict = _runtime(tmp_path / "strict", strict_providers=True)
