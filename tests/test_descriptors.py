@@ -4,7 +4,6 @@ stand in for pixels that changed."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -21,40 +20,14 @@ from navcache.descriptors import (
     describe_shard,
     load_shard,
 )
-from navcache.imagery import GeoTiffSource, TileSource
+from navcache.imagery import GeoTiffSource
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
-from navcache.types import Tile, TileId
+from navcache.types import TileId
 from navcache_runtime.coverage import DEFAULT_BLANK_STD, TileStatus
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX
 from tests.conftest import TinyModel
 from tests.support.sorties import Assets, block_tiles
-
-
-@dataclass
-class CountingSource:
-    """A real source that counts decodes, and can pretend it cannot digest its bytes."""
-
-    inner: TileSource
-    digests: bool = True
-    reads: list[TileId] = field(default_factory=list)
-
-    @property
-    def tile_size(self) -> int:
-        return self.inner.tile_size
-
-    def read_tile(self, tile: TileId) -> Tile | None:
-        self.reads.append(tile)
-        return self.inner.read_tile(tile)
-
-    def raw_identity(self) -> str:
-        return self.inner.raw_identity()
-
-    def raw_digest(self, tile: TileId) -> str | None:
-        return self.inner.raw_digest(tile) if self.digests else None
-
-    def raw_digests(self, tiles: list[TileId]) -> list[str] | None:
-        digests = [self.raw_digest(t) for t in tiles]
-        return None if None in digests else digests  # type: ignore[return-value]
+from tests.support.sources import CountingSource
 
 
 @pytest.fixture(scope="module")

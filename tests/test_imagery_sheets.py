@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -22,39 +21,15 @@ from navcache.errors import SortieError, SourceError
 from navcache.imagery import GeoTiffMosaicSource, GeoTiffSource, TileSource, open_tile_source, source_version
 from navcache.sortie import load_sortie
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards, tile_bounds, tile_for_lonlat
-from navcache.types import Tile, TileId
+from navcache.types import TileId
 from navcache_runtime import BuildConfig, InputProfile
 from tests.support.sorties import CENTER_LAT, CENTER_LON, Assets, block_tiles, tiles_polygon, write_sortie
+from tests.support.sources import CountingSource
 
 ZOOM = 18
 GRID = ChunkGrid(ZOOM, 256)
 SPLIT = 4  # sheets per side: 16 sheets of about 625 m (1,042 px) over the 2.5 km demo orthophoto
 EAST_CRS = "EPSG:32633"  # the demo orthophoto is in UTM 32N; its east half goes to the next zone
-
-
-@dataclass
-class CountingSource:
-    """A real source that records every tile it decodes."""
-
-    inner: TileSource
-    reads: list[TileId] = field(default_factory=list)
-
-    @property
-    def tile_size(self) -> int:
-        return self.inner.tile_size
-
-    def read_tile(self, tile: TileId) -> Tile | None:
-        self.reads.append(tile)
-        return self.inner.read_tile(tile)
-
-    def raw_identity(self) -> str:
-        return self.inner.raw_identity()
-
-    def raw_digest(self, tile: TileId) -> str | None:
-        return self.inner.raw_digest(tile)
-
-    def raw_digests(self, tiles: list[TileId]) -> list[str] | None:
-        return self.inner.raw_digests(tiles)
 
 
 def _cut_sheets(ortho: Path, directory: Path, reproject_east: bool) -> list[Path]:
