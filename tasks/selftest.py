@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import numpy as np
 from prefect import task
@@ -22,18 +23,30 @@ from navcache_tasks.descriptors import DescriptorJob, _engine, _source
 from .runlog import gate
 
 
-def described_rows(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray, float]:
-    """(chunk x, y) and descriptor rows of every described chunk, and the fraction of blank chunks."""
-    xy, rows, blank, total = [], [], 0, 0
+def described_rows(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray]:
+    """(chunk x, y) and descriptor rows of every described chunk."""
+    xy, rows = [], []
     for shard in shards:
         descriptors, table = load_shard(shard)
         described = table["status"] == DESCRIBED
         if described.any():  # a shard with nothing described (no imagery there) has a shapeless empty array
             xy.append(np.stack([table["x"][described], table["y"][described]], 1))
             rows.append(np.asarray(descriptors, np.float32))
-        blank += shard.blank
-        total += len(table)
-    return np.concatenate(xy), np.concatenate(rows), blank / max(1, total)
+    return np.concatenate(xy), np.concatenate(rows)
+
+
+def _run(job: DescriptorJob, shards: list[ShardResult], index: IndexResult, **kwargs: Any) -> SelfTestResult:
+    chunks, descriptors = described_rows(shards)  # only when the memo cannot answer: a warm run reads no shard
+    return run_self_test(
+        grid=job.grid,
+        chunks=chunks,
+        descriptors=descriptors,
+        index=load_index(index.index_path, mmap=False),
+        table=load_tile_table(index.table_path),
+        describe=_engine(job).describe,
+        batch_size=job.batch_size,
+        **kwargs,
+    )
 
 
 @task(name="self-test", cache_policy=NO_CACHE)
@@ -47,7 +60,8 @@ def self_test_task(
 ) -> SelfTestResult:
     """Render, describe and query the views (navcache.selftest); writes the onboard query set beside the
     shards. Green whatever the figures: the gate below judges them."""
-    chunks, descriptors, blank_fraction = described_rows(shards)
+    chunks = sum(s.described + s.blank + s.missing for s in shards)
+    blank_fraction = sum(s.blank for s in shards) / max(1, chunks)
     source = _source(job)
     preprocess = job.preprocessing or Preprocess.for_input_shape(job.input_shape)
     out_dir = job.out_dir.parent / "selftest"
@@ -65,18 +79,14 @@ def self_test_task(
     return remembered(
         out_dir,
         key,
-        lambda: run_self_test(
+        lambda: _run(
+            job,
+            shards,
+            index,
             source=source,
-            grid=job.grid,
-            chunks=chunks,
-            descriptors=descriptors,
-            index=load_index(index.index_path, mmap=False),
-            table=load_tile_table(index.table_path),
-            describe=_engine(job).describe,
             preprocess=preprocess,
             config=config,
             out_dir=out_dir,
-            batch_size=job.batch_size,
             upsampling=upsampling,
             max_upsampling=max_upsampling,
             blank_fraction=blank_fraction,
