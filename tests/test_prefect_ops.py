@@ -60,7 +60,7 @@ def test_a_good_run_logs_navcache_lines_names_compiles_and_a_coverage_failure_re
 
     first, second = block_tiles()
     cache = tmp_path / "cache"
-    good = write_sortie(tmp_path / "good.toml", assets, area=tiles_polygon(first), cache_dir=cache)
+    good = write_sortie(tmp_path / "ops-good.toml", assets, area=tiles_polygon(first), cache_dir=cache)
     state = _run(good)
     assert state.is_completed(), state
     flow_run_id = state.state_details.flow_run_id
@@ -74,9 +74,9 @@ def test_a_good_run_logs_navcache_lines_names_compiles_and_a_coverage_failure_re
     assert "shard " in text and "computed, 4 described" in text
     assert "index Flat" in text and "4 vectors" in text
     assert "coverage 100.00 %" in text and "coverage gate passed" in text
-    assert "manifest v1 signed for test-good (expires " in text and str(cache / "manifest.dsse.json") in text
+    assert "manifest v1 signed for test-ops-good (expires " in text and str(cache / "manifest.dsse.json") in text
     assert all(level >= logging.INFO for level, _ in lines if "engine " in _)
-    manifest = _artifact(artifact_key("manifest", "test-good"))
+    manifest = _artifact(artifact_key("manifest", "test-ops-good"))
     assert manifest.type == "markdown"
     for field in ("payload sha256", "signing keyids", "expires", "built for host", str(cache / "manifest.dsse.json")):
         assert field in manifest.data
@@ -85,13 +85,13 @@ def test_a_good_run_logs_navcache_lines_names_compiles_and_a_coverage_failure_re
     # threshold that preflight's estimate lets the run start and the coverage gate decides.
     far = [type(t)(t.z, t.x + 100, t.y) for t in first[:1]]
     area = tiles_polygon(first + second + far)
-    partial = write_sortie(tmp_path / "partial.toml", assets, area=area, cache_dir=cache, threshold=92.0)
+    partial = write_sortie(tmp_path / "ops-partial.toml", assets, area=area, cache_dir=cache, threshold=92.0)
     state = _run(partial)
     assert state.is_failed()
     with pytest.raises(CoverageError):
         state.result()
     # The flow's state message is navcache's own message, nothing of Prefect's wrapping.
-    assert state.message.startswith("test-partial: coverage 88.89 % is below the threshold 92"), state.message
+    assert state.message.startswith("test-ops-partial: coverage 88.89 % is below the threshold 92"), state.message
     runs = _task_runs(state.state_details.flow_run_id)
     red = {name for name, run in runs.items() if not run.state.is_completed()}
     assert red == {"coverage-gate"}, red  # one red task: the gate; every other step completed
@@ -101,7 +101,7 @@ def test_a_good_run_logs_navcache_lines_names_compiles_and_a_coverage_failure_re
     text = "\n".join(log.message for log in logs)
     assert "Traceback" not in text and "NoneType: None" not in text
     assert text.count("coverage 88.89 % is below the threshold") == 2  # the gate's line and the flow's final state
-    engines = _artifact(artifact_key("engines", "test-partial"))
+    engines = _artifact(artifact_key("engines", "test-ops-partial"))
     assert "REUSED" in str(engines.data)
 
 
@@ -116,7 +116,7 @@ def test_a_compile_that_fails_writes_a_failed_row_and_fails_the_run_with_its_mes
 
     first, _ = block_tiles()
     cache = tmp_path / "cache"
-    sortie = write_sortie(tmp_path / "broken.toml", assets, area=tiles_polygon(first), cache_dir=cache)
+    sortie = write_sortie(tmp_path / "ops-broken.toml", assets, area=tiles_polygon(first), cache_dir=cache)
     # A directory where the first engine file goes: preflight is satisfied (the cache is writable), and the
     # build fails the same way on every try (IsADirectoryError).
     spec = preflight(sortie)
@@ -126,7 +126,7 @@ def test_a_compile_that_fails_writes_a_failed_row_and_fails_the_run_with_its_mes
         path.mkdir(parents=True)
     state = _run(sortie)
     assert state.is_failed()
-    engines = _artifact(artifact_key("engines", "test-broken"))
+    engines = _artifact(artifact_key("engines", "test-ops-broken"))
     rows = engines.data if isinstance(engines.data, list) else __import__("json").loads(engines.data)
     assert [(row["model"], row["outcome"]) for row in rows] == [("tiny_vpr", "FAILED"), ("local_features", "SKIPPED")]
     assert "tiny_vpr" in rows[0]["why"] and rows[1]["why"] == "not attempted: an earlier backbone failed"
@@ -236,7 +236,7 @@ def test_dask_progress_reaches_100_percent_and_the_sub_flow_is_named_after_the_s
 
     first, second = block_tiles()
     sortie = write_sortie(
-        tmp_path / "dask.toml", assets, area=tiles_polygon(first + second), cache_dir=tmp_path / "cache"
+        tmp_path / "ops-dask.toml", assets, area=tiles_polygon(first + second), cache_dir=tmp_path / "cache"
     )
     # A real scheduler with two worker processes: each has its own per-batch counter (the old progress
     # stopped at 25 %); the flow counts from the shard results.
@@ -247,14 +247,14 @@ def test_dask_progress_reaches_100_percent_and_the_sub_flow_is_named_after_the_s
     assert state.is_completed(), state.message
     summary = state.result()
     assert summary["shards"]["total"] == 2 and summary["verified"]
-    assert float(_artifact(artifact_key("descriptors", "test-dask")).data) == 100.0
+    assert float(_artifact(artifact_key("descriptors", "test-ops-dask")).data) == 100.0
     with get_client(sync_client=True) as client:
         subflows = client.read_flow_runs(
             flow_run_filter=FlowRunFilter(
                 parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[state.state_details.flow_run_id])
             )
         )
-    assert [run.name for run in subflows] == ["test-dask-shards-on-dask"]
+    assert [run.name for run in subflows] == ["test-ops-dask-shards-on-dask"]
 
 
 def test_prefect_retry_and_failure_records_read_as_navcache_lines() -> None:
