@@ -22,8 +22,9 @@ from navcache.descriptors import DescriptorEngine, Preprocessing, l2_normalise
 from navcache.errors import ProvisionError, SortieError
 from navcache.imagery import open_tile_source
 from navcache.manifest import build_statement
+from navcache.model_checks import validate_models
 from navcache.preflight import preflight
-from navcache.sortie import load_sortie, validate_models
+from navcache.sortie import load_sortie
 from navcache_runtime.preprocessing import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES, SCALES, Preprocess
 from navcache_runtime.verify import FailureCode
 from tests.support.byo_models import vit_like
@@ -315,7 +316,7 @@ def test_a_fixed_batch_shape_gets_a_profile_from_batch_one(
     sortie = validate_models(load_sortie(_sortie(tmp_path, assets, models["vit"], shape=[8, 3, 224, 224])))
     profile = sortie.vpr.profile
     assert (profile.min, profile.opt, profile.max) == ((1, 3, 224, 224), (8, 3, 224, 224), (8, 3, 224, 224))
-    with caplog.at_level(logging.WARNING, logger="navcache.sortie"):
+    with caplog.at_level(logging.WARNING, logger="navcache.model_checks"):
         sortie = validate_models(load_sortie(_sortie(tmp_path, assets, models["fixed8"], shape=[8, 3, 224, 224])))
     profile = sortie.vpr.profile
     assert profile.min == profile.opt == profile.max == (8, 3, 224, 224)

@@ -19,7 +19,8 @@ from onnx import TensorProto, helper
 from pyproj import Geod
 
 from navcache.errors import SortieError, TileBudgetError
-from navcache.sortie import Sortie, TileSpec, load_sortie, validate_models
+from navcache.model_checks import validate_models
+from navcache.sortie import Sortie, TileSpec, load_sortie
 from navcache_runtime.types import BuildConfig, InputProfile
 
 GEOD = Geod(ellps="WGS84")

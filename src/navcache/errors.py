@@ -4,6 +4,7 @@ them without a traceback and exits with a code from :class:`ExitCode`."""
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import Any
 
 
 class ExitCode(IntEnum):
@@ -78,3 +79,26 @@ class CacheLockedError(ProvisionError):
 
 class ManifestError(NavcacheError):
     """Signing or key handling failed (unknown key, key not on the allowlist, bad passphrase...)."""
+
+
+def type_phrase(value: Any) -> str:
+    """How an error names the TOML/JSON type of a bad value: "an integer", "a string", "an array"..."""
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def short_repr(value: Any, limit: int = 60) -> str:
+    """A bad value as an error quotes it: its repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

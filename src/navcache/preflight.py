@@ -3,7 +3,7 @@
 :func:`preflight` (what ``navcache provision`` and the flow run first) loads the sortie file and then refuses,
 with a :class:`~navcache.errors.NavcacheError` of exit code 2 naming the problem, the place and the fix:
 
-* models that do not fit the sortie (:func:`navcache.sortie.validate_models`); signing keys that do not exist;
+* models that do not fit the sortie (:func:`navcache.model_checks.validate_models`); signing keys that do not exist;
 * a cache directory that cannot be written: the directory (or, when it does not exist yet, the nearest
   existing folder above it, which must let us create it) is checked with ``os.access`` and the file
   system's read-only flag, creating nothing;
@@ -53,7 +53,8 @@ from .imagery import (
     valid_at,
     zoom_levels,
 )
-from .sortie import Sortie, load_sortie, validate_models
+from .model_checks import validate_models
+from .sortie import Sortie, load_sortie
 from .tiles import lat_to_px, lon_to_px, px_to_lat, px_to_lon
 from .types import Bounds, TileId
 

@@ -96,9 +96,12 @@ scale, RGB, NCHW), and returns a float [N, D] descriptor. The preprocessing is o
 (:mod:`navcache_runtime.preprocessing`) used for the tiles and, from the signed manifest
 (``predicate.preprocess``), by ``open_cache(...).preprocess`` for camera frames. Descriptors are
 L2-normalised (retrieval is by cosine) and stored as float16, so raw outputs of any scale are fine.
-:func:`validate_models` refuses, before anything runs: a shape in the other layout than declared (or than the
-model's fixed dims), an output that is not [N, D] or an unnamed one among several, and a precision the host's
-runtime cannot build.
+:func:`navcache.model_checks.validate_models` refuses, before anything runs: a shape in the other layout than
+declared (or than the model's fixed dims), an output that is not [N, D] or an unnamed one among several, and a
+precision the host's runtime cannot build.
+
+The area's GeoJSON (rings, coordinates, the route corridor, the takeoff inside it) is checked by
+:mod:`navcache.area`.
 
 Errors are :class:`navcache.errors.SortieError` with ``where`` = ``"<file> <table>.<field>"`` (for
 example ``sortie.toml [tiles].zom``) and a ``hint`` saying how to fix it. ``validate_models`` (it needs
@@ -108,7 +111,6 @@ the onnx package) checks the models themselves; :func:`load_sortie` only needs t
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import math
 import re
@@ -117,11 +119,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
 
-import numpy as np
-import shapely
-from shapely.geometry import LineString, MultiPolygon, Point, Polygon, mapping
-from shapely.geometry.base import BaseGeometry
-from shapely.validation import explain_validity
+from shapely.geometry import MultiPolygon, Polygon
 
 from navcache_runtime.coverage import DEFAULT_BLANK_STD
 from navcache_runtime.errors import EngineSchemaMismatchError
@@ -144,21 +142,18 @@ from navcache_runtime.types import (
     Precision,
     RuntimeLabel,
 )
-from navcache_runtime.verify import VerifierConfig
 
-from .errors import SortieError, TileBudgetError
-from .tiles import MAX_LATITUDE, ChunkGrid
+from .area import area_geometry, area_shape, check_signable, check_takeoff, geojson_of, parse_geojson
+from .errors import SortieError, TileBudgetError, short_repr, type_phrase
+from .tiles import ChunkGrid
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("vpr", "local")
 ORTHOPHOTO_KINDS = ("geotiff", "xyz", "mbtiles")
-AREA_TYPES = ("Polygon", "MultiPolygon", "LineString")
 
 _SORTIE_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _MIN_CORRIDOR_M, _MAX_CORRIDOR_M = 1.0, 50_000.0
-_DENSIFY_M = 1000.0  # vertex spacing when moving lines between lon/lat and local projections
-_PIECE_M = 50_000.0  # a route is buffered in pieces this long, each in its own local projection
 
 # Known fields per table: the unknown-field check and its "did you mean" use these.
 _TOP = (
@@ -351,7 +346,7 @@ class Sortie:
         route the buffered corridor (the drone checks its takeoff against this, not against the line)."""
         if self.corridor_m is None:
             return self.area_geojson
-        return _geojson_lists(mapping(self.area))
+        return geojson_of(self.area)
 
     @property
     def grid(self) -> ChunkGrid:
@@ -361,27 +356,6 @@ class Sortie:
 # --- reading helpers --------------------------------------------------------------------------------------
 
 _REQUIRED: Any = object()
-
-
-def _type_name(value: Any) -> str:
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "a table"
-    return f"a {type(value).__name__}"
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class _Table:
@@ -438,7 +412,7 @@ class _Table:
             return self.raw(key, default, hint=hint)
         value = self.data[key]
         if not isinstance(value, str):
-            raise self.error(key, f"{key} must be a string, got {_type_name(value)} ({_short(value)})", hint=hint)
+            raise self.error(key, f"{key} must be a string, got {type_phrase(value)} ({short_repr(value)})", hint=hint)
         if choices and value not in choices:
             close = difflib.get_close_matches(value, choices, n=1, cutoff=0.6)
             maybe = f"did you mean {close[0]!r}? " if close else ""
@@ -453,7 +427,7 @@ class _Table:
         value = self.raw(key, default)
         bounds = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
         if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"{key} must be an integer {bounds}, got {_type_name(value)} ({_short(value)})")
+            raise self.error(key, f"{key} must be an integer {bounds}, got {type_phrase(value)} ({short_repr(value)})")
         if value < lo or (hi is not None and value > hi):
             raise self.error(key, f"{key} = {value} is out of range", hint=f"use an integer {bounds}")
         return int(value)
@@ -461,7 +435,7 @@ class _Table:
     def number(self, key: str, default: Any = _REQUIRED, *, lo: float, hi: float) -> float:
         value = self.raw(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.error(key, f"{key} must be a number, got {_type_name(value)} ({_short(value)})")
+            raise self.error(key, f"{key} must be a number, got {type_phrase(value)} ({short_repr(value)})")
         value = float(value)
         if not math.isfinite(value) or value > hi or value < lo:
             raise self.error(key, f"{key} = {value:g} is out of range", hint=f"use a number from {lo:g} to {hi:g}")
@@ -474,7 +448,7 @@ class _Table:
         value = self.string(key)
         if not value.strip() or "\x00" in value:
             raise self.error(
-                key, f"{key} is not a usable path: {_short(value)}", hint="give a path relative to the sortie file"
+                key, f"{key} is not a usable path: {short_repr(value)}", hint="give a path relative to the sortie file"
             )
         try:
             path = _resolve(self.base, value)
@@ -491,7 +465,7 @@ class _Table:
     def table(self, key: str, schema: str, *, required: bool = False) -> _Table:
         value = self.raw(key, _REQUIRED if required else {}, hint=f"add a [{key}] table")
         if not isinstance(value, dict):
-            raise self.error(key, f"{key} must be a table ([{key}]), got {_type_name(value)} ({_short(value)})")
+            raise self.error(key, f"{key} must be a table ([{key}]), got {type_phrase(value)} ({short_repr(value)})")
         label = f"{self.label}.{key}" if self.label else f"[{key}]"
         sub = _Table(value, label, self.file, self.base, schema)
         sub.check_unknown()
@@ -561,10 +535,8 @@ def load_sortie(path: Path, *, cache_dir_override: Path | None = None) -> Sortie
     lon = takeoff_t.number("lon", lo=-180.0, hi=180.0)
 
     area_t = top.table("area", "area", required=True)
-    geometry, corridor_m = _read_area(area_t)
-    area = _area_geometry(area_t, geometry, corridor_m)
-    _check_signable(area_t, area)
-    _check_takeoff(takeoff_t, area, lat, lon, corridor_m)
+    geometry, corridor_m, area = _read_area(area_t)
+    check_takeoff(area, lat, lon, corridor_m, takeoff_t.where())
 
     tiles_t = top.table("tiles", "tiles")
     tiles = TileSpec(
@@ -650,7 +622,7 @@ def _pair(
     ):
         what = "integers" if integers else "numbers"
         raise table.error(
-            key, f"{key} must be [min, max], two {what} with {lo:g} <= min <= max <= {hi:g}, got {_short(value)}"
+            key, f"{key} must be [min, max], two {what} with {lo:g} <= min <= max <= {hi:g}, got {short_repr(value)}"
         )
     return value[0], value[1]
 
@@ -709,12 +681,12 @@ def _geotiff_paths(table: _Table) -> tuple[Path, ...]:
     entries = value if isinstance(value, list) else [value]
     fix = 'give a file, a glob or a list of files: geotiff = "sheets/*.tif" or geotiff = ["a.tif", "b.tif"]'
     if not entries or not all(isinstance(e, str) for e in entries):
-        got = "an empty array" if not entries else f"{_type_name(value)} ({_short(value)})"
+        got = "an empty array" if not entries else f"{type_phrase(value)} ({short_repr(value)})"
         raise table.error("geotiff", f"geotiff must be a path, a glob or an array of them, got {got}", hint=fix)
     found: list[Path] = []
     for entry in entries:
         if not entry.strip() or "\x00" in entry:
-            raise table.error("geotiff", f"geotiff entry {_short(entry)} is not a usable path", hint=fix)
+            raise table.error("geotiff", f"geotiff entry {short_repr(entry)} is not a usable path", hint=fix)
         if _GLOB_CHARS & set(entry):
             found.extend(_glob(table, entry))
             continue
@@ -771,7 +743,7 @@ def _read_backbones(top: _Table) -> tuple[BackboneSpec, ...]:
     if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
         raise top.error(
             "backbones",
-            f"backbones must be an array of tables ([[backbones]]), got {_type_name(value)}",
+            f"backbones must be an array of tables ([[backbones]]), got {type_phrase(value)}",
             hint="write each backbone under its own [[backbones]] header",
         )
     specs = []
@@ -839,12 +811,12 @@ def _read_backbone(table: _Table) -> BackboneSpec:
         profile = _profile(sub, None, input_name, lo, mid, hi)
     options = table.raw("builder_options", {})
     if not isinstance(options, dict):
-        raise table.error("builder_options", f"builder_options must be a table, got {_type_name(options)}")
+        raise table.error("builder_options", f"builder_options must be a table, got {type_phrase(options)}")
     for key, val in options.items():
         if isinstance(val, (dict, list)):
             raise table.error(
                 f"builder_options.{key}",
-                f"builder option {key!r} must be a string, number or boolean, got {_type_name(val)}",
+                f"builder option {key!r} must be a string, number or boolean, got {type_phrase(val)}",
             )
     spec = BackboneSpec(
         name=name,
@@ -892,7 +864,7 @@ def _read_preprocess(table: _Table, role: str) -> tuple[tuple[str, Any], ...]:
         ):
             raise sub.error(
                 key,
-                f"{key} must be 3 numbers, one per channel in the model's channel order, got {_short(value)}",
+                f"{key} must be 3 numbers, one per channel in the model's channel order, got {short_repr(value)}",
                 hint=f"e.g. {key} = {list(IMAGENET_MEAN if key == 'mean' else IMAGENET_STD)}",
             )
         options[key] = tuple(float(v) for v in value)
@@ -911,7 +883,7 @@ def _shape(table: _Table, key: str, value: Any) -> tuple[int, ...]:
         or not all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 1 << 20 for d in value)
     ):
         raise table.error(
-            key, f"{key} must be a list of positive integers, got {_short(value)}", hint="e.g. [8, 3, 224, 224]"
+            key, f"{key} must be a list of positive integers, got {short_repr(value)}", hint="e.g. [8, 3, 224, 224]"
         )
     return tuple(value)
 
@@ -928,8 +900,9 @@ def _profile(
 # --- area -------------------------------------------------------------------------------------------------
 
 
-def _read_area(table: _Table) -> tuple[dict[str, Any], float | None]:
-    """The geometry dict (unwrapped from a Feature / FeatureCollection) and corridor_m."""
+def _read_area(table: _Table) -> tuple[dict[str, Any], float | None, Polygon | MultiPolygon]:
+    """The geometry as given (unwrapped from a Feature / FeatureCollection), corridor_m, and the area's
+    lon/lat shape, checked to fit a signed manifest (see :mod:`navcache.area`)."""
     if table.has("geojson") == table.has("file"):
         raise table.error(
             None,
@@ -940,11 +913,11 @@ def _read_area(table: _Table) -> tuple[dict[str, Any], float | None]:
         key = "geojson"
         value = table.raw("geojson")
         if isinstance(value, str):
-            doc = _parse_json(table, key, value, "the GeoJSON string")
+            doc = parse_geojson(value, "the GeoJSON string", table.where(key))
         elif isinstance(value, dict):
             doc = value
         else:
-            raise table.error(key, f"geojson must be a string or an inline table, got {_type_name(value)}")
+            raise table.error(key, f"geojson must be a string or an inline table, got {type_phrase(value)}")
     else:
         key = "file"
         file = table.path("file", what="area file")
@@ -952,8 +925,8 @@ def _read_area(table: _Table) -> tuple[dict[str, Any], float | None]:
             text = file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise table.error(key, f"cannot read the area file {file}: {exc}") from None
-        doc = _parse_json(table, key, text, str(file))
-    geometry = _unwrap(table, key, doc)
+        doc = parse_geojson(text, str(file), table.where(key))
+    geometry = area_geometry(doc, table.where(key))
     corridor_m = None
     if table.has("corridor_m"):
         if geometry.get("type") != "LineString":
@@ -969,547 +942,12 @@ def _read_area(table: _Table) -> tuple[dict[str, Any], float | None]:
             "a LineString route needs corridor_m, the half-width of the corridor in metres",
             hint="add corridor_m = 400 to [area]",
         )
-    return geometry, corridor_m
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number GeoJSON allows")
-
-
-def _parse_json(table: _Table, key: str, text: str, what: str) -> Any:
-    try:
-        return json.loads(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise table.error(
-            key,
-            f"invalid JSON in {what}: {exc.msg} at line {exc.lineno}, column {exc.colno}",
-            hint="check the GeoJSON (quotes, commas, brackets)",
-        ) from None
-    except (ValueError, RecursionError) as exc:
-        raise table.error(key, f"invalid JSON in {what}: {exc}", hint="check the GeoJSON") from None
-
-
-def _unwrap(table: _Table, key: str, doc: Any) -> dict[str, Any]:
-    if isinstance(doc, dict) and doc.get("type") == "FeatureCollection":
-        features = doc.get("features")
-        if not isinstance(features, list) or len(features) != 1:
-            count = len(features) if isinstance(features, list) else "no"
-            raise table.error(
-                key,
-                f"a FeatureCollection area must hold exactly one feature, it has {count}",
-                hint="merge the features into one (Multi)Polygon, or split the flight into several sorties",
-            )
-        doc = features[0]
-    if isinstance(doc, dict) and doc.get("type") == "Feature":
-        doc = doc.get("geometry")
-        if not isinstance(doc, dict):
-            raise table.error(key, "the area Feature has no geometry", hint="give the Feature a Polygon geometry")
-    if not isinstance(doc, dict):
-        raise table.error(key, f"the area must be a GeoJSON object, got {_type_name(doc)}")
-    kind = doc.get("type")
-    if kind not in AREA_TYPES:
-        raise table.error(
-            key,
-            f"area type {_short(kind)} is not supported",
-            hint=f"use one of: {', '.join(AREA_TYPES)} (a Feature or a one-feature FeatureCollection may wrap it)",
-        )
-    if "coordinates" not in doc:
-        raise table.error(key, f"the {kind} has no coordinates", hint="add its coordinates")
-    return doc
-
-
-def _position(table: _Table, key: str, value: Any, path: str) -> tuple[float, float]:
-    if (
-        not isinstance(value, list)
-        or len(value) < 2
-        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-    ):
-        raise table.error(key, f"coordinate {path} must be [lon, lat], got {_short(value)}")
-    try:
-        lon, lat = float(value[0]), float(value[1])
-    except OverflowError:  # JSON integers have no size limit
-        lon = lat = math.inf
-    if not (math.isfinite(lon) and math.isfinite(lat)):
-        raise table.error(key, f"coordinate {path} is not finite: {_short(value)}")
-    if not -180.0 <= lon <= 180.0:
-        raise table.error(
-            key,
-            f"coordinate {path} [{lon:g}, {lat:g}] has longitude outside [-180, 180]",
-            hint="GeoJSON is [lon, lat] in degrees from -180 to 180; areas crossing the antimeridian are "
-            "not supported (split the area)",
-        )
-    if not -MAX_LATITUDE <= lat <= MAX_LATITUDE:
-        raise table.error(
-            key,
-            f"coordinate {path} [{lon:g}, {lat:g}] is outside the Web-Mercator latitude range [-85.0511, 85.0511]",
-            hint="GeoJSON order is [lon, lat]; polar areas cannot be tiled in Web Mercator",
-        )
-    return lon, lat
-
-
-def _ring(table: _Table, key: str, value: Any, path: str) -> np.ndarray:
-    if not isinstance(value, list):
-        raise table.error(key, f"ring {path} must be an array of positions, got {_type_name(value)}")
-    points = [_position(table, key, p, f"{path}[{i}]") for i, p in enumerate(value)]
-    if len(points) < 4:
-        raise table.error(
-            key,
-            f"ring {path} has {len(points)} positions; a closed ring needs at least 4",
-            hint="draw at least a triangle",
-        )
-    if points[0] != points[-1]:
-        raise table.error(
-            key,
-            f"area not closed: ring {path} starts at [{points[0][0]:g}, {points[0][1]:g}] "
-            f"but ends at [{points[-1][0]:g}, {points[-1][1]:g}]",
-            hint="repeat the first position at the end of every ring (GeoJSON rings are closed)",
-        )
-    return np.asarray(points, dtype=np.float64)
-
-
-def _polygon_rings(table: _Table, key: str, value: Any, path: str) -> list[np.ndarray]:
-    if not isinstance(value, list) or not value:
-        raise table.error(key, f"polygon {path} must be a non-empty array of rings", hint="the area is empty")
-    return [_ring(table, key, r, f"{path}[{i}]") for i, r in enumerate(value)]
-
-
-def _area_geometry(table: _Table, geometry: dict[str, Any], corridor_m: float | None) -> Polygon | MultiPolygon:
-    key = "geojson" if table.has("geojson") else "file"
-    kind, coords = geometry["type"], geometry["coordinates"]
-    if kind == "Polygon":
-        polygons = [_polygon_rings(table, key, coords, "coordinates")]
-    elif kind == "MultiPolygon":
-        if not isinstance(coords, list) or not coords:
-            raise table.error(key, "the MultiPolygon area is empty", hint="give at least one polygon")
-        polygons = [_polygon_rings(table, key, p, f"coordinates[{i}]") for i, p in enumerate(coords)]
-    else:  # LineString
-        if not isinstance(coords, list):
-            raise table.error(key, "the LineString route must be an array of positions")
-        points = np.asarray([_position(table, key, p, f"coordinates[{i}]") for i, p in enumerate(coords)])
-        if len(points) < 2 or not np.any(points != points[0]):
-            raise table.error(key, "the route needs at least two distinct positions", hint="the area is empty")
-        _check_antimeridian(table, key, points[:, 0])
-        assert corridor_m is not None  # _read_area enforces it
-        return _buffer_route(table, key, points, corridor_m)
-
-    lons = np.concatenate([ring[:, 0] for rings in polygons for ring in rings])
-    _check_antimeridian(table, key, lons)
-    try:
-        shapes = [Polygon(rings[0], rings[1:]) for rings in polygons]
-        area: Polygon | MultiPolygon = shapes[0] if kind == "Polygon" else MultiPolygon(shapes)
-    except (ValueError, shapely.errors.GEOSException) as exc:
-        raise table.error(key, f"the area is not a valid {kind}: {exc}") from None
-    if area.is_empty:
-        raise table.error(key, "the area is empty", hint="draw a polygon with a surface")
-    if not area.is_valid:
-        reason = explain_validity(area)
-        what = "self-intersecting" if "self-intersection" in reason.lower() else "not a valid polygon"
-        raise table.error(
-            key,
-            f"the area is {what}: {reason}",
-            hint="redraw it without crossing edges, or repair it (QGIS: Fix Geometries; shapely: make_valid)",
-        )
-    if area.area == 0:
-        raise table.error(key, "the area is empty (it encloses no surface)", hint="draw a polygon with a surface")
-    return area
-
-
-def _check_antimeridian(table: _Table, key: str, lons: np.ndarray) -> None:
-    if float(lons.max() - lons.min()) > 180.0:
-        raise table.error(
-            key,
-            f"the area spans longitudes {lons.min():g} to {lons.max():g}: crossing the antimeridian "
-            "(or spanning more than half the globe) is not supported",
-            hint="split the area at the antimeridian into one sortie per side",
-        )
-
-
-def _local_transformer(lon: float, lat: float) -> Any:
-    """lon/lat (WGS84) → metres in an azimuthal-equidistant projection centred on (lon, lat); ``direction=
-    "INVERSE"`` goes back. Built from a PROJ pipeline string: the same numbers as ``Transformer.from_crs``
-    with an aeqd CRS, at ~0.3 ms instead of ~20 ms, which matters for a long route's many pieces."""
-    from pyproj import Transformer
-
-    return Transformer.from_pipeline(
-        "+proj=pipeline +step +proj=unitconvert +xy_in=deg +xy_out=rad "
-        f"+step +proj=aeqd +lat_0={lat:.9f} +lon_0={lon:.9f} +ellps=WGS84"
-    )
-
-
-def _buffer_route(table: _Table, key: str, points: np.ndarray, corridor_m: float) -> Polygon | MultiPolygon:
-    """Every point within ``corridor_m`` metres of the route. Buffered in pieces of about _PIECE_M, each
-    in an azimuthal-equidistant projection at its centre (scale error < 1e-4 over the piece), then
-    densified before returning to lon/lat so the edges stay where they were drawn."""
-    from pyproj import Geod
-
-    geod = Geod(ellps="WGS84")
-    line = shapely.segmentize(LineString(points), _DENSIFY_M / 111_320.0)  # ~1 km in lon/lat
-    coords = np.asarray(line.coords)
-    seg = geod.inv(coords[:-1, 0], coords[:-1, 1], coords[1:, 0], coords[1:, 1])[2]
-    along = np.concatenate([[0.0], np.cumsum(seg)])
-    pieces = []
-    start = 0
-    while start < len(coords) - 1:
-        stop = int(np.searchsorted(along, along[start] + _PIECE_M, side="right"))
-        stop = min(max(stop, start + 2), len(coords))
-        part = coords[start:stop]
-        centre = part[len(part) // 2]
-        forward = _local_transformer(*centre)
-        x, y = forward.transform(part[:, 0], part[:, 1])
-        buffered = shapely.segmentize(LineString(np.column_stack((x, y))).buffer(corridor_m, quad_segs=16), _DENSIFY_M)
-        lon_lat = shapely.transform(
-            buffered, lambda xy, t=forward: np.column_stack(t.transform(xy[:, 0], xy[:, 1], direction="INVERSE"))
-        )
-        west, south, east, north = lon_lat.bounds
-        if east - west > 180.0:  # pyproj wraps longitudes: a piece over the antimeridian jumps by ~360
-            raise table.error(
-                key,
-                "the route corridor crosses the antimeridian, which is not supported",
-                hint="split the route at the antimeridian into one sortie per side",
-            )
-        if south < -MAX_LATITUDE or north > MAX_LATITUDE:
-            raise table.error(
-                key,
-                "the route corridor reaches beyond the Web-Mercator latitude limit (85.0511)",
-                hint="keep the route and its corridor within +-85.05 degrees latitude",
-            )
-        pieces.append(lon_lat)
-        start = stop - 1
-    try:
-        area = shapely.union_all(pieces)
-        if not area.is_valid:
-            area = shapely.make_valid(area)
-    except shapely.errors.GEOSException as exc:
-        raise table.error(key, f"cannot build the route corridor: {exc}", hint="simplify the route") from None
-    if not isinstance(area, (Polygon, MultiPolygon)):  # make_valid may return a collection
-        area = shapely.union_all([g for g in shapely.get_parts(area) if isinstance(g, (Polygon, MultiPolygon))])
-    return area
-
-
-def _geojson_lists(value: Any) -> Any:
-    """shapely's ``mapping`` gives tuples; GeoJSON (and the manifest's canonical JSON) has lists."""
-    if isinstance(value, dict):
-        return {k: _geojson_lists(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_geojson_lists(v) for v in value]
-    return value
-
-
-def _distance_m(area: BaseGeometry, lon: float, lat: float) -> float:
-    """Geodesic distance from a point to the area: in an azimuthal-equidistant projection centred on
-    the point, distances from the centre are true."""
-
-    forward = _local_transformer(lon, lat)
-    dense = shapely.segmentize(area, 0.01)
-    local = shapely.transform(dense, lambda xy: np.column_stack(forward.transform(xy[:, 0], xy[:, 1])))
-    return float(local.distance(Point(0.0, 0.0)))
-
-
-def _check_signable(table: _Table, area: BaseGeometry) -> None:
-    """The manifest signs the area's vertices and the drone's verifier caps their number; a route corridor
-    is densified, so a very long route can pass that cap. Refuse it now, not after the run."""
-    limit = VerifierConfig().max_area_vertices
-    vertices = int(shapely.get_num_coordinates(area))
-    if vertices > limit:
-        raise table.error(
-            None,
-            f"the area has {vertices:,} vertices; a signed manifest holds at most {limit:,}",
-            hint="simplify the area or the route, or split the flight into several sorties",
-        )
-
-
-def _check_takeoff(table: _Table, area: BaseGeometry, lat: float, lon: float, corridor_m: float | None) -> None:
-    if area.covers(Point(lon, lat)):
-        return
-    distance = _distance_m(area, lon, lat)
-    inside = "the route corridor" if corridor_m is not None else "the area"
-    raise table.error(
-        None,
-        f"takeoff (lat {lat:g}, lon {lon:g}) lies {distance:,.0f} m outside {inside}",
-        hint="fix [takeoff] (lat/lon, not lon/lat?) or extend the area to include it",
-    )
-
-
-# --- models -----------------------------------------------------------------------------------------------
-
-
-def validate_models(sortie: Sortie) -> Sortie:
-    """Check each backbone's ONNX file against the sortie, the way it will run, in about a second: it parses
-    and passes the ONNX checker; has the configured input with the configured rank, fixed axes that match the
-    profile and, for the vpr backbone, 3 channels where the declared layout puts them; the vpr backbone's
-    descriptor output is a float [N, D] tensor (several outputs or a feature map need an explicit
-    ``output``); and this host's runtime can build the precision. Needs the ``onnx`` package. Raises
-    :class:`SortieError`.
-
-    Returns the sortie to run: a vpr ``shape`` with batch > 1 got a profile from batch 1 at load time; where
-    the model's batch axis is fixed that batch is put back (and a warning says what it costs onboard)."""
-    backbones = []
-    for index, backbone in enumerate(sortie.backbones):
-        where = f"{sortie.path.name} [[backbones]][{index}]"
-        backbones.append(_validate_model(backbone, where, sortie.runtime))
-        logger.info("backbone %s: ONNX model %s checked", backbone.name, backbone.onnx.name)
-    return replace(sortie, backbones=tuple(backbones))
-
-
-def _validate_model(backbone: BackboneSpec, where: str, runtime: str | None = None) -> BackboneSpec:
-    import onnx
-    from google.protobuf.message import DecodeError
-    from onnx.external_data_helper import uses_external_data
-
-    name, path = backbone.name, backbone.onnx
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-        external = any(uses_external_data(t) for t in model.graph.initializer)
-        # external data resolves against the model's folder only when the checker gets the path
-        onnx.checker.check_model(str(path) if external else model)
-    except (DecodeError, onnx.checker.ValidationError, OSError, ValueError, RuntimeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SortieError(
-            f"backbone {name!r}: {path} is not a valid ONNX model ({reason})",
-            where=f"{where}.onnx",
-            hint="re-export the model; the file may be truncated or corrupt",
-        ) from None
-
-    initializers = {t.name for t in model.graph.initializer}
-    inputs = {i.name: i for i in model.graph.input if i.name not in initializers}
-    graph_input = inputs.get(backbone.input_name)
-    if graph_input is None:
-        raise SortieError(
-            f"backbone {name!r}: the model has no input {backbone.input_name!r}; its inputs are "
-            f"{', '.join(map(repr, inputs)) or 'none'}",
-            where=f"{where}.input",
-            hint=f"set input = {next(iter(inputs), 'image')!r}",
-        )
-    tensor = graph_input.type.tensor_type
-    dims = list(tensor.shape.dim) if tensor.HasField("shape") else None
-    if dims is not None and len(dims) != len(backbone.profile.opt):
-        raise SortieError(
-            f"backbone {name!r}: input {backbone.input_name!r} has rank {len(dims)} "
-            f"({_dims_text(dims)}) but the configured shape has rank {len(backbone.profile.opt)} "
-            f"{list(backbone.profile.opt)}",
-            where=f"{where}.shape",
-            hint=f"give a shape with {len(dims)} axes",
-        )
-    if backbone.role == "vpr":
-        _check_layout(backbone, where, dims)
-    if dims is not None:
-        backbone = _check_fixed_axes(backbone, where, dims)
-    if backbone.role == "vpr":
-        _check_descriptor_output(model, backbone, where)
-    if runtime is not None:
-        _check_precision(backbone, where, runtime)
-    return backbone
-
-
-def _fixed(dim: Any) -> int | None:
-    return int(dim.dim_value) if dim.HasField("dim_value") and dim.dim_value > 0 else None
-
-
-def _check_layout(backbone: BackboneSpec, where: str, dims: list[Any] | None) -> None:
-    """The vpr input is a 3-channel image where the declared layout (default NCHW) puts the channels, in the
-    configured shape and, where the model fixes them, in the model's dims."""
-    name, shape, layout = backbone.name, list(backbone.profile.opt), backbone.layout
-    declared = "layout" in dict(backbone.preprocess_options)
-    channel_axis, other_axis = (3, 1) if layout == "NHWC" else (1, 3)
-    other = "NCHW" if layout == "NHWC" else "NHWC"
-    if len(shape) != 4:
-        raise SortieError(
-            f"backbone {name!r}: the vpr input shape {shape} is not an image batch "
-            f"({'[N, H, W, 3]' if layout == 'NHWC' else '[N, 3, H, W]'} for layout {layout})",
-            where=f"{where}.shape",
-            hint="give the model's 4-axis image input shape",
-        )
-    swapped = [shape[0], shape[3], shape[1], shape[2]] if layout == "NCHW" else [shape[0], shape[2], shape[3], shape[1]]
-    if shape[channel_axis] != 3:
-        looks_other = shape[other_axis] == 3
-        raise SortieError(
-            f"backbone {name!r}: shape {shape} has {shape[channel_axis]} channels on axis {channel_axis}, but "
-            f"layout {layout}{'' if declared else ' (the default)'} puts the 3 image channels there"
-            + (f"; the shape is {other}" if looks_other else ""),
-            where=f"{where}.shape",
-            hint=(
-                f"for an {layout} model give shape = {swapped}; for an {other} model declare layout = "
-                f'"{other}" in [backbones.preprocess]'
-                if looks_other
-                else "give the model's image input shape with 3 channels"
-            ),
-        )
-    if dims is None or len(dims) != 4:
-        return
-    model_channels = [axis for axis in (1, 3) if _fixed(dims[axis]) == 3]
-    if model_channels == [other_axis]:
-        # the shape fits the declared layout; the model wants the other one
-        swapped = (
-            [shape[0], shape[2], shape[3], shape[1]] if layout == "NCHW" else [shape[0], shape[3], shape[1], shape[2]]
-        )
-        raise SortieError(
-            f"backbone {name!r}: the model's input {backbone.input_name!r} is {_dims_text(dims)}, channels on "
-            f"axis {other_axis} ({other}), but the sortie declares layout {layout} with shape {shape}",
-            where=f"{where}.preprocess.layout" if layout == "NHWC" else f"{where}.shape",
-            hint=(
-                f'declare layout = "NHWC" in [backbones.preprocess] and give shape = {swapped}'
-                if other == "NHWC"
-                else f'remove layout = "NHWC" (the model is NCHW) and give shape = {swapped}'
-            ),
-        )
-
-
-def _check_fixed_axes(backbone: BackboneSpec, where: str, dims: list[Any]) -> BackboneSpec:
-    name, profile = backbone.name, backbone.profile
-    batch = _fixed(dims[0]) if dims else None
-    if backbone.batch_defaulted and batch is not None and batch == profile.max[0]:
-        logger.warning(
-            "backbone %s: the model's batch axis is fixed at %d, so the engine always runs %d images: one onboard "
-            "frame costs a batch of %d; export the model with a dynamic batch axis to run single frames",
-            name,
-            batch,
-            batch,
-            batch,
-        )
-        profile = InputProfile(profile.name, profile.max, profile.max, profile.max)
-        backbone = replace(backbone, profile=profile, batch_defaulted=False)
-    for axis, dim in enumerate(dims):
-        value = _fixed(dim)
-        if value is None:
-            continue
-        lo, hi = profile.min[axis], profile.max[axis]
-        if not lo == hi == value:
-            raise SortieError(
-                f"backbone {name!r}: input {backbone.input_name!r} axis {axis} is fixed at "
-                f"{value} in the model but the configured range is {lo}..{hi}",
-                where=f"{where}.shape",
-                hint=f"use {value} on axis {axis}, or export the model with a dynamic axis",
-            )
-    return backbone
-
-
-def _value_shapes(model: Any) -> dict[str, str]:
-    """Output name → its dims as text ("[N, 384]"), from the graph's declarations, completed by ONNX shape
-    inference where an output declares none (cheap: no weights are loaded)."""
-    import onnx
-
-    shapes = {}
-    missing = False
-    for output in model.graph.output:
-        tensor = output.type.tensor_type
-        if output.type.HasField("tensor_type") and tensor.HasField("shape"):
-            shapes[output.name] = _dims_text(tensor.shape.dim)
-        else:
-            missing = True
-    if missing:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model)
-        except Exception:  # inference is a courtesy: unknown shapes are checked when the engine runs
-            return shapes
-        for info in list(inferred.graph.output) + list(inferred.graph.value_info):
-            tensor = info.type.tensor_type
-            if info.name not in shapes and tensor.HasField("shape") and tensor.shape.dim:
-                shapes[info.name] = _dims_text(tensor.shape.dim)
-    return shapes
-
-
-def _check_descriptor_output(model: Any, backbone: BackboneSpec, where: str) -> None:
-    """The vpr output is a FLOAT/FLOAT16 tensor of rank 2, [N, D]; with several outputs, or a first output
-    that is not [N, D], ``output`` must name it."""
-    import onnx
-
-    name = backbone.name
-    outputs = list(model.graph.output)
-    if backbone.output_name is not None:
-        chosen = next((o for o in outputs if o.name == backbone.output_name), None)
-        if chosen is None:
-            raise SortieError(
-                f"backbone {name!r}: the model has no output {backbone.output_name!r}; its outputs are "
-                f"{', '.join(repr(o.name) for o in outputs) or 'none'}",
-                where=f"{where}.output",
-                hint="set output to one of the model's outputs",
-            )
-    else:
-        chosen = outputs[0] if outputs else None
-    if chosen is None:
-        raise SortieError(
-            f"backbone {name!r}: the model has no outputs", where=f"{where}.onnx", hint="re-export the model"
-        )
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-    float_names = [o.name for o in outputs if o.type.HasField("tensor_type") and o.type.tensor_type.elem_type in floats]
-    if chosen.name not in float_names:
-        elem = chosen.type.tensor_type.elem_type if chosen.type.HasField("tensor_type") else None
-        kind = onnx.TensorProto.DataType.Name(elem) if elem else "not a tensor"
-        hint = (
-            f"set output = {float_names[0]!r} (float outputs: {', '.join(map(repr, float_names))})"
-            if float_names
-            else "export the model with a FLOAT or FLOAT16 descriptor output"
-        )
-        raise SortieError(
-            f"backbone {name!r}: output {chosen.name!r} used as the descriptor is {kind}, not a FLOAT/FLOAT16 tensor",
-            where=f"{where}.output",
-            hint=hint,
-        )
-    shapes = _value_shapes(model)
-    rank = {o: text.count(",") + 1 if text != "[]" else 0 for o, text in shapes.items()}
-    listing = ", ".join(f"{o.name!r} {shapes.get(o.name, '[?]')}" for o in outputs)
-    descriptors = [o for o in float_names if rank.get(o) == 2]
-    fix = (
-        f'set output = "{descriptors[0]}" in {where}'
-        if descriptors
-        else "export the model with an [N, D] descriptor output (pool or flatten the feature map in the graph)"
-    )
-    if chosen.name in rank and rank[chosen.name] != 2:
-        which = "the descriptor output" if backbone.output_name is not None else "the first output (no output set)"
-        raise SortieError(
-            f"backbone {name!r}: {which} {chosen.name!r} is {shapes[chosen.name]}, but a descriptor must be [N, D]; "
-            f"the model's outputs: {listing}",
-            where=f"{where}.output",
-            hint=fix,
-        )
-    if backbone.output_name is None and len(outputs) > 1:
-        raise SortieError(
-            f"backbone {name!r}: the model has {len(outputs)} outputs ({listing}); say which one is the descriptor",
-            where=f"{where}.output",
-            hint=fix,
-        )
-
-
-_EP_NAMES = {"TensorrtExecutionProvider": "TensorRT", "CUDAExecutionProvider": "CUDA"}
-
-
-def _check_precision(backbone: BackboneSpec, where: str, runtime: str) -> None:
-    """Refuse a precision no available provider of the runtime builds (what compile_engine would find out
-    after loading the model)."""
-    name, precision = backbone.name, backbone.precision
-    if runtime == "onnx_trt_ep" and precision in ("fp16", "int8"):
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            return  # the runtime check names the missing package
-        available = list(ort.get_available_providers())
-        needs = (
-            ["TensorrtExecutionProvider"]
-            if precision == "int8"
-            else ["TensorrtExecutionProvider", "CUDAExecutionProvider"]
-        )
-        if not set(needs) & set(available):
-            raise SortieError(
-                f"backbone {name!r}: precision {precision!r} needs the "
-                f"{' or '.join(_EP_NAMES[n] for n in needs)} execution provider, but "
-                f"this host's ONNX Runtime offers {', '.join(available)} (the CPU provider builds fp32 engines only)",
-                where=f"{where}.precision",
-                hint='use precision = "fp32" on this host, or provision on the airframe with onnxruntime-gpu',
-            )
-    elif runtime == "pytorch_fp16" and precision == "int8":
-        raise SortieError(
-            f"backbone {name!r}: the pytorch_fp16 runtime cannot build int8 engines",
-            where=f"{where}.precision",
-            hint='use precision = "fp16" or "fp32", or runtime = "tensorrt" for int8',
-        )
-
-
-def _dims_text(dims: Any) -> str:
-    return "[" + ", ".join(d.dim_param if d.HasField("dim_param") else str(d.dim_value) for d in dims) + "]"
+    area = area_shape(geometry, corridor_m, table.where(key))
+    check_signable(area, table.where())
+    return geometry, corridor_m, area
 
 
 __all__ = [
-    "AREA_TYPES",
     "ORTHOPHOTO_KINDS",
     "ROLES",
     "BackboneSpec",
@@ -1517,5 +955,4 @@ __all__ = [
     "Sortie",
     "TileSpec",
     "load_sortie",
-    "validate_models",
 ]
