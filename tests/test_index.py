@@ -14,18 +14,9 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from navcache.errors import ProvisionError  # noqa: E402
-from navcache.index import (  # noqa: E402
-    TABLE_DTYPE,
-    IndexBudget,
-    IndexResult,
-    build_index,
-    ids_near,
-    load_index,
-    load_report,
-    load_tile_table,
-    search,
-)
+from navcache.index import TABLE_DTYPE, IndexBudget, IndexResult, build_index, load_report  # noqa: E402
 from navcache_runtime import verify_artifact  # noqa: E402
+from navcache_runtime.index import CacheIndexError, ids_near, load_index, load_tile_table, search  # noqa: E402
 from navcache_runtime.integrity import TEMP_PREFIX  # noqa: E402
 
 REPORT_FIELDS = {
@@ -251,7 +242,7 @@ def test_tile_table_maps_rows_back_to_tiles_and_bounds(ivf: IndexResult, big: Co
 
 def test_a_file_that_is_not_a_tile_table_is_rejected(tmp_path: Path) -> None:
     np.save(tmp_path / "other.npy", np.zeros(3))
-    with pytest.raises(ProvisionError, match="not a navcache tile table"):
+    with pytest.raises(CacheIndexError, match="not a navcache tile table"):
         load_tile_table(tmp_path / "other.npy")
 
 
@@ -302,7 +293,7 @@ def test_allowed_ids_exclude_every_other_tile(built: tuple[IndexResult, Corpus])
 
 def test_allowed_ids_out_of_range_are_rejected(flat: IndexResult) -> None:
     index, table = load_index(flat.index_path), load_tile_table(flat.table_path)
-    with pytest.raises(ProvisionError, match=r"allowed_ids must be row ids in \[0, 1000\)"):
+    with pytest.raises(CacheIndexError, match=r"allowed_ids must be row ids in \[0, 1000\)"):
         search(index, table, np.ones(64), 3, allowed_ids=[0, 1000])
 
 
@@ -319,9 +310,9 @@ def test_nprobe_override_applies_to_one_search_only(ivf: IndexResult, big: Corpu
 
 def test_search_rejects_a_query_of_the_wrong_shape(flat: IndexResult) -> None:
     index, table = load_index(flat.index_path), load_tile_table(flat.table_path)
-    with pytest.raises(ProvisionError, match=r"query must have shape \(64,\)"):
+    with pytest.raises(CacheIndexError, match=r"query must have shape \(64,\)"):
         search(index, table, np.ones(32), 3)
-    with pytest.raises(ProvisionError, match="tile table has 999 rows"):
+    with pytest.raises(CacheIndexError, match="tile table has 999 rows"):
         search(index, table[:-1], np.ones(64), 3)
 
 
@@ -353,7 +344,7 @@ def test_ids_near_matches_a_hand_computed_haversine() -> None:
     assert ids_near(table, 60.0, 0.0, at60 - 0.5).tolist() == []
     assert ids_near(table, 0.0, -179.99, step + 0.5).tolist() == [4]
     assert ids_near(table, 0.0, 179.99, step + 0.5).tolist() == [4]
-    with pytest.raises(ProvisionError, match="radius_m"):
+    with pytest.raises(CacheIndexError, match="radius_m"):
         ids_near(table, 0.0, 0.0, -1.0)
 
 

@@ -25,10 +25,10 @@ and thread count. Across thread counts the bytes can differ: BLAS splits the k-m
 thread (seen at D=256 with 1 vs 2 threads), so the report records ``omp_threads``. A GPU build is not
 byte-identical to a CPU one.
 
-Onboard: ``load_index`` memory-maps the index read-only, ``search`` queries it (optionally restricted to
-``allowed_ids``, e.g. from ``ids_near`` around a dead-reckoned position). They live in
-``navcache_runtime.index`` (the drone imports them without this package); the names here wrap them and
-turn their errors into :class:`ProvisionError`.
+Loading and querying the index (``load_index`` memory-maps it read-only, ``search`` queries it, optionally
+restricted to ``allowed_ids`` from ``ids_near`` around a dead-reckoned position) live in
+:mod:`navcache_runtime.index`, which the drone imports without this package, and raise its
+``CacheIndexError``. This module builds the index; :func:`load_report` reads what the build chose.
 """
 
 from __future__ import annotations
@@ -39,16 +39,12 @@ import json
 import logging
 import math
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from navcache_runtime import index as _onboard
-from navcache_runtime.errors import InferenceRuntimeError
-from navcache_runtime.index import EARTH_RADIUS_M as EARTH_RADIUS_M  # re-exported: public name
 from navcache_runtime.index import TABLE_DTYPE, FaissIndex
 from navcache_runtime.integrity import write_artifact_once
 
@@ -643,31 +639,7 @@ def _tile_table(ids: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     return table
 
 
-# ---------------------------------------------------------------------------------------------- load
-# Loading and querying live in the onboard runtime (navcache_runtime.index), which the drone imports
-# without the provisioning stack. These wrappers keep the provisioning API and its error type: the
-# runtime raises its own error family, the ground crew's tools expect ProvisionError.
-
-
-def _provision_error(exc: InferenceRuntimeError) -> ProvisionError:
-    where = getattr(exc, "where", None) or (str(exc.path) if exc.path else None)
-    return ProvisionError(exc.message, where=where, hint=exc.hint)
-
-
-def load_index(index_path: Path, *, mmap: bool = True) -> FaissIndex:
-    """See :func:`navcache_runtime.index.load_index`."""
-    try:
-        return _onboard.load_index(index_path, mmap=mmap)
-    except InferenceRuntimeError as exc:
-        raise _provision_error(exc) from exc
-
-
-def load_tile_table(path: Path) -> np.ndarray:
-    """See :func:`navcache_runtime.index.load_tile_table`."""
-    try:
-        return _onboard.load_tile_table(path)
-    except InferenceRuntimeError as exc:
-        raise _provision_error(exc) from exc
+# ---------------------------------------------------------------------------------------------- report
 
 
 def load_report(path: Path) -> dict[str, Any]:
@@ -676,30 +648,3 @@ def load_report(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ProvisionError(f"{Path(path).name} is not an index report", where=str(path))
     return data
-
-
-# -------------------------------------------------------------------------------------------- search
-
-
-def search(
-    index: FaissIndex,
-    table: np.ndarray,
-    query: np.ndarray,
-    k: int,
-    *,
-    allowed_ids: np.ndarray | Sequence[int] | None = None,
-    nprobe: int | None = None,
-) -> list[list[tuple[int, float]]]:
-    """See :func:`navcache_runtime.index.search`."""
-    try:
-        return _onboard.search(index, table, query, k, allowed_ids=allowed_ids, nprobe=nprobe)
-    except InferenceRuntimeError as exc:
-        raise _provision_error(exc) from exc
-
-
-def ids_near(table: np.ndarray, lat: float, lon: float, radius_m: float) -> np.ndarray:
-    """See :func:`navcache_runtime.index.ids_near`."""
-    try:
-        return _onboard.ids_near(table, lat, lon, radius_m)
-    except InferenceRuntimeError as exc:
-        raise _provision_error(exc) from exc
