@@ -29,8 +29,9 @@ from navcache.manifest import (
     sign_manifest,
 )
 from navcache_runtime.coverage import coverage_digest
+from navcache_runtime.errors import FailureCode
 from navcache_runtime.integrity import TEMP_PREFIX
-from navcache_runtime.verify import FailureCode, verify_cache
+from navcache_runtime.verify import verify_cache
 
 REPO = Path(__file__).resolve().parents[1]
 ISSUED = datetime(2026, 11, 23, 12, 0, 0, tzinfo=UTC)

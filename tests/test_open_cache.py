@@ -27,7 +27,8 @@ from navcache.tiles import tile_bounds
 from navcache.types import TileId
 from navcache_runtime import cache as cache_module
 from navcache_runtime.cache import IMAGENET_STD, Candidate, open_cache, preprocess
-from navcache_runtime.verify import CacheVerificationError, FailureCode
+from navcache_runtime.errors import FailureCode
+from navcache_runtime.verify import CacheVerificationError
 from tests.support.isolation import run_json
 from tests.support.sorties import Assets, block_tiles, tiles_polygon, write_sortie
 

@@ -21,17 +21,10 @@ from hypothesis import strategies as st
 
 from navcache.keys import generate_keypair, load_private_key
 from navcache.manifest import make_envelope
+from navcache_runtime.errors import FailureCode
+from navcache_runtime.manifest_format import loads_strict, pae, point_in_area
 from navcache_runtime.trust import TrustedKeys, load_trusted_keys
-from navcache_runtime.verify import (
-    CacheVerificationError,
-    CacheVerifier,
-    FailureCode,
-    VerifierConfig,
-    loads_strict,
-    pae,
-    point_in_area,
-    verify_cache,
-)
+from navcache_runtime.verify import CacheVerificationError, CacheVerifier, VerifierConfig, verify_cache
 from tests.support.isolation import run_json
 from tests.test_manifest import EXPIRES, ISSUED, NOW, Cache, coverage_table, make_cache
 
@@ -352,10 +345,10 @@ def test_manifest_over_a_small_limit(cache: Cache) -> None:
 
 def test_bounded_reader_stops_at_the_limit_when_a_file_grows(cache: Cache, monkeypatch: pytest.MonkeyPatch) -> None:
     # fstat says small, the file yields more: the reader stops at limit + 1 bytes.
-    import navcache_runtime.verify as verify_module
+    import navcache_runtime.manifest_format as format_module
 
     real_fstat = os.fstat
-    monkeypatch.setattr(verify_module.os, "fstat", lambda fd: _Shrunk(real_fstat(fd)))
+    monkeypatch.setattr(format_module.os, "fstat", lambda fd: _Shrunk(real_fstat(fd)))
     size = cache.manifest.stat().st_size
     reads: list[int] = []
     manifest_inode = cache.manifest.stat().st_ino
@@ -380,8 +373,8 @@ def test_bounded_reader_stops_at_the_limit_when_a_file_grows(cache: Cache, monke
                 reads.append(len(chunk))
             return chunk
 
-    real_fdopen = verify_module.fdopen_regular  # where the verifier's bounded reader opens its descriptor
-    monkeypatch.setattr(verify_module, "fdopen_regular", lambda fd: Spy(real_fdopen(fd)))
+    real_fdopen = format_module.fdopen_regular  # where the bounded reader opens its descriptor
+    monkeypatch.setattr(format_module, "fdopen_regular", lambda fd: Spy(real_fdopen(fd)))
     report = verify_cache(cache.root, cache.trusted, now=NOW, max_manifest_bytes=size // 2)
     assert report.codes == {F.ENVELOPE_TOO_LARGE}
     assert sum(reads) == size // 2 + 1
@@ -778,8 +771,9 @@ def test_verifier_runs_without_the_provisioning_stack(cache: Cache, tmp_path: Pa
     assert result == {"good": True, "bad": ["artifact_digest_mismatch"], "loaded": []}
 
 
-def test_verifier_module_imports_only_stdlib_cryptography_and_runtime() -> None:
-    source = (Path(__file__).resolve().parents[1] / "src/navcache_runtime/verify.py").read_text()
+@pytest.mark.parametrize("module", ["verify.py", "manifest_format.py", "layout.py"])
+def test_verifier_modules_import_only_stdlib_cryptography_and_runtime(module: str) -> None:
+    source = (Path(__file__).resolve().parents[1] / "src/navcache_runtime" / module).read_text()
     imports = {
         line.split()[1].split(".")[0]
         for line in source.splitlines()
@@ -787,7 +781,7 @@ def test_verifier_module_imports_only_stdlib_cryptography_and_runtime() -> None:
     }
     allowed = {"__future__", "base64", "binascii", "enum", "errno", "fnmatch", "hashlib", "itertools", "json",
                "logging", "os", "re", "stat", "time", "collections", "concurrent", "dataclasses", "datetime",
-               "pathlib", "typing", "cryptography"}  # fmt: skip
+               "pathlib", "types", "typing", "cryptography"}  # fmt: skip
     assert imports <= allowed, imports - allowed
 
 

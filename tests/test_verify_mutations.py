@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from navcache_runtime import cli
-from navcache_runtime.verify import FailureCode, VerificationReport, printable, verify_cache
+from navcache_runtime.errors import FailureCode, printable
+from navcache_runtime.verify import VerificationReport, verify_cache
 from tests.test_manifest import NOW, Cache, make_cache
 
 F = FailureCode

@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from navcache_runtime.integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX
-from navcache_runtime.verify import MANIFEST_NAME
+from navcache_runtime.layout import MANIFEST_NAME, SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX
 
 from .errors import NavcacheError
 from .lock import cache_lock

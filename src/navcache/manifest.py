@@ -41,18 +41,15 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from navcache_runtime.integrity import fsync_dir, temp_path_for
-from navcache_runtime.preprocessing import Preprocess
-from navcache_runtime.trust import TrustedKeysError, keyid_for
-from navcache_runtime.trustroot import TrustRoot, load_trust_anchor
-from navcache_runtime.verify import (
+from navcache_runtime.layout import MANIFEST_NAME
+from navcache_runtime.manifest_format import (
     E7,
-    MANIFEST_NAME,
+    MAX_AREA_VERTICES,
     MAX_LAT_E7,
     MAX_LON_E7,
     PAYLOAD_TYPE,
     PREDICATE_TYPE,
     STATEMENT_TYPE,
-    VerifierConfig,
     format_rfc3339,
     hash_artifact,
     hash_workers,
@@ -64,8 +61,11 @@ from navcache_runtime.verify import (
     point_in_area,
     read_manifest_version,
     relpath_problem,
-    verify_cache,
 )
+from navcache_runtime.preprocessing import Preprocess
+from navcache_runtime.trust import TrustedKeysError, keyid_for
+from navcache_runtime.trustroot import TrustRoot, load_trust_anchor
+from navcache_runtime.verify import verify_cache
 
 from .errors import ManifestError
 from .keys import Signer, load_signer
@@ -130,7 +130,7 @@ def build_statement(
         raise ManifestError(f"takeoff must be a (lat, lon) pair, got {takeoff!r}", where="takeoff")
     lat_e7 = _to_e7(takeoff[0], "takeoff latitude", MAX_LAT_E7)
     lon_e7 = _to_e7(takeoff[1], "takeoff longitude", MAX_LON_E7)
-    polygons, problem = parse_area(predicate_area, VerifierConfig().max_area_vertices)
+    polygons, problem = parse_area(predicate_area, MAX_AREA_VERTICES)
     if polygons is None:
         raise ManifestError(problem, where="area_geojson")
     if not point_in_area(polygons, lon_e7, lat_e7):

@@ -110,7 +110,7 @@ __all__ = [
 
 #: The version of the runtime contract (docs/runtime-contract.md) this package implements: semver, bumped
 #: with every change of the public surface (MAJOR: removed or changed, MINOR: added, PATCH: wording only).
-__version__ = "1.0.0"
+__version__ = "1.1.0"
 
 # The verifier and trust store load lazily: most users of the runtime never verify in-process, and this
 # keeps `import navcache_runtime` (and so the factory's first call) light.
@@ -120,12 +120,12 @@ _LAZY = {
     "keyid_for": "trust",
     "load_trusted_keys": "trust",
     "TrustRootError": "trustroot",
-    "MANIFEST_NAME": "verify",
+    "MANIFEST_NAME": "layout",
     "ArtifactResult": "verify",
     "CacheVerificationError": "verify",
     "CacheVerifier": "verify",
-    "Failure": "verify",
-    "FailureCode": "verify",
+    "Failure": "errors",
+    "FailureCode": "errors",
     "VerificationReport": "verify",
     "VerifierConfig": "verify",
     "verify_cache": "verify",
@@ -141,17 +141,16 @@ _LAZY = {
 
 if TYPE_CHECKING:  # type checkers of consumer code see the real types of the lazy names (same list as _LAZY)
     from .cache import CacheOpenError, Candidate, OnboardCache, open_cache, preprocess
+    from .errors import Failure, FailureCode
     from .index import CacheIndexError
+    from .layout import MANIFEST_NAME
     from .selftest import OnboardSelfTest, SelfTestFailedError
     from .trust import TrustedKeys, TrustedKeysError, keyid_for, load_trusted_keys
     from .trustroot import TrustRootError
     from .verify import (
-        MANIFEST_NAME,
         ArtifactResult,
         CacheVerificationError,
         CacheVerifier,
-        Failure,
-        FailureCode,
         VerificationReport,
         VerifierConfig,
         verify_cache,

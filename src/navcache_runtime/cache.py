@@ -53,6 +53,7 @@ from .factory import build_inference_runtime
 from .gate import entry_from_artifact
 from .index import FaissIndex, ids_near, load_verified_index, search, tile_table_from_bytes
 from .integrity import read_hashed
+from .layout import MANIFEST_NAME
 from .naming import EXTENSIONS, parse_engine_name
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .protocol import InferenceRuntime
@@ -60,7 +61,7 @@ from .selftest import OnboardSelfTest, SelfTestFailedError, load_queries, onboar
 from .trust import TrustedKeys
 from .trustroot import DEFAULT_STATE, DefaultState, TrustRoot, state_path_from
 from .types import EngineHandle
-from .verify import MANIFEST_NAME, CacheVerificationError, Mode, VerificationReport, verify_cache
+from .verify import CacheVerificationError, Mode, VerificationReport, verify_cache
 
 logger = logging.getLogger(__name__)
 

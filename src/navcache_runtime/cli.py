@@ -18,19 +18,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import InferenceRuntimeError
+from .errors import FailureCode, InferenceRuntimeError, printable
 from .integrity import open_regular
+from .layout import MANIFEST_NAME
+from .manifest_format import loads_strict
 from .naming import parse_engine_name
 from .trustroot import default_state_path
-from .verify import (
-    MANIFEST_NAME,
-    CacheVerificationError,
-    FailureCode,
-    VerificationReport,
-    loads_strict,
-    printable,
-    verify_cache,
-)
+from .verify import CacheVerificationError, VerificationReport, verify_cache
 
 
 def _table(rows: list[list[str]], header: list[str]) -> str:

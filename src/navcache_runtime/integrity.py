@@ -23,10 +23,11 @@ from pathlib import Path
 
 from .errors import EngineHashMismatchError, EngineSidecarMissingError
 
-SIDECAR_SUFFIX = ".sha256"
-TEMP_PREFIX = ".navcache-tmp-"
-#: Ground-side scan-memo entries next to descriptor shards (not shipped artifacts; never in a manifest).
-SCAN_MEMO_PREFIX = ".navcache-scan-"
+# The file patterns are the layout's (navcache_runtime.layout); they are re-exported here for the writers.
+from .layout import SCAN_MEMO_PREFIX as SCAN_MEMO_PREFIX
+from .layout import SIDECAR_SUFFIX as SIDECAR_SUFFIX
+from .layout import TEMP_PREFIX as TEMP_PREFIX
+
 _CHUNK = 1 << 20
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 

@@ -50,7 +50,7 @@ import enum
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -59,17 +59,9 @@ from typing import Any, Final, Literal
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from .layout import TRUST_DIR, TRUST_ROOT_FILE
+from .manifest_format import format_rfc3339, is_int, loads_strict, pae, parse_envelope, parse_rfc3339, read_bounded
 from .trust import TrustedKeys, TrustedKeysError, keyid_for, parse_trusted_keys, root_store_path
-from .verify import (
-    VerifierConfig,
-    _parse_envelope,
-    _read_bounded,
-    format_rfc3339,
-    is_int,
-    loads_strict,
-    pae,
-    parse_rfc3339,
-)
 
 ROOT_PAYLOAD_TYPE = "application/vnd.navcache.root+json"
 ROOT_TYPE = "https://navcache.dev/root/v1"
@@ -81,8 +73,6 @@ MAX_ROOT_ROTATIONS = 256
 #: Where the onboard verifier keeps its rollback state unless told otherwise (``$NAVCACHE_STATE`` wins).
 DEFAULT_STATE_PATH = Path("/var/lib/navcache/state.json")
 STATE_ENV = "NAVCACHE_STATE"
-TRUST_DIR = "trust"
-_ROOT_FILE = re.compile(r"root-([1-9][0-9]{0,8})\.json")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_INT = (1 << 53) - 1  # RFC 8785 (I-JSON) integers
 _TOP_FIELDS = frozenset(
@@ -199,8 +189,7 @@ def parse_root(raw: bytes, *, source: str = "trust root") -> TrustRoot:
     Checks the envelope, the payload schema and the keyids; does NOT decide whether enough keys signed
     (that depends on which root it is checked against: see :func:`check_bootstrap` and
     :func:`verify_root_update`). Raises :class:`TrustRootError`."""
-    config = replace(VerifierConfig(), allowed_payload_types=frozenset({ROOT_PAYLOAD_TYPE}))
-    envelope, failures = _parse_envelope(raw, config, source)
+    envelope, failures = parse_envelope(raw, allowed_payload_types={ROOT_PAYLOAD_TYPE}, subject=source)
     if envelope is None or failures:
         raise TrustRootError(f"{source}: {failures[0].message if failures else 'unusable envelope'}")
     try:
@@ -275,8 +264,7 @@ def parse_root(raw: bytes, *, source: str = "trust root") -> TrustRoot:
 
 def _signers_of(new: TrustRoot, role: Role, keys: Mapping[str, Ed25519PublicKey]) -> set[str]:
     """Distinct keys of ``role`` (looked up in ``keys``) whose signature over ``new`` verifies."""
-    config = replace(VerifierConfig(), allowed_payload_types=frozenset({ROOT_PAYLOAD_TYPE}))
-    envelope, _ = _parse_envelope(new.raw, config)
+    envelope, _ = parse_envelope(new.raw, allowed_payload_types={ROOT_PAYLOAD_TYPE})
     assert envelope is not None  # parse_root already accepted it
     message = pae(envelope.payload_type, envelope.payload)
     found: set[str] = set()
@@ -337,7 +325,7 @@ def verify_root_update(current: TrustRoot, raw: bytes, *, source: str = "trust r
 def read_root_file(path: Path | str, *, max_bytes: int = MAX_ROOT_BYTES) -> bytes:
     path = Path(path)
     try:
-        return _read_bounded(path, max_bytes)
+        return read_bounded(path, max_bytes)
     except OSError as exc:
         raise TrustRootError(f"cannot read trust root {path}: {exc.strerror or exc}", path=path) from None
 
@@ -410,7 +398,7 @@ def resolve_trust(
         result.problems.append(("trust_root_update_refused", TRUST_DIR, f"cannot list: {exc.strerror or exc}"))
         return result
     for entry in entries:
-        match = _ROOT_FILE.fullmatch(entry)
+        match = TRUST_ROOT_FILE.fullmatch(entry)
         if match and int(match.group(1)) > current.version:  # older versions are superseded: ignored
             candidates[int(match.group(1))] = (trust_dir / entry, f"{TRUST_DIR}/{entry}")
     if stored is not None and anchor.version > stored.version:

@@ -36,45 +36,60 @@ a :class:`VerificationReport` (a step whose input is untrusted is skipped and na
 After a fully successful verification the device state file (when given) records the accepted version,
 written atomically.
 
-Signed-data conventions (the provisioning side writes them, see ``navcache.manifest``): integers only, no
-floats anywhere; coordinates are scaled integers, degrees * 10^7 (``lat_e7``, ``lon_e7``); ``area`` is a
-GeoJSON ``Polygon`` or ``MultiPolygon`` whose positions are ``[lon_e7, lat_e7]`` (RFC 7946 order), rings
-closed, planar in lon/lat (an area must not cross the antimeridian); times are RFC 3339 UTC with seconds
-precision (``2026-11-23T12:00:00Z``).
-
-Deviation from DSSE's "consumers MUST ignore unrecognized fields": the *unsigned* envelope may carry no
-field other than the DSSE ones, and only standard (not URL-safe) canonical base64 is accepted: an unsigned
-envelope has no business carrying anything else. Unknown fields inside the signed Statement and predicate
-are ignored, as in-toto's parsing rules require.
+The manifest's format (envelope, Statement, predicate fields, signed-data conventions, limits) is
+specified in :mod:`navcache_runtime.manifest_format`, the cache's file layout in
+:mod:`navcache_runtime.layout`; the reasons for a refusal are :class:`~navcache_runtime.errors.FailureCode`.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import enum
 import errno
 import fnmatch
 import hashlib
-import itertools
 import json
 import logging
 import os
-import re
-import stat
 import time
-from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeGuard
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 
 from .coverage import coverage_digest
-from .errors import InferenceRuntimeError
-from .integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, atomic_write_bytes, fdopen_regular
+from .errors import Failure, FailureCode, InferenceRuntimeError, printable
+from .integrity import atomic_write_bytes, fdopen_regular
+from .layout import MANIFEST_NAME, SHIPPED_TRUST_ROOT, SIDECAR_SUFFIX, UNLISTED_FILE_PATTERNS
+from .manifest_format import (
+    E7,
+    HEX64,
+    MAX_AREA_VERTICES,
+    MAX_ARTIFACTS,
+    MAX_LAT_E7,
+    MAX_LON_E7,
+    MAX_MANIFEST_BYTES,
+    MAX_SIGNATURES,
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    Envelope,
+    coverage_table_statuses,
+    format_rfc3339,
+    hash_open_file,
+    hash_workers,
+    is_int,
+    loads_strict,
+    pae,
+    parse_area,
+    parse_envelope,
+    parse_rfc3339,
+    percent_x100_bounds,
+    point_in_area,
+    read_bounded,
+    relpath_problem,
+)
 from .preprocessing import Preprocess
 from .selftest import onboard_block
 from .trust import TrustedKeys, TrustedKeysError, legacy_keyid_for, root_store_path
@@ -84,124 +99,11 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "manifest.dsse.json"
-PAYLOAD_TYPE = "application/vnd.in-toto+json"
-STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
-PREDICATE_TYPE = "https://navcache.dev/manifest/v1"
+#: The format of the device state file (the last accepted manifest version).
 STATE_FORMAT_VERSION = 1
-E7 = 10_000_000
-MAX_LAT_E7 = 90 * E7
-MAX_LON_E7 = 180 * E7
 
 Mode = Literal["airborne", "operator"]
 MODES: tuple[Mode, ...] = ("airborne", "operator")
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
-_DRIVE = re.compile(r"[A-Za-z]:")
-_ENVELOPE_FIELDS = frozenset({"payload", "payloadType", "signatures"})
-_SIGNATURE_FIELDS = frozenset({"keyid", "sig"})
-_ED25519_SIG_BYTES = 64
-_SHIPPED_ROOT = re.compile(r"trust/root-[1-9][0-9]{0,8}\.json")
-
-
-class FailureCode(enum.StrEnum):
-    """Typed reasons. Values are stable strings (they appear in JSON reports and logs)."""
-
-    TRUSTED_KEYS_INVALID = "trusted_keys_invalid"
-    TRUST_ROOT_INVALID = "trust_root_invalid"
-    TRUST_ROOT_EXPIRED = "trust_root_expired"
-    TRUST_ROOT_UPDATE_REFUSED = "trust_root_update_refused"
-    TRUST_ROOT_UPDATED = "trust_root_updated"
-    STATE_MISSING = "state_missing"
-    KEY_REVOKED = "key_revoked"
-    VALIDITY_TOO_LONG = "validity_too_long"
-    MANIFEST_MISSING = "manifest_missing"
-    ENVELOPE_UNREADABLE = "envelope_unreadable"
-    ENVELOPE_TOO_LARGE = "envelope_too_large"
-    ENVELOPE_MALFORMED = "envelope_malformed"
-    PAYLOAD_TYPE_UNSUPPORTED = "payload_type_unsupported"
-    SIGNATURE_MALFORMED = "signature_malformed"
-    SIGNATURE_INVALID = "signature_invalid"
-    SIGNATURE_UNTRUSTED = "signature_untrusted"
-    SIGNATURE_DUPLICATE_KEY = "signature_duplicate_key"
-    KEYID_HINT_MISMATCH = "keyid_hint_mismatch"
-    THRESHOLD_NOT_MET = "threshold_not_met"
-    PAYLOAD_MALFORMED = "payload_malformed"
-    PAYLOAD_DUPLICATE_KEY = "payload_duplicate_key"
-    PAYLOAD_FLOAT = "payload_float"
-    STATEMENT_TYPE_UNSUPPORTED = "statement_type_unsupported"
-    SCHEMA_INVALID = "schema_invalid"
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not_yet_valid"
-    ROLLBACK = "rollback"
-    VERSION_REUSED = "version_reused"
-    ROLLBACK_UNCHECKED = "rollback_unchecked"
-    STATE_INVALID = "state_invalid"
-    STATE_WRITE_FAILED = "state_write_failed"
-    PATH_ABSOLUTE = "path_absolute"
-    PATH_TRAVERSAL = "path_traversal"
-    PATH_INVALID = "path_invalid"
-    SUBJECT_DUPLICATE = "subject_duplicate"
-    ARTIFACT_LIST_MISMATCH = "artifact_list_mismatch"
-    AREA_INVALID = "area_invalid"
-    TAKEOFF_OUTSIDE_AREA = "takeoff_outside_area"
-    ARTIFACT_MISSING = "artifact_missing"
-    ARTIFACT_SYMLINK_ESCAPE = "artifact_symlink_escape"
-    ARTIFACT_NOT_REGULAR = "artifact_not_regular"
-    ARTIFACT_UNREADABLE = "artifact_unreadable"
-    ARTIFACT_LENGTH_MISMATCH = "artifact_length_mismatch"
-    ARTIFACT_DIGEST_MISMATCH = "artifact_digest_mismatch"
-    EXTRA_FILE = "extra_file"
-    COVERAGE_INCONSISTENT = "coverage_inconsistent"
-    COVERAGE_TABLE_INVALID = "coverage_table_invalid"
-    COVERAGE_MISMATCH = "coverage_mismatch"
-    PREPROCESS_INVALID = "preprocess_invalid"
-
-
-def printable(text: object) -> str:
-    """``text`` safe to print on a terminal, one line: every character that is not printable (control
-    characters such as ESC, CR and newline, Unicode format characters such as bidi overrides, lone
-    surrogates) and the backslash itself are written as Python escapes (``\\x1b``, ``\\n``, ``\\u202e``,
-    ``\\\\``); an undecodable file-name byte (surrogate-escaped by ``os.fsdecode``) is shown as ``\\xNN``.
-
-    File names and signed strings reach the text output through this function only, so a crafted name can
-    neither forge a ``VERIFIED`` line nor move the cursor to hide the ``REFUSED`` one. JSON output keeps the
-    raw values (``json.dumps`` escapes them itself)."""
-    value = str(text)
-    if value.isprintable() and "\\" not in value:
-        return value  # the common case: nothing to escape
-    out = []
-    for ch in value:
-        code = ord(ch)
-        if ch == "\\":
-            out.append("\\\\")
-        elif 0xDC80 <= code <= 0xDCFF:
-            out.append(f"\\x{code - 0xDC00:02x}")  # os.fsdecode's stand-in for an undecodable byte
-        elif ch.isprintable() and not 0xD800 <= code <= 0xDFFF:
-            out.append(ch)
-        elif code <= 0xFF:
-            out.append({"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(ch, f"\\x{code:02x}"))
-        elif code <= 0xFFFF:
-            out.append(f"\\u{code:04x}")
-        else:
-            out.append(f"\\U{code:08x}")
-    return "".join(out)
-
-
-@dataclass(frozen=True)
-class Failure:
-    """One reason to refuse (or, in ``warnings``, to look closer). ``subject`` names what it is about.
-
-    ``subject`` and ``message`` hold the raw values (file names as found on disk); ``str()`` escapes them
-    for a terminal (see :func:`printable`)."""
-
-    code: FailureCode
-    subject: str
-    message: str
-
-    def __str__(self) -> str:
-        return f"[{self.code}] {printable(self.subject)}: {printable(self.message)}"
 
 
 @dataclass(frozen=True)
@@ -216,10 +118,10 @@ class ArtifactResult:
 class VerifierConfig:
     """Explicit limits and policy. Defaults suit an onboard cache of a few GB and ~10^5 artifacts."""
 
-    max_manifest_bytes: int = 16 << 20
-    max_signatures: int = 16
-    max_artifacts: int = 200_000
-    max_area_vertices: int = 100_000
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
+    max_signatures: int = MAX_SIGNATURES
+    max_artifacts: int = MAX_ARTIFACTS
+    max_area_vertices: int = MAX_AREA_VERTICES
     max_coverage_table_bytes: int = 512 << 20
     max_state_bytes: int = 64 << 10
     allowed_payload_types: frozenset[str] = frozenset({PAYLOAD_TYPE})
@@ -230,7 +132,7 @@ class VerifierConfig:
     max_manifest_validity: timedelta = timedelta(days=30)
     hash_workers: int | None = None  # None → os.cpu_count()
     hash_chunk_bytes: int = 1 << 20
-    ignored_extra_patterns: tuple[str, ...] = (f"{TEMP_PREFIX}*", f"{SCAN_MEMO_PREFIX}*", "*.lock")
+    ignored_extra_patterns: tuple[str, ...] = UNLISTED_FILE_PATTERNS
     max_extra_reported: int = 1000
     strict_extra: bool = False
 
@@ -332,276 +234,7 @@ class CacheVerificationError(InferenceRuntimeError):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Pure helpers (also used by the provisioning side)
-
-
-def pae(payload_type: str, payload: bytes) -> bytes:
-    """DSSE v1 pre-authentication encoding: ``"DSSEv1" SP LEN(type) SP type SP LEN(body) SP body`` where
-    LEN is the ASCII decimal *byte* length."""
-    type_bytes = payload_type.encode("utf-8")
-    return b"DSSEv1 %d %s %d %s" % (len(type_bytes), type_bytes, len(payload), payload)
-
-
-def relpath_problem(name: object) -> tuple[FailureCode, str] | None:
-    """Why ``name`` is not an acceptable artifact path (relative POSIX, normalised), or None."""
-    if not isinstance(name, str) or not name:
-        return FailureCode.PATH_INVALID, "path must be a non-empty string"
-    if len(name.encode("utf-8", "surrogatepass")) > 4096:
-        return FailureCode.PATH_INVALID, "path is longer than 4096 bytes"
-    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in name):
-        return FailureCode.PATH_INVALID, "path contains control characters"
-    if any(0xD800 <= ord(ch) <= 0xDFFF for ch in name):
-        # A lone surrogate (JSON "\\ud800") names no UTF-8 file; the OS path functions cannot even encode it.
-        return FailureCode.PATH_INVALID, "path contains a lone surrogate (not valid Unicode)"
-    if "\\" in name:
-        return FailureCode.PATH_INVALID, "path contains a backslash (POSIX separators only)"
-    if name.startswith("/") or _DRIVE.match(name):
-        return FailureCode.PATH_ABSOLUTE, "absolute path (artifacts are relative to the cache root)"
-    parts = name.split("/")
-    if ".." in parts:
-        return FailureCode.PATH_TRAVERSAL, "path contains a '..' component"
-    if any(part in ("", ".") for part in parts):
-        return FailureCode.PATH_INVALID, "path has an empty or '.' component (not normalised)"
-    if name == MANIFEST_NAME:
-        return FailureCode.PATH_INVALID, "the manifest cannot list itself"
-    return None
-
-
-def percent_x100_bounds(covered: int, total: int) -> tuple[int, int]:
-    """The acceptable ``percent_x100`` for ``covered`` of ``total``: 10000 * covered / total rounded down or
-    up (so both floor and round-to-nearest conventions are accepted); 0 for an empty area."""
-    if total <= 0:
-        return 0, 0
-    low, remainder = divmod(covered * 10_000, total)
-    return low, low + (1 if remainder else 0)
-
-
-def format_rfc3339(moment: datetime) -> str:
-    """UTC, seconds precision: ``2026-11-23T12:00:00Z`` (sub-second part truncated)."""
-    if moment.tzinfo is None:
-        raise ValueError("datetime must be timezone-aware")
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def parse_rfc3339(text: object) -> datetime | None:
-    """Parse the one accepted form (``YYYY-MM-DDTHH:MM:SSZ``); None when it is anything else."""
-    if not isinstance(text, str) or not _RFC3339_UTC.fullmatch(text):
-        return None
-    try:
-        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
-    except ValueError:
-        return None
-
-
-def is_int(value: object) -> TypeGuard[int]:
-    """A JSON integer (bool is not one)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-class _DuplicateKeyError(Exception):
-    pass
-
-
-class _FloatError(Exception):
-    pass
-
-
-def _pairs_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in result:
-            raise _DuplicateKeyError(key)
-        result[key] = value
-    return result
-
-
-def _refuse_float(text: str) -> Any:
-    raise _FloatError(text)
-
-
-def loads_strict(data: bytes, *, allow_floats: bool = False) -> Any:
-    """UTF-8 JSON with duplicate keys refused, and non-integer numbers (floats, NaN, Infinity) too unless
-    ``allow_floats`` (for unsigned-but-hashed artifacts such as the coverage table; NaN/Infinity never).
-
-    Raises ``ValueError`` with a message naming the problem; ``.code`` on the exception is the
-    :class:`FailureCode` to report."""
-    try:
-        text = data.decode("utf-8")
-        return json.loads(
-            text,
-            object_pairs_hook=_pairs_without_duplicates,
-            parse_float=float if allow_floats else _refuse_float,
-            parse_constant=_refuse_float,
-        )
-    except _DuplicateKeyError as exc:
-        raise _coded(FailureCode.PAYLOAD_DUPLICATE_KEY, f"duplicate JSON key {exc.args[0]!r}") from None
-    except _FloatError as exc:
-        raise _coded(FailureCode.PAYLOAD_FLOAT, f"non-integer number {exc.args[0]!r} (floats are refused)") from None
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise _coded(FailureCode.PAYLOAD_MALFORMED, f"not valid JSON: {exc}") from None
-
-
-def _coded(code: FailureCode, message: str) -> ValueError:
-    error = ValueError(message)
-    error.code = code  # type: ignore[attr-defined]
-    return error
-
-
-def _b64decode_canonical(text: object) -> bytes | None:
-    """Standard base64 with padding, in its one canonical spelling; None otherwise."""
-    if not isinstance(text, str):
-        return None
-    try:
-        raw = text.encode("ascii")
-        data = base64.b64decode(raw, validate=True)
-    except (UnicodeEncodeError, binascii.Error, ValueError):
-        return None
-    return data if base64.b64encode(data) == raw else None
-
-
-def _read_bounded(path: Path, limit: int) -> bytes:
-    """Read at most ``limit`` bytes; a larger file raises ``OSError(EFBIG)`` after reading ≤ limit + 1
-    bytes (its size is checked with fstat first, so a huge file is not read at all)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    with fdopen_regular(fd) as handle:
-        info = os.fstat(handle.fileno())
-        if info.st_size > limit:
-            raise OSError(errno.EFBIG, f"{info.st_size} bytes exceeds the limit of {limit}")
-        chunks: list[bytes] = []
-        remaining = limit + 1
-        while remaining > 0:
-            chunk = handle.read(min(remaining, 1 << 20))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            remaining -= len(chunk)
-    data = b"".join(chunks)
-    if len(data) > limit:
-        raise OSError(errno.EFBIG, f"more than the limit of {limit} bytes (the file grew while read)")
-    return data
-
-
-def hash_open_file(handle: Any, limit: int, chunk_size: int = 1 << 20) -> tuple[int, str]:
-    """Stream sha256 over at most ``limit`` bytes of an open binary file; returns (bytes read, hex)."""
-    digest = hashlib.sha256()
-    buffer = bytearray(chunk_size)
-    view = memoryview(buffer)
-    total = 0
-    while total < limit:
-        want = min(chunk_size, limit - total)
-        n = handle.readinto(view[:want])
-        if not n:
-            break
-        digest.update(view[:n])
-        total += n
-    return total, digest.hexdigest()
-
-
-def hash_artifact(path: Path | str, chunk_size: int = 1 << 20) -> tuple[int, str]:
-    """(length, sha256 hex) of a regular file, measured on one open descriptor."""
-    with open(path, "rb", buffering=0) as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        # Read one byte past the stat size, so a file that grows meanwhile is noticed (length ≠ size).
-        length, hexdigest = hash_open_file(handle, info.st_size + 1, chunk_size)
-    if length != info.st_size:
-        raise OSError(errno.EAGAIN, f"{path} changed size while it was hashed")
-    return length, hexdigest
-
-
-def hash_workers(configured: int | None = None) -> int:
-    return max(1, configured or os.cpu_count() or 1)
-
-
-# --------------------------------------------------------------------------------------------------------
-# Geometry on scaled integers
-
-
-_INSIDE, _OUTSIDE, _BOUNDARY = 1, 0, -1
-
-
-def _ring_position(ring: Sequence[tuple[int, int]], px: int, py: int) -> int:
-    """Ray casting toward +x with exact integer arithmetic; points on an edge are ``_BOUNDARY``."""
-    inside = False
-    for (ax, ay), (bx, by) in itertools.pairwise(ring):
-        cross = (bx - ax) * (py - ay) - (by - ay) * (px - ax)
-        if cross == 0 and min(ax, bx) <= px <= max(ax, bx) and min(ay, by) <= py <= max(ay, by):
-            return _BOUNDARY
-        if (ay > py) != (by > py):
-            # The edge crosses the horizontal line y = py at x = ax + (py - ay)(bx - ax)/(by - ay);
-            # the ray from px counts it when px < x. Multiply out by (by - ay), minding its sign.
-            lhs = (px - ax) * (by - ay)
-            rhs = (py - ay) * (bx - ax)
-            if (lhs < rhs) if by > ay else (lhs > rhs):
-                inside = not inside
-    return _INSIDE if inside else _OUTSIDE
-
-
-def point_in_area(polygons: Sequence[Sequence[Sequence[tuple[int, int]]]], lon_e7: int, lat_e7: int) -> bool:
-    """True when the point lies in (or on the boundary of) any polygon; holes exclude their interior."""
-    for rings in polygons:
-        outer = _ring_position(rings[0], lon_e7, lat_e7)
-        if outer == _OUTSIDE:
-            continue
-        if outer == _BOUNDARY:
-            return True
-        holes = [_ring_position(hole, lon_e7, lat_e7) for hole in rings[1:]]
-        if _BOUNDARY in holes or _INSIDE not in holes:
-            return True
-    return False
-
-
-def parse_area(area: object, max_vertices: int) -> tuple[list[list[list[tuple[int, int]]]] | None, str]:
-    """Validate a GeoJSON Polygon/MultiPolygon of ``[lon_e7, lat_e7]`` integer positions."""
-    if not isinstance(area, dict):
-        return None, "area must be a GeoJSON geometry object"
-    kind, coords = area.get("type"), area.get("coordinates")
-    if kind == "Polygon":
-        raw_polygons = [coords]
-    elif kind == "MultiPolygon":
-        if not isinstance(coords, list) or not coords:
-            return None, "MultiPolygon coordinates must be a non-empty list of polygons"
-        raw_polygons = coords
-    else:
-        return None, f"area type must be 'Polygon' or 'MultiPolygon', got {kind!r}"
-    polygons: list[list[list[tuple[int, int]]]] = []
-    vertices = 0
-    for p, raw_rings in enumerate(raw_polygons):
-        if not isinstance(raw_rings, list) or not raw_rings:
-            return None, f"polygon {p} must be a non-empty list of rings"
-        rings: list[list[tuple[int, int]]] = []
-        for r, raw_ring in enumerate(raw_rings):
-            where = f"polygon {p} ring {r}"
-            if not isinstance(raw_ring, list) or len(raw_ring) < 4:
-                return None, f"{where} must list at least 4 positions"
-            vertices += len(raw_ring)
-            if vertices > max_vertices:
-                return None, f"area has more than {max_vertices} vertices"
-            ring: list[tuple[int, int]] = []
-            for position in raw_ring:
-                if not (isinstance(position, list) and len(position) == 2 and all(map(is_int, position))):
-                    return None, f"{where}: positions must be [lon_e7, lat_e7] integer pairs, got {position!r}"
-                lon, lat = position
-                if not (-MAX_LON_E7 <= lon <= MAX_LON_E7 and -MAX_LAT_E7 <= lat <= MAX_LAT_E7):
-                    return None, f"{where}: position {position} is outside [-180e7, 180e7] x [-90e7, 90e7]"
-                ring.append((lon, lat))
-            if ring[0] != ring[-1]:
-                return None, f"{where} is not closed (first position != last)"
-            rings.append(ring)
-        polygons.append(rings)
-    return polygons, ""
-
-
-# --------------------------------------------------------------------------------------------------------
 # The verifier
-
-
-@dataclass
-class _Envelope:
-    payload_type: str
-    payload: bytes
-    signatures: list[tuple[str, bytes | None, str]]  # (keyid hint, decoded sig or None, problem)
 
 
 @dataclass
@@ -617,88 +250,6 @@ class _Manifest:
     takeoff: tuple[int, int] | None = None
     area: list[list[list[tuple[int, int]]]] | None = None
     coverage: dict[str, Any] | None = None
-
-
-def _parse_envelope(
-    raw: bytes, config: VerifierConfig, subject: str = MANIFEST_NAME
-) -> tuple[_Envelope | None, list[Failure]]:
-    """Shape of the unsigned envelope. Returns the envelope unless its structure is unusable. ``subject``
-    names the manifest file in failures, so the crew know which file to look at."""
-    try:
-        doc = loads_strict(raw)
-    except ValueError as exc:
-        return None, [Failure(FailureCode.ENVELOPE_MALFORMED, subject, str(exc))]
-    if not isinstance(doc, dict):
-        return None, [Failure(FailureCode.ENVELOPE_MALFORMED, subject, "must be a JSON object")]
-    problems = []
-    missing, unknown = sorted(_ENVELOPE_FIELDS - set(doc)), sorted(set(doc) - _ENVELOPE_FIELDS)
-    if missing:
-        problems.append(f"missing field(s) {missing}")
-    if unknown:
-        problems.append(f"unknown field(s) {unknown} (the unsigned envelope may carry only the DSSE fields)")
-    payload_type = doc.get("payloadType")
-    if "payloadType" in doc and not isinstance(payload_type, str):
-        problems.append("payloadType must be a string")
-    payload = _b64decode_canonical(doc.get("payload"))
-    if "payload" in doc and payload is None:
-        problems.append("payload is not canonical standard base64")
-    raw_sigs = doc.get("signatures")
-    if "signatures" in doc and (not isinstance(raw_sigs, list) or not raw_sigs):
-        problems.append("signatures must be a non-empty list")
-    elif isinstance(raw_sigs, list) and len(raw_sigs) > config.max_signatures:
-        problems.append(f"more than {config.max_signatures} signatures")
-    if problems:
-        return None, [Failure(FailureCode.ENVELOPE_MALFORMED, subject, p) for p in problems]
-    assert isinstance(payload_type, str) and payload is not None and isinstance(raw_sigs, list)
-    failures: list[Failure] = []
-    if payload_type not in config.allowed_payload_types:
-        failures.append(
-            Failure(
-                FailureCode.PAYLOAD_TYPE_UNSUPPORTED,
-                "envelope.payloadType",
-                f"{payload_type!r} is not one of {sorted(config.allowed_payload_types)}",
-            )
-        )
-    signatures: list[tuple[str, bytes | None, str]] = []
-    for index, entry in enumerate(raw_sigs):
-        where = f"signatures[{index}]"
-        if not isinstance(entry, dict) or "sig" not in entry or set(entry) - _SIGNATURE_FIELDS:
-            return None, [Failure(FailureCode.ENVELOPE_MALFORMED, where, "must be an object {'keyid'?, 'sig'}")]
-        keyid = entry.get("keyid", "")
-        if not isinstance(keyid, str):
-            return None, [Failure(FailureCode.ENVELOPE_MALFORMED, where, "keyid must be a string")]
-        sig = _b64decode_canonical(entry["sig"])
-        if sig is None:
-            signatures.append((keyid, None, "sig is not canonical standard base64"))
-        elif len(sig) != _ED25519_SIG_BYTES:
-            signatures.append((keyid, None, f"sig is {len(sig)} bytes, an Ed25519 signature is 64"))
-        else:
-            signatures.append((keyid, sig, ""))
-    return _Envelope(payload_type, payload, signatures), failures
-
-
-def read_manifest_version(manifest_path: Path | str, *, max_bytes: int = 16 << 20) -> int:
-    """The ``predicate.version`` of an existing manifest, read WITHOUT checking its signature.
-
-    For the provisioning side only (so that a new manifest never goes backwards, even when the old one no
-    longer verifies). Uses the same bounded read and strict parsing as the verifier. Raises
-    ``FileNotFoundError`` when there is no manifest and ``ValueError`` when no version can be read."""
-    path = Path(manifest_path)
-    try:
-        raw = _read_bounded(path, max_bytes)
-    except FileNotFoundError:
-        raise
-    except OSError as exc:
-        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
-    envelope, failures = _parse_envelope(raw, VerifierConfig(max_manifest_bytes=max_bytes))
-    if envelope is None:
-        raise ValueError(f"{path}: {failures[0].message}")
-    statement = loads_strict(envelope.payload)
-    predicate = statement.get("predicate") if isinstance(statement, dict) else None
-    version = predicate.get("version") if isinstance(predicate, dict) else None
-    if not is_int(version) or version < 1:
-        raise ValueError(f"{path}: payload has no integer predicate.version")
-    return int(version)
 
 
 def _check_arguments(mode: str, now: datetime | None) -> None:
@@ -742,7 +293,7 @@ class CacheVerifier:
             manifest=str(self.manifest_path),
             checked_at=format_rfc3339(self.now),
         )
-        self._envelope: _Envelope | None = None
+        self._envelope: Envelope | None = None
         self._manifest = _Manifest()
         self._state: dict[str, Any] | None = None
 
@@ -806,7 +357,7 @@ class CacheVerifier:
     def _step_envelope(self) -> bool:
         path = self.manifest_path
         try:
-            raw = _read_bounded(path, self.config.max_manifest_bytes)
+            raw = read_bounded(path, self.config.max_manifest_bytes)
         except FileNotFoundError:
             self._fail(FailureCode.MANIFEST_MISSING, path.name, f"no manifest at {path}")
             return False
@@ -816,7 +367,12 @@ class CacheVerifier:
             else:
                 self._fail(FailureCode.ENVELOPE_UNREADABLE, path.name, f"cannot read manifest: {exc.strerror or exc}")
             return False
-        envelope, failures = _parse_envelope(raw, self.config, path.name)
+        envelope, failures = parse_envelope(
+            raw,
+            allowed_payload_types=self.config.allowed_payload_types,
+            max_signatures=self.config.max_signatures,
+            subject=path.name,
+        )
         self.report.failures.extend(failures)
         self._envelope = envelope
         # An unsupported payloadType is recorded but the signatures are still checked (both are reported).
@@ -962,7 +518,7 @@ class CacheVerifier:
                 continue
             digest = entry.get("digest")
             sha = digest.get("sha256") if isinstance(digest, dict) else None
-            if not isinstance(sha, str) or not _HEX64.fullmatch(sha):
+            if not isinstance(sha, str) or not HEX64.fullmatch(sha):
                 bad(entry["name"], "digest.sha256 must be 64 lowercase hex characters")
                 sha = None
             m.subjects.append((entry["name"], sha))
@@ -1090,7 +646,7 @@ class CacheVerifier:
         digest, path = coverage.get("digest"), coverage.get("path")
         total, covered, percent = coverage.get("total"), coverage.get("covered"), coverage.get("percent_x100")
         problems = []
-        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        if not isinstance(digest, str) or not HEX64.fullmatch(digest):
             problems.append("digest must be 64 lowercase hex characters")
         if not all(is_int(v) and v >= 0 for v in (total, covered, percent)):
             problems.append("total, covered and percent_x100 must be non-negative integers")
@@ -1175,7 +731,7 @@ class CacheVerifier:
     def _read_state(self) -> dict[str, Any] | None:
         assert self.state_path is not None
         try:
-            raw = _read_bounded(self.state_path, self.config.max_state_bytes)
+            raw = read_bounded(self.state_path, self.config.max_state_bytes)
         except FileNotFoundError:
             return None
         except OSError as exc:
@@ -1322,7 +878,7 @@ class CacheVerifier:
         base = rel.rsplit("/", 1)[-1]
         if any(fnmatch.fnmatchcase(base, pattern) for pattern in self.config.ignored_extra_patterns):
             return True
-        if _SHIPPED_ROOT.fullmatch(rel):
+        if SHIPPED_TRUST_ROOT.fullmatch(rel):
             return True  # trust-root versions shipped with the cache: signed by the root keys, checked apart
         return rel.endswith(SIDECAR_SUFFIX) and rel[: -len(SIDECAR_SUFFIX)] in listed
 
@@ -1341,7 +897,7 @@ class CacheVerifier:
             return
         expected_sha = dict(self._manifest.subjects)[where]
         try:
-            data = _read_bounded(self.cache_root / where, self.config.max_coverage_table_bytes)
+            data = read_bounded(self.cache_root / where, self.config.max_coverage_table_bytes)
         except OSError as exc:
             self._fail(FailureCode.COVERAGE_TABLE_INVALID, where, f"cannot read the coverage table: {exc}")
             return
@@ -1349,7 +905,7 @@ class CacheVerifier:
             self._fail(FailureCode.ARTIFACT_DIGEST_MISMATCH, where, "coverage table changed after it was hashed")
             return
         try:
-            statuses = _coverage_statuses(loads_strict(data, allow_floats=True))
+            statuses = coverage_table_statuses(loads_strict(data, allow_floats=True))
             digest = coverage_digest(statuses)
         except ValueError as exc:
             self._fail(FailureCode.COVERAGE_TABLE_INVALID, where, str(exc))
@@ -1368,28 +924,6 @@ class CacheVerifier:
                 f"table has total={total} covered={covered}, signed total={coverage['total']} "
                 f"covered={coverage['covered']}",
             )
-
-
-def _coverage_statuses(table: object) -> list[tuple[tuple[int, int, int], str]]:
-    """``{"tiles": [[z, x, y, code], ...], "codes": {"<code>": "covered" | ...}}`` → (tile, status) rows.
-
-    The code map may also be named ``status_codes`` (what ``navcache.coverage.CoverageReport.to_json``
-    writes); other fields of the table are ignored, the digest covers the tiles and their statuses only."""
-    if not isinstance(table, dict) or not isinstance(table.get("tiles"), list):
-        raise ValueError("coverage table must be an object with a 'tiles' list")
-    maps = [table[key] for key in ("codes", "status_codes") if key in table]
-    if not maps or not all(isinstance(m, dict) for m in maps) or any(m != maps[0] for m in maps):
-        raise ValueError("coverage table needs one 'codes' (or 'status_codes') object mapping codes to statuses")
-    codes: Mapping[str, object] = maps[0]
-    rows = []
-    for index, tile in enumerate(table["tiles"]):
-        if not (isinstance(tile, list) and len(tile) == 4 and all(map(is_int, tile))):
-            raise ValueError(f"tiles[{index}] must be [z, x, y, status_code] integers")
-        status = codes.get(str(tile[3]))
-        if not isinstance(status, str):
-            raise ValueError(f"tiles[{index}] has status code {tile[3]} that 'codes' does not define")
-        rows.append(((tile[0], tile[1], tile[2]), status))
-    return rows
 
 
 def _check_artifact(

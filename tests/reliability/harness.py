@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX, verify_artifact
-from navcache_runtime.verify import MANIFEST_NAME, verify_cache
+from navcache_runtime.layout import MANIFEST_NAME
+from navcache_runtime.verify import verify_cache
 from tests.support.isolation import REPO
 
 ARTIFACT_DIRS = ("engines", "descriptors", "index", "coverage")

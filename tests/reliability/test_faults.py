@@ -14,7 +14,7 @@ import pytest
 
 from navcache.lock import HOLDER_NAME
 from navcache_runtime.integrity import sidecar_path
-from navcache_runtime.verify import MANIFEST_NAME
+from navcache_runtime.layout import MANIFEST_NAME
 from tests.reliability.conftest import copy_cache
 from tests.reliability.harness import Navcache, cache_state, manifest_subjects, verifies
 from tests.support.sorties import Assets

@@ -16,7 +16,7 @@ from navcache.descriptors import ScanMemo
 from navcache.gc import GcError, collect_garbage, sweep_orphan_temps
 from navcache.lock import cache_lock
 from navcache_runtime.integrity import write_artifact
-from navcache_runtime.verify import MANIFEST_NAME
+from navcache_runtime.layout import MANIFEST_NAME
 from tests.support.isolation import REPO
 
 DAY = 86400.0

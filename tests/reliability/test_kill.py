@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from navcache_runtime.verify import MANIFEST_NAME
+from navcache_runtime.layout import MANIFEST_NAME
 from tests.reliability.conftest import copy_cache
 from tests.reliability.harness import (
     STAGES,
