@@ -50,10 +50,10 @@ from .types import Tile, TileId
 
 log = logging.getLogger(__name__)
 
-# One encoding with the coverage table (TileStatus). Until shard/scan v3 it was 0/1/2 = described/blank/missing
-# here; the versions moved on with it, so older shards and memos are recomputed, never misread.
+# Shard tables and scan memos store TileStatus codes, the coverage table's encoding. The codes are part of the
+# shard key and SCAN_VERSION, so a table or memo written with any other encoding is recomputed, never misread.
 DESCRIBED, BLANK, MISSING = TileStatus.DESCRIBED, TileStatus.BLANK, TileStatus.MISSING
-STATUS_NAMES = {DESCRIBED: "described", MISSING: "missing", BLANK: "blank"}
+STATUS_CODES = frozenset(TileStatus)
 TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1")])
 _PREFETCH_BATCHES = 2
 #: Threads decoding chunks for one shard (GDAL/Pillow/numpy release the GIL; more than 4 gains little).
@@ -221,7 +221,7 @@ class ScanMemo:
             return None
         if n_chunks is not None and len(rows) != n_chunks:
             return None
-        if any(status not in STATUS_NAMES for _, status, _ in rows):
+        if any(status not in STATUS_CODES for _, status, _ in rows):
             return None
         return cls(key, rows)
 
@@ -487,7 +487,7 @@ def describe_shard(
         scan = scan_shard(plan, ChunkReader(source, grid), blank_std)
     key = shard_key(scan, engine.identity, preprocessing)
     desc_path, table_path = shard_paths(out_dir, key)
-    counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_NAMES}
+    counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_CODES}
     computed = not _is_complete(desc_path, table_path)
     inferred = len(fresh)
     if computed:
