@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cold": ("provision", "cold provision vs the sum of its bare parts"),
     "runtime": ("runtime", "runtime factory p99; engine load vs compile per strategy"),
     "server": ("server", "CLI warm re-provision and first-output latency: ephemeral API vs navcache server"),
+    "scale": ("scale", "1e4 (--full: and 1e5) z17 tiles over EPSG:4326 imagery: cold/warm/1 %, RSS, vs gdal2tiles"),
 }
 
 
@@ -30,13 +31,15 @@ def main() -> None:
     for name, (_, text) in [*COMMANDS.items(), ("all", ("", "every subcommand above, in order"))]:
         command = sub.add_parser(name, help=text)
         command.add_argument("--quick", action="store_true", help="smaller inputs, fewer repeats (CI smoke)")
+        if name == "scale":
+            command.add_argument("--full", action="store_true", help="the full size: adds the 1e5-tile sortie")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     for name in COMMANDS if args.command == "all" else [args.command]:
         module = importlib.import_module(f"bench.{COMMANDS[name][0]}")
         started = time.perf_counter()
         runner = getattr(module, f"run_{name}", None) or module.run  # provision.py has one per subcommand
-        path = runner(args.quick)
+        path = runner(args.quick, full=True) if getattr(args, "full", False) else runner(args.quick)
         print(f"{name}: {time.perf_counter() - started:.1f} s, results: {path}\n")
 
 
