@@ -1,4 +1,4 @@
-"""Benchmark helpers on tiny inputs, the vectorised coverage digest against the pre-issue-7 implementation,
+"""Benchmark helpers on tiny inputs, the vectorised coverage digest against the per-row reference loop,
 and the cheapest subcommand end to end (`python -m bench coverage --quick` is ~15 s on 2 busy cores)."""
 
 from __future__ import annotations

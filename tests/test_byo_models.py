@@ -93,7 +93,8 @@ def test_each_option_does_what_it_says() -> None:
 def test_default_preprocessing_is_unchanged() -> None:
     prep = Preprocessing(128, 128)
     assert prep.is_default and prep == Preprocess(128, 128)
-    # The shard-key text of the default is what it was before the options existed (existing shards stay valid).
+    # The default's shard-key text carries no preprocess options, so shards described with the defaults keep
+    # their keys (and stay reusable) whatever options other sorties declare.
     assert prep.spec() == "v1|rgb|bilinear|128x128|mean=(0.485, 0.456, 0.406)|std=(0.229, 0.224, 0.225)"
     rgb = _frame(256, 256)
     resized = np.asarray(Image.fromarray(rgb).resize((128, 128), Image.Resampling.BILINEAR)).astype(np.float32)
@@ -362,7 +363,7 @@ def test_huge_outputs_give_unit_float16_descriptors(tmp_path: Path, models: dict
     batch = np.stack([prep(_frame(256, 256, seed=s)) for s in range(4)])
     huge = _engine(models["huge"], tmp_path, (4, 3, 224, 224))
     raw = huge.runtime.infer(huge.handle, {"image": batch})["descriptor"]
-    with np.errstate(over="ignore"):  # what used to be stored: the cast overflows to inf
+    with np.errstate(over="ignore"):  # the raw output cast straight to float16 overflows to inf
         assert np.abs(raw).max() > 1e5 and not np.isfinite(raw.astype(np.float16)).all()
     stored = huge.describe(batch).astype(np.float16)
     assert np.isfinite(stored).all()

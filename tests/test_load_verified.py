@@ -2,7 +2,7 @@
 loaded (ONNX Runtime and TensorRT deserialise the bytes the gate read), one swapped before the gate read it
 is refused, and anything but a regular file in place of an engine or its sidecar is a typed error.
 
-The swap is the attack measured by the issue 14 suite: ``os.replace`` of a valid engine of the same kind
+The swap is a time-of-check/time-of-use attack: ``os.replace`` of a valid engine of the same kind
 (another model's weights, with a matching sidecar) between the check and the load. The hook runs inside the
 gate, right after its read-and-hash returns (``navcache_runtime.gate.read_hashed`` wrapped)."""
 

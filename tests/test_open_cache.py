@@ -227,7 +227,7 @@ def test_open_query_and_describe_without_the_provisioning_stack(
 
 
 # --------------------------------------------------------------------------------------------------------
-# Load what was verified: files swapped between verification and loading (issue 14, hole 3)
+# Load what was verified: files swapped between verification and loading
 
 
 def _reversed_index(listed: Path) -> bytes:

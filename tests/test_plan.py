@@ -1,5 +1,5 @@
-"""`navcache plan`: what provision would do, without doing it (issue 12, point 6); it must agree with what
-provision then does."""
+"""`navcache plan`: what provision would do, without doing it; it must agree with what provision then does,
+or a crew plans on numbers the run does not keep."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Preflight refuses in about a second what would fail minutes later (issue 12, points 4 and 5), on inputs
-shaped like a real crew's: coarse EPSG:4326 imagery with a ragged nodata border, long bending routes."""
+"""Preflight refuses in about a second what would fail minutes later, on inputs shaped like a real crew's:
+coarse EPSG:4326 imagery with a ragged nodata border, long bending routes."""
 
 from __future__ import annotations
 
@@ -258,8 +258,8 @@ def test_provision_refuses_the_sliver_with_exit_2_before_prefect_or_any_write(
 
 @pytest.mark.slow
 def test_the_full_size_unclipped_trail_is_refused_quickly(assets: Assets, ortho: Path, tmp_path: Path) -> None:
-    """The case from the issue: a 4,026 km trail at zoom 17 over a small orthophoto (it ran 57 s over 67,549
-    tiles and stopped at 1.96 % coverage)."""
+    """A 4,026 km trail at zoom 17 over a small orthophoto: a run would walk 67,549 tiles for about a minute
+    and stop at 1.96 % coverage, so preflight must refuse it in seconds."""
     route = bending_route(*START, 4026, heading_deg=90, bend_km=20, swing_deg=60)
     sortie = route_sortie(
         tmp_path / "s.toml", assets, route=route, corridor_m=300, orthophoto=ortho, cache_dir=tmp_path / "c", zoom=17

@@ -555,7 +555,7 @@ def test_cuda_engine_loads_in_a_new_process(compiled: Compiled, tiny_model: Tiny
     np.testing.assert_allclose(output, tiny_model.reference(inputs), atol=FP32_ATOL, rtol=0)
 
 
-# -- load what was verified (issue 14, hole 3) ----------------------------------------------------------
+# -- load what was verified: a package swapped between the gate's check and the load ---------------------
 def test_a_package_swapped_right_after_the_gate_copied_it_is_not_the_one_loaded(
     compiled: Compiled, tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

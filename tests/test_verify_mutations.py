@@ -177,7 +177,7 @@ def test_any_mutated_tree_ends_in_a_report_naming_every_mutation_many(
 
 
 # --------------------------------------------------------------------------------------------------------
-# The two causes found by the attack suite, as plain regression tests
+# Cases the random examples reach only by chance, pinned as plain tests
 
 
 @pytest.mark.parametrize("name", ["index/tiles.faiss", "coverage.json"])

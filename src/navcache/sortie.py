@@ -91,8 +91,8 @@ Layout (every field, with its default; relative paths are resolved against this 
     # layout = "NCHW"                 # NCHW: shape [N, 3, H, W] | NHWC: shape [N, H, W, 3]
 
 The bring-your-own backbone contract (vpr): the model takes one float image batch in the declared layout,
-preprocessed as declared (the defaults are navcache's original behaviour: squash, ImageNet mean/std, unit
-scale, RGB, NCHW), and returns a float [N, D] descriptor. The preprocessing is one definition
+preprocessed as declared (without [backbones.preprocess]: squash, ImageNet mean/std, unit scale, RGB,
+NCHW), and returns a float [N, D] descriptor. The preprocessing is one definition
 (:mod:`navcache_runtime.preprocessing`) used for the tiles and, from the signed manifest
 (``predicate.preprocess``), by ``open_cache(...).preprocess`` for camera frames. Descriptors are
 L2-normalised (retrieval is by cosine) and stored as float16, so raw outputs of any scale are fine.

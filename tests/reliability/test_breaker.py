@@ -1,4 +1,4 @@
-"""Compile failures (issue 6): a backbone that always fails trips the circuit breaker after N attempts, is
+"""Compile failures: a backbone that always fails trips the circuit breaker after N attempts, is
 reported with its error, and the other backbones' engines stay valid; the PyTorch path falls back to eager
 with the flag recorded.
 

@@ -1,4 +1,4 @@
-"""Hostile input (issue 6): areas, ONNX files and orthophotos that are wrong on purpose.
+"""Hostile input: areas, ONNX files and orthophotos that are wrong on purpose.
 
 Every case ends in one of two ways: preflight accepts the sortie, or it raises a ``NavcacheError`` /
 ``InferenceRuntimeError`` with a message. Never another exception, and preflight writes nothing at all

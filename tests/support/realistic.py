@@ -1,4 +1,4 @@
-"""Inputs shaped like a real crew's (issue 12): coarse EPSG:4326 orthophotos with a ragged nodata border,
+"""Inputs shaped like a real crew's: coarse EPSG:4326 orthophotos with a ragged nodata border,
 long bending LineString routes with a corridor, truncated GeoTIFFs, and sortie files over them (with the
 demo's models and keys). Small and seeded, so tests stay fast and repeatable."""
 
