@@ -1,7 +1,8 @@
 """`navcache gc`: remove cache artifacts the current manifest does not name, by age (TTL) and size budget.
 
-What is considered: regular files directly in ``engines/``, ``descriptors/``, ``index/``, ``coverage/`` and
-``selftest/`` with a known artifact suffix, each together with its ``.sha256`` sidecar (a sidecar whose artifact
+What is considered: regular files directly in the artifact folders (``engines/``, ``descriptors/``,
+``index/``, ``coverage/``, ``selftest/``) with a known artifact suffix (both from
+:data:`navcache_runtime.layout.ARTIFACT_SUFFIXES`), each together with its ``.sha256`` sidecar (a sidecar whose artifact
 is gone is its own unit), plus orphaned ``.navcache-tmp-*`` files anywhere under the cache whose writer is dead,
 scan-memo entries (``descriptors/.navcache-scan-*``) whose shard is gone, and self-test memos
 (``selftest/.navcache-scan-selftest-*``) whose onboard query set is gone.
@@ -24,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from navcache_runtime.layout import MANIFEST_NAME, SCAN_MEMO_PREFIX, SIDECAR_SUFFIX, TEMP_PREFIX
+from navcache_runtime.layout import (
+    ARTIFACT_SUFFIXES,
+    DESCRIPTORS_DIR,
+    MANIFEST_NAME,
+    SCAN_MEMO_PREFIX,
+    SELFTEST_DIR,
+    SELFTEST_MEMO_PREFIX,
+    SIDECAR_SUFFIX,
+    TEMP_PREFIX,
+)
 
 from .errors import NavcacheError
 from .lock import cache_lock
@@ -32,13 +42,6 @@ from .lock import cache_lock
 log = logging.getLogger(__name__)
 _PID = re.compile(r"\(pid (\d+)\)")
 
-ARTIFACT_DIRS: dict[str, tuple[str, ...]] = {
-    "engines": (".onnx", ".engine", ".pt2"),
-    "descriptors": (".desc.npy", ".tiles.npy"),
-    "index": (".faiss", ".npy", ".json"),
-    "coverage": (".json", ".png"),
-    "selftest": (".npz",),
-}
 DAY_S = 86400.0
 #: A temp file whose writer's pid still runs is left alone unless it is this old (pid reuse, other hosts).
 TEMP_MAX_AGE_S = DAY_S
@@ -117,7 +120,7 @@ def manifest_names(cache_root: Path) -> set[str] | None:
 
 
 def _units(cache_root: Path) -> Iterator[_Unit]:
-    for dirname, suffixes in ARTIFACT_DIRS.items():
+    for dirname, suffixes in ARTIFACT_SUFFIXES.items():
         directory = cache_root / dirname
         if not directory.is_dir():
             continue
@@ -204,7 +207,7 @@ def summarise_temps(items: list[GcItem], verb: str = "removed") -> str:
 
 def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
     """Scan-memo entries pointing at a shard that is gone (or that this gc removes), or unreadable."""
-    directory = cache_root / "descriptors"
+    directory = cache_root / DESCRIPTORS_DIR
     if not directory.is_dir():
         return []
     from .descriptors import ScanMemo, shard_paths  # imagery and numpy: only when there are shards
@@ -229,9 +232,9 @@ def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now
 
 def _stale_self_test_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
     """Self-test memos whose onboard query set is gone (or that this gc removes), or unreadable."""
-    directory = cache_root / "selftest"
+    directory = cache_root / SELFTEST_DIR
     stale = []
-    for path in sorted(directory.glob(f"{SCAN_MEMO_PREFIX}selftest-*")) if directory.is_dir() else []:
+    for path in sorted(directory.glob(f"{SELFTEST_MEMO_PREFIX}*")) if directory.is_dir() else []:
         try:
             stat = path.stat()
             record = json.loads(path.read_bytes())
@@ -240,7 +243,7 @@ def _stale_self_test_memos(cache_root: Path, removed: set[str], *, dry_run: bool
         except ValueError:
             record = None
         onboard = record.get("onboard_name") if isinstance(record, dict) else None
-        if isinstance(onboard, str) and (directory / onboard).is_file() and f"selftest/{onboard}" not in removed:
+        if isinstance(onboard, str) and (directory / onboard).is_file() and f"{SELFTEST_DIR}/{onboard}" not in removed:
             continue
         if not dry_run:
             path.unlink(missing_ok=True)

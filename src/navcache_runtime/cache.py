@@ -36,7 +36,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +52,7 @@ from .factory import build_inference_runtime
 from .gate import entry_from_artifact
 from .index import FaissIndex, ids_near, load_verified_index, search, tile_table_from_bytes
 from .integrity import read_hashed
-from .layout import MANIFEST_NAME
+from .layout import ENGINES_DIR, INDEX_FILE, MANIFEST_NAME, index_report_file, index_table_file
 from .naming import EXTENSIONS, parse_engine_name
 from .preprocessing import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .protocol import InferenceRuntime
@@ -65,7 +64,6 @@ from .verify import CacheVerificationError, Mode, VerificationReport, verify_cac
 
 logger = logging.getLogger(__name__)
 
-_INDEX_RE = re.compile(r"index/index-([0-9a-f]{16})\.faiss")
 _MAX_MANIFEST_BYTES = 16 << 20  # the verifier's default bound
 
 
@@ -462,23 +460,23 @@ def _read_signed(root: Path, name: str, subjects: Mapping[str, str]) -> bytes:
 
 
 def _index_names(root: Path, subjects: Mapping[str, str]) -> tuple[str, str, str | None]:
-    indexes = sorted(name for name in subjects if _INDEX_RE.fullmatch(name))
+    indexes = sorted(name for name in subjects if INDEX_FILE.fullmatch(name))
     if len(indexes) != 1:
         raise CacheOpenError(
             f"the manifest must list exactly one index/index-*.faiss, it lists {len(indexes)}: {indexes}",
             hint="re-provision the cache",
             path=root / MANIFEST_NAME,
         )
-    match = _INDEX_RE.fullmatch(indexes[0])
+    match = INDEX_FILE.fullmatch(indexes[0])
     assert match is not None
-    table = f"index/tiles-{match.group(1)}.npy"
+    table = index_table_file(match.group(1))
     if table not in subjects:
         raise CacheOpenError(
             f"the manifest lists {indexes[0]} but not its tile table {table}",
             hint="re-provision the cache",
             path=root / MANIFEST_NAME,
         )
-    report = f"index/index-{match.group(1)}.json"
+    report = index_report_file(match.group(1))
     return indexes[0], table, report if report in subjects else None
 
 
@@ -486,7 +484,7 @@ def _engine_subjects(subjects: Mapping[str, str]) -> dict[str, str]:
     engines = {}
     for name, sha in subjects.items():
         parts = name.split("/")
-        if len(parts) != 2 or parts[0] != "engines":
+        if len(parts) != 2 or parts[0] != ENGINES_DIR:
             continue
         try:
             parse_engine_name(parts[1])
@@ -513,9 +511,9 @@ def _runtime_config(
             f"cannot tell the runtime from the listed engines ({labels or 'none'}; extensions "
             f"{', '.join(f'.{ext}' for ext in EXTENSIONS)})",
             hint="pass runtime_config={'runtime': ...}" if labels else "re-provision the cache with its engines",
-            path=root / "engines",
+            path=root / ENGINES_DIR,
         )
-    return load_runtime_config({"runtime": labels[0], "engine_dir": root / "engines"})
+    return load_runtime_config({"runtime": labels[0], "engine_dir": root / ENGINES_DIR})
 
 
 def _engine(model: str, path: Path, handle: EngineHandle) -> _Engine:
@@ -555,13 +553,13 @@ def _pick_vpr(
     """The engine that produces the index's descriptors, and the name of that output."""
     if not engines:
         raise CacheOpenError(
-            "the manifest lists no engine this runtime can load", hint="re-provision the cache", path=root / "engines"
+            "the manifest lists no engine this runtime can load", hint="re-provision the cache", path=root / ENGINES_DIR
         )
     if vpr_model is not None and vpr_model not in engines:
         raise CacheOpenError(
             f"vpr_model {vpr_model!r} is not among the cache's engines {sorted(engines)}",
             hint="pass one of those names",
-            path=root / "engines",
+            path=root / ENGINES_DIR,
         )
     found: list[tuple[_Engine, str]] = []
     for model, engine in engines.items():
@@ -584,7 +582,7 @@ def _pick_vpr(
             f"cannot tell the VPR engine: {len(found)} engines ({which}) produce {dim}-dimensional descriptors "
             f"like the index",
             hint="pass vpr_model='<model name>' to open_cache",
-            path=root / "engines",
+            path=root / ENGINES_DIR,
         )
     return found[0]
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from .errors import FailureCode, InferenceRuntimeError, printable
 from .integrity import open_regular
-from .layout import MANIFEST_NAME
+from .layout import ENGINES_DIR, INDEX_DIR, MANIFEST_NAME, SIDECAR_SUFFIX
 from .manifest_format import loads_strict
 from .naming import parse_engine_name
 from .trustroot import default_state_path
@@ -162,7 +162,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     )
     engines = []
     for name in subjects:
-        if name.startswith("engines/") and not name.endswith(".sha256"):
+        if name.startswith(f"{ENGINES_DIR}/") and not name.endswith(SIDECAR_SUFFIX):
             try:
                 parsed = parse_engine_name(Path(name).name)
             except InferenceRuntimeError:
@@ -180,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print()
         print(_table(engines, ["engine", "runtime", "precision", "tied to", "eager"]))
     for name in subjects:
-        if name.startswith("index/") and name.endswith(".json"):
+        if name.startswith(f"{INDEX_DIR}/") and name.endswith(".json"):
             try:
                 with open_regular(args.cache / name) as handle:  # a FIFO or directory here must not hang it
                     report_doc = _dict(json.loads(handle.read(1 << 20)))

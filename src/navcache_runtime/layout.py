@@ -23,7 +23,6 @@ POSIX paths (what the manifest lists); the ``*_DIR`` names are single path compo
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
@@ -62,16 +61,11 @@ LOCK_SUFFIX: Final = ".lock"
 UNLISTED_FILE_PATTERNS: Final = (f"{TEMP_PREFIX}*", f"{SCAN_MEMO_PREFIX}*", f"*{LOCK_SUFFIX}")
 
 #: ``index/index-{h}.faiss``; group 1 is h.
-INDEX_FILE: Final = re.compile(r"index/index-([0-9a-f]{16})\.faiss")
+INDEX_FILE: Final = re.compile(rf"{INDEX_DIR}/index-([0-9a-f]{{16}})\.faiss")
 #: A trust-root version file inside ``trust/``; group 1 is its version.
 TRUST_ROOT_FILE: Final = re.compile(r"root-([1-9][0-9]{0,8})\.json")
 #: A shipped trust-root version, as a path relative to the cache root.
 SHIPPED_TRUST_ROOT: Final = re.compile(rf"{TRUST_DIR}/{TRUST_ROOT_FILE.pattern}")
-
-
-def index_file(build: str) -> str:
-    """``index/index-{build}.faiss`` (``build`` is 16 hex digits)."""
-    return f"{INDEX_DIR}/index-{build}.faiss"
 
 
 def index_table_file(build: str) -> str:
@@ -83,18 +77,3 @@ def index_report_file(build: str) -> str:
     """``index/index-{build}.json``: the report of the index ``build``."""
     return f"{INDEX_DIR}/index-{build}.json"
 
-
-def selftest_queries_file(digest16: str) -> str:
-    """``selftest/queries-{digest16}.npz``: the onboard self-test's query set."""
-    return f"{SELFTEST_DIR}/queries-{digest16}.npz"
-
-
-def engines_dir(cache_root: Path) -> Path:
-    """``<cache_root>/engines``."""
-    return cache_root / ENGINES_DIR
-
-
-def is_engine_artifact(name: str) -> bool:
-    """Whether a manifest path names an engine artifact (``engines/<file>``, not a sidecar)."""
-    parts = name.split("/")
-    return len(parts) == 2 and parts[0] == ENGINES_DIR and not name.endswith(SIDECAR_SUFFIX)
