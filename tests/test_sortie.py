@@ -1,140 +1,34 @@
-"""The sortie file: loading, every validation error (message / where / hint), models, robustness."""
+"""The sortie file: loading, every validation error (message / where / hint), robustness. The model files
+themselves are checked in tests/test_model_checks.py."""
 
 from __future__ import annotations
 
 import copy
 import json
 import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
 import pytest
 import shapely
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
 from pyproj import Geod
 
 from navcache.errors import SortieError, TileBudgetError
-from navcache.model_checks import validate_models
 from navcache.sortie import Sortie, TileSpec, load_sortie
 from navcache_runtime.types import BuildConfig, InputProfile
+from tests.support.sortie_files import (
+    BASE_DOC,
+    POLYGON,
+    Flight,
+    backbone_entry,
+    dump_toml,
+    make_files,
+)
 
 GEOD = Geod(ellps="WGS84")
-# ~3.7 km x 3.3 km around the takeoff in Munich
-POLYGON = {
-    "type": "Polygon",
-    "coordinates": [[[11.55, 48.12], [11.60, 48.12], [11.60, 48.15], [11.55, 48.15], [11.55, 48.12]]],
-}
-TAKEOFF = {"lat": 48.137, "lon": 11.575}
-
-
-# --- helpers ----------------------------------------------------------------------------------------------
-
-
-def toml_value(value: Any) -> str:
-    """A tiny TOML emitter (inline tables only) so tests can build documents as dicts."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(type(value))
-
-
-def dump_toml(doc: dict[str, Any]) -> str:
-    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in doc.items())
-
-
-def make_onnx(
-    path: Path,
-    *,
-    input_name: str = "image",
-    dims: tuple[int | str, ...] = ("N", 3, 64, 64),
-    outputs: tuple[tuple[str, int], ...] = (("descriptor", TensorProto.FLOAT),),
-) -> Path:
-    """A tiny valid model: the per-channel mean of the image, one output per entry (cast as asked)."""
-    nodes = [helper.make_node("ReduceMean", [input_name], ["pooled"], axes=[2, 3], keepdims=0)]
-    graph_outputs = []
-    for name, elem in outputs:
-        nodes.append(helper.make_node("Cast", ["pooled"], [name], to=elem))
-        graph_outputs.append(helper.make_tensor_value_info(name, elem, [dims[0], dims[1]]))
-    graph = helper.make_graph(
-        nodes, "tiny", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(dims))], graph_outputs
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
-
-
-@dataclass
-class Flight:
-    root: Path
-    doc: dict[str, Any]
-
-    def write(self, name: str = "sortie.toml") -> Path:
-        path = self.root / name
-        path.write_text(dump_toml(self.doc), encoding="utf-8")
-        return path
-
-    def load(self, **kwargs: Any) -> Sortie:
-        return load_sortie(self.write(), **kwargs)
-
-    def error(self, **kwargs: Any) -> SortieError:
-        with pytest.raises(SortieError) as info:
-            self.load(**kwargs)
-        return info.value
-
-
-BASE_DOC: dict[str, Any] = {
-    "sortie_id": "demo-001",
-    "runtime": "onnx_trt_ep",
-    "cache_dir": "cache",
-    "signing_key": "keys/operator.key",
-    "trusted_keys": "keys/trusted_keys.json",
-    "coverage_threshold": 99.0,
-    "expires_hours": 72,
-    "takeoff": dict(TAKEOFF),
-    "area": {"geojson": json.dumps(POLYGON)},
-    "tiles": {"zoom": 16, "size": 256, "chunk_span": 1, "overlap": 0.0, "budget": 250000},
-    "orthophoto": {"geotiff": "ortho.tif"},
-    "descriptors": {"batch_size": 16},
-    "backbones": [
-        {
-            "name": "tiny_vpr",
-            "onnx": "models/tiny_vpr.onnx",
-            "role": "vpr",
-            "precision": "fp32",
-            "input": "image",
-            "shape": [8, 3, 64, 64],
-        }
-    ],
-}
-
-
-def make_files(root: Path) -> None:
-    (root / "keys").mkdir(parents=True, exist_ok=True)
-    (root / "keys" / "operator.key").write_bytes(b"dummy key")
-    (root / "keys" / "trusted_keys.json").write_text("{}")
-    (root / "ortho.tif").write_bytes(b"II*\x00")
-    make_onnx(root / "models" / "tiny_vpr.onnx")
 
 
 @pytest.fixture(scope="module")
@@ -608,19 +502,8 @@ def test_corridor_crossing_the_antimeridian_is_rejected(flight: Flight) -> None:
 # --- backbones --------------------------------------------------------------------------------------------
 
 
-def _backbone(name: str, role: str = "vpr", **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "onnx": "models/tiny_vpr.onnx",
-        "role": role,
-        "precision": "fp32",  # fp16 needs a GPU provider (validate_models checks the host)
-        "shape": [8, 3, 64, 64],
-        **extra,
-    }
-
-
 def test_missing_onnx_names_backbone_and_path(flight: Flight) -> None:
-    flight.doc["backbones"] = [_backbone("dinov2_vpr", onnx="models/dinov2.onnx")]
+    flight.doc["backbones"] = [backbone_entry("dinov2_vpr", onnx="models/dinov2.onnx")]
     error = flight.error()
     assert error.where == "sortie.toml [[backbones]][0].onnx"
     assert "'dinov2_vpr'" in error.message
@@ -628,14 +511,14 @@ def test_missing_onnx_names_backbone_and_path(flight: Flight) -> None:
 
 
 def test_two_vpr_backbones_are_rejected(flight: Flight) -> None:
-    flight.doc["backbones"] = [_backbone("a"), _backbone("b")]
+    flight.doc["backbones"] = [backbone_entry("a"), backbone_entry("b")]
     error = flight.error()
     assert "exactly one backbone must have role 'vpr', found 'a', 'b'" in error.message
     assert 'role = "local"' in (error.hint or "")
 
 
 def test_no_vpr_backbone_is_rejected(flight: Flight) -> None:
-    flight.doc["backbones"] = [_backbone("a", "local")]
+    flight.doc["backbones"] = [backbone_entry("a", "local")]
     assert "found none" in flight.error().message
     flight.doc["backbones"] = []
     assert "no backbone" in flight.error().message
@@ -644,21 +527,23 @@ def test_no_vpr_backbone_is_rejected(flight: Flight) -> None:
 
 
 def test_backbone_names_are_unique_and_schema_safe(flight: Flight) -> None:
-    flight.doc["backbones"] = [_backbone("a"), _backbone("a", "local")]
+    flight.doc["backbones"] = [backbone_entry("a"), backbone_entry("a", "local")]
     error = flight.error()
     assert error.where == "sortie.toml [[backbones]][1].name" and "used twice" in error.message
     for bad in ("dino__v2", "_x", "has space", "x/y"):
-        flight.doc["backbones"] = [_backbone(bad)]
+        flight.doc["backbones"] = [backbone_entry(bad)]
         error = flight.error()
         assert error.where == "sortie.toml [[backbones]][0].name" and "single '_'" in (error.hint or ""), bad
 
 
 def test_shape_or_profile_exactly_one(flight: Flight) -> None:
-    backbone = _backbone("a")
+    backbone = backbone_entry("a")
     del backbone["shape"]
     flight.doc["backbones"] = [backbone]
     assert "exactly one of shape" in flight.error().message
-    flight.doc["backbones"] = [_backbone("a", profile={"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [1, 3, 8, 8]})]
+    flight.doc["backbones"] = [
+        backbone_entry("a", profile={"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [1, 3, 8, 8]})
+    ]
     error = flight.error()
     assert error.where == "sortie.toml [[backbones]][0]" and "exactly one of shape" in error.message
     backbone["profile"] = {"min": [4, 3, 8, 8], "opt": [2, 3, 8, 8], "max": [8, 3, 8, 8]}
@@ -667,85 +552,13 @@ def test_shape_or_profile_exactly_one(flight: Flight) -> None:
     assert error.where == "sortie.toml [[backbones]][0].profile" and "min <= opt <= max" in error.message
     backbone["profile"] = {"min": [1, 3, 8, 8], "opt": [2, 3, 8, 8]}
     assert flight.error().where == "sortie.toml [[backbones]][0].profile.max"
-    flight.doc["backbones"] = [_backbone("a", shape=[8, 0, 1])]
+    flight.doc["backbones"] = [backbone_entry("a", shape=[8, 0, 1])]
     assert "positive integers" in flight.error().message
 
 
 def test_builder_options_must_be_scalars(flight: Flight) -> None:
-    flight.doc["backbones"] = [_backbone("a", builder_options={"layers": [1, 2]})]
+    flight.doc["backbones"] = [backbone_entry("a", builder_options={"layers": [1, 2]})]
     assert flight.error().where == "sortie.toml [[backbones]][0].builder_options.layers"
-
-
-# --- validate_models ----------------------------------------------------------------------------------------
-
-
-def test_validate_models_accepts_good_models(flight: Flight) -> None:
-    make_onnx(flight.root / "models" / "local.onnx", outputs=(("keypoints", TensorProto.INT64),))
-    flight.doc["backbones"].append(_backbone("local", "local", onnx="models/local.onnx"))
-    validate_models(flight.load())
-
-
-def test_validate_models_rejects_a_corrupt_model(flight: Flight) -> None:
-    path = flight.root / "models" / "tiny_vpr.onnx"
-    path.write_bytes(path.read_bytes()[:40])  # truncated
-    sortie = flight.load()
-    with pytest.raises(SortieError) as info:
-        validate_models(sortie)
-    error = info.value
-    assert error.where == "sortie.toml [[backbones]][0].onnx"
-    assert "'tiny_vpr'" in error.message and str(path.resolve()) in error.message
-    assert "not a valid ONNX model" in error.message and "truncated or corrupt" in (error.hint or "")
-    path.write_bytes(b"")  # parses as an empty proto, the checker rejects it
-    with pytest.raises(SortieError, match="not a valid ONNX model"):
-        validate_models(sortie)
-
-
-def test_validate_models_names_the_real_inputs(flight: Flight) -> None:
-    flight.doc["backbones"][0]["input"] = "pixels"
-    with pytest.raises(SortieError) as info:
-        validate_models(flight.load())
-    error = info.value
-    assert error.where == "sortie.toml [[backbones]][0].input"
-    assert "no input 'pixels'" in error.message and "its inputs are 'image'" in error.message
-    assert "input = 'image'" in (error.hint or "")
-
-
-def test_validate_models_checks_rank_and_fixed_axes(flight: Flight) -> None:
-    flight.doc["backbones"][0]["shape"] = [8, 3, 64]
-    with pytest.raises(SortieError) as info:
-        validate_models(flight.load())
-    assert info.value.where == "sortie.toml [[backbones]][0].shape"
-    assert "rank 4 ([N, 3, 64, 64])" in info.value.message and "rank 3" in info.value.message
-    flight.doc["backbones"][0]["shape"] = [8, 3, 128, 128]
-    with pytest.raises(SortieError, match="axis 2 is fixed at 64"):
-        validate_models(flight.load())
-
-
-def test_validate_models_needs_a_float_vpr_output(flight: Flight) -> None:
-    make_onnx(
-        flight.root / "models" / "mixed.onnx",
-        outputs=(("labels", TensorProto.INT64), ("desc", TensorProto.FLOAT16)),
-    )
-    flight.doc["backbones"] = [_backbone("mixed", onnx="models/mixed.onnx")]
-    with pytest.raises(SortieError) as info:
-        validate_models(flight.load())
-    error = info.value
-    assert error.where == "sortie.toml [[backbones]][0].output"
-    assert "output 'labels'" in error.message and "INT64" in error.message
-    assert "output = 'desc'" in (error.hint or "")
-    flight.doc["backbones"][0]["output"] = "desc"
-    validate_models(flight.load())
-    flight.doc["backbones"][0]["output"] = "nope"
-    with pytest.raises(SortieError, match="its outputs are 'labels', 'desc'"):
-        validate_models(flight.load())
-
-
-def test_validate_models_int_only_model(flight: Flight) -> None:
-    make_onnx(flight.root / "models" / "ints.onnx", outputs=(("ids", TensorProto.INT32),))
-    flight.doc["backbones"] = [_backbone("ints", onnx="models/ints.onnx")]
-    with pytest.raises(SortieError) as info:
-        validate_models(flight.load())
-    assert "FLOAT or FLOAT16" in (info.value.hint or "")
 
 
 # --- robustness (property-based) ----------------------------------------------------------------------------
