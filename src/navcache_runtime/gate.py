@@ -17,6 +17,7 @@ import errno
 import shutil
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from .errors import EngineDeserializeError, EngineHashMismatchError, EngineSchemaMismatchError
 from .integrity import copy_hashed, private_directory, read_hashed, read_sidecar, verify_artifact
@@ -55,13 +56,12 @@ def host_mismatches(pinned: HostFields, actual: HostFields) -> list[str]:
     return problems
 
 
-def entry_from_artifact(path: Path | str) -> EngineCacheEntry:
-    """Describe an existing artifact from its filename and sidecar (no hashing, no host check)."""
-    path = Path(path)
-    name = parse_engine_name(path.name)
+def entry_for(name: EngineName, path: Path, sha256: str, **measured: Any) -> EngineCacheEntry:
+    """The one mapping from an artifact's parsed name to its entry: every field the name encodes, plus the
+    artifact's ``path`` and ``sha256`` and what only a build measures (``compile_duration_s``, ...)."""
     return EngineCacheEntry(
         path=path,
-        sha256=read_sidecar(path),
+        sha256=sha256,
         model_name=name.model,
         precision=name.precision,
         runtime_label=name.runtime_label,
@@ -69,7 +69,14 @@ def entry_from_artifact(path: Path | str) -> EngineCacheEntry:
         source_digest=name.source,
         config_digest=name.config,
         eager_fallback=name.eager,
+        **measured,
     )
+
+
+def entry_from_artifact(path: Path | str) -> EngineCacheEntry:
+    """Describe an existing artifact from its filename and sidecar (no hashing, no host check)."""
+    path = Path(path)
+    return entry_for(parse_engine_name(path.name), path, read_sidecar(path))
 
 
 @dataclass

@@ -9,7 +9,7 @@ from typing import Any, ClassVar, TypeVar
 
 from ..config import RuntimeConfig
 from ..errors import EngineBuildError, InferenceError
-from ..gate import EngineGate
+from ..gate import EngineGate, entry_for
 from ..host import detect_host_fields
 from ..integrity import sha256_file
 from ..naming import RUNTIME_EXTENSION, EngineName, slugify
@@ -98,19 +98,7 @@ class RuntimeBase:
         self, path: Path, sha256: str, name: EngineName, compile_s: float, **extra: Any
     ) -> EngineCacheEntry:
         """The entry for an artifact this runtime just built and committed as ``name``."""
-        return EngineCacheEntry(
-            path=path,
-            sha256=sha256,
-            model_name=name.model,
-            precision=name.precision,
-            runtime_label=self.label,
-            host=name.host,
-            source_digest=name.source,
-            config_digest=name.config,
-            compile_duration_s=compile_s,
-            eager_fallback=name.eager,
-            **extra,
-        )
+        return entry_for(name, path, sha256, compile_duration_s=compile_s, **extra)
 
     # -- predicting the artifact without compiling (compile-or-reuse) ----------------------------
     def resolve_source(self, source: Path) -> Path:
