@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "cold": ("provision", "cold provision vs the sum of its bare parts"),
     "runtime": ("runtime", "runtime factory p99; engine load vs compile per strategy"),
     "server": ("server", "CLI warm re-provision and first-output latency: ephemeral API vs navcache server"),
-    "scale": ("scale", "1e4 (--full: and 1e5) z17 tiles over EPSG:4326 imagery: cold/warm/1 %, RSS, vs gdal2tiles"),
+    "scale": ("scale", "1e4 (--full: 1e5) z17 tiles, EPSG:4326 imagery: cold/warm/1 percent, RSS; gdal2tiles"),
 }
 
 

@@ -16,7 +16,7 @@ extent is the sortie's square, so gdal2tiles cuts the same tiles. Per size, in o
 * **plan only** at a larger size: the flow's plan step (chunk enumeration, storage tiles, shard plans) and
   ``navcache plan``'s count, wall time and the peak RSS they add, in a fresh process.
 
-Sizes: ``--quick`` a 20 x 20 sortie and a 1e5-tile plan (well under a minute, for CI); the default 100 x 100
+Sizes: ``--quick`` a 12 x 12 sortie and a 1e5-tile plan (well under a minute, for CI); the default 100 x 100
 (1e4 tiles) and a 1e6-tile plan; ``--full`` adds 316 x 316 (1e5 tiles). Goals (issue 17): peak RSS ≤ 1 GB at
 1e5 tiles, incremental ≤ 5 % of cold at the full size.
 """
@@ -179,12 +179,9 @@ class RssSampler:
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
     def _run(self) -> None:
-        page = os.sysconf("SC_PAGE_SIZE")
-        with open("/proc/self/statm") as statm:
-            while not self._stop.is_set():
-                statm.seek(0)
-                self.samples.append((time.time(), int(statm.read().split()[1]) * page))
-                self._stop.wait(self._interval)
+        while not self._stop.is_set():
+            self.samples.append((time.time(), _rss_bytes()))
+            self._stop.wait(self._interval)
 
     def __enter__(self) -> RssSampler:
         self._thread.start()
@@ -197,6 +194,11 @@ class RssSampler:
     def peak_between(self, start: float, end: float) -> int:
         inside = [rss for t, rss in self.samples if start <= t <= end]
         return max(inside, default=0)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _task_spans(flow_run_id: Any, rss: RssSampler | None = None) -> dict[str, dict[str, float]]:
@@ -264,14 +266,15 @@ def _child_plan(sortie: str) -> dict[str, Any]:
     from navcache.tiles import plan_shards
 
     spec = run_preflight(Path(sortie)).sortie
-    before = _peak_rss_bytes()
-    started = time.perf_counter()
-    grid = spec.grid
-    chunks = grid.chunks_for_area(spec.area, spec.tiles.budget)
-    storage = grid.storage_tiles_for_area(spec.area)
-    plans = plan_shards(chunks, spec.tiles.shard_block)
-    flow_plan_s = time.perf_counter() - started
-    flow_plan_rss = _peak_rss_bytes() - before
+    before = _rss_bytes()
+    with RssSampler(0.02) as rss:
+        started = time.perf_counter()
+        grid = spec.grid
+        chunks = grid.chunks_for_area(spec.area, spec.tiles.budget)
+        storage = grid.storage_tiles_for_area(spec.area)
+        plans = plan_shards(chunks, spec.tiles.shard_block)
+        flow_plan_s = time.perf_counter() - started
+    flow_plan_rss = max(rss.peak_between(0, time.time()), _rss_bytes()) - before
     counts = (len(chunks), len(storage), len(plans))
     del chunks, storage, plans
     started = time.perf_counter()
@@ -402,7 +405,7 @@ def _measure(quick: bool, full: bool) -> dict[str, Any]:
 
     from tests.support.sorties import make_assets
 
-    sides = [20] if quick else [100, 316] if full else [100]
+    sides = [12] if quick else [100, 316] if full else [100]
     plan_side = 316 if quick else 1000
     sizes = []
     with tempfile.TemporaryDirectory(prefix="navcache-bench-scale-") as tmp_name:

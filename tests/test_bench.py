@@ -109,7 +109,8 @@ def test_python_m_bench_lists_every_subcommand() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "bench", "--help"], cwd=REPO, capture_output=True, text=True, check=True
     )
-    for name in ("engine-hit", "verify", "coverage", "index", "descriptors", "warm", "incremental", "cold", "runtime"):
+    names = ("engine-hit", "verify", "coverage", "index", "descriptors", "warm", "incremental", "cold", "runtime")
+    for name in (*names, "server", "scale"):
         assert name in out.stdout
 
 
@@ -123,3 +124,33 @@ def test_bench_coverage_quick_end_to_end(tmp_path: Path) -> None:
     data = json.loads(result.read_text())
     result.unlink()  # a smoke run is not a figure worth keeping
     assert data["tiles"] == 1_000_000 and data["machine"]["cores"]
+
+
+def test_scale_orthophoto_is_4326_with_a_ragged_nodata_border_over_the_exact_square(tmp_path: Path) -> None:
+    import rasterio
+
+    from bench import scale
+
+    tiles, bounds = scale.square_area(4)
+    assert len(tiles) == 16 and tiles[0].z == scale.ZOOM and tiles[-1].x - tiles[0].x == 3
+    ortho = scale.generate_orthophoto(tmp_path / "o.tif", bounds, m_per_px=20.0)
+    with rasterio.open(ortho) as ds:
+        assert ds.crs.to_epsg() == 4326 and ds.nodata == scale.NODATA and ds.overviews(1)
+        assert np.allclose(tuple(ds.bounds), bounds, atol=1e-12)  # gdal2tiles cuts the sortie's own tiles
+        pixels = ds.read()
+    nodata = np.all(pixels == scale.NODATA, axis=0)
+    edges = (nodata[0], nodata[-1], nodata[:, 0], nodata[:, -1])
+    assert all(edge.mean() > 0.5 for edge in edges) and not nodata[nodata.shape[0] // 2, nodata.shape[1] // 2]
+    assert 0.02 < nodata.mean() < 0.25  # a border band, not a blank raster
+    assert pixels[:, ~nodata].std() > 10  # textured: tiles are described, not blank
+
+
+def test_scale_box_polygon_selects_exactly_the_square(tmp_path: Path) -> None:
+    import shapely.geometry
+
+    from bench import scale
+    from navcache.tiles import ChunkGrid
+
+    tiles, bounds = scale.square_area(3)
+    area = shapely.geometry.shape(scale.box_polygon(bounds))
+    assert ChunkGrid(scale.ZOOM).chunks_for_area(area) == sorted(tiles)
