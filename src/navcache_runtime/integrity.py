@@ -38,11 +38,11 @@ FAULT_INJECT_ENV = "NAVCACHE_FAULT_INJECT"
 _FAULT_CODES = {"enospc": errno.ENOSPC, "eio": errno.EIO}
 
 
-def _parse_faults(spec: str | None) -> tuple[tuple[int, str], ...] | None:
-    if not spec:
+def _parse_faults(setting: str | None) -> tuple[tuple[int, str], ...] | None:
+    if not setting:
         return None
     faults = []
-    for part in spec.split("|"):
+    for part in setting.split("|"):
         kind, _, pattern = part.partition(":")
         if kind.strip().lower() not in _FAULT_CODES or not pattern:
             raise ValueError(f"{FAULT_INJECT_ENV}: bad entry {part!r} (expected enospc:<glob> or eio:<glob>)")

@@ -66,17 +66,17 @@ class InputProfile:
 ProfileSpec = InputProfile | Shape | tuple[Shape, Shape, Shape] | Mapping[str, Iterable[int]]
 
 
-def _as_profile(name: str, spec: Any) -> InputProfile:
-    if isinstance(spec, InputProfile):
-        if spec.name != name:
-            raise ValueError(f"input profile named {spec.name!r} given for input {name!r}")
-        return spec
-    if isinstance(spec, Mapping):
-        missing = {"min", "opt", "max"} - set(spec)
+def _as_profile(name: str, given: Any) -> InputProfile:
+    if isinstance(given, InputProfile):
+        if given.name != name:
+            raise ValueError(f"input profile named {given.name!r} given for input {name!r}")
+        return given
+    if isinstance(given, Mapping):
+        missing = {"min", "opt", "max"} - set(given)
         if missing:
             raise ValueError(f"input {name!r} profile lacks {sorted(missing)}; give min, opt and max shapes")
-        return InputProfile(name, spec["min"], spec["opt"], spec["max"])
-    seq = tuple(spec)
+        return InputProfile(name, given["min"], given["opt"], given["max"])
+    seq = tuple(given)
     if len(seq) == 3 and all(isinstance(s, (tuple, list)) for s in seq):
         return InputProfile(name, *seq)
     return InputProfile.fixed(name, seq)

@@ -238,7 +238,7 @@ class CacheVerificationError(InferenceRuntimeError):
 
 
 @dataclass
-class _Manifest:
+class _SignedFields:
     """The fields of the predicate that passed their schema check (None where they did not)."""
 
     subjects: list[tuple[str, str | None]] = field(default_factory=list)  # (name, sha256 or None)
@@ -294,7 +294,7 @@ class CacheVerifier:
             checked_at=format_rfc3339(self.now),
         )
         self._envelope: Envelope | None = None
-        self._manifest = _Manifest()
+        self._signed = _SignedFields()
         self._state: dict[str, Any] | None = None
 
     # -- bookkeeping -------------------------------------------------------------------------------------
@@ -499,7 +499,7 @@ class CacheVerifier:
         return True
 
     def _check_schema(self, statement: dict[str, Any]) -> None:
-        m = self._manifest
+        signed = self._signed
 
         def bad(where: str, message: str) -> None:
             self._fail(FailureCode.SCHEMA_INVALID, where, message)
@@ -521,7 +521,7 @@ class CacheVerifier:
             if not isinstance(sha, str) or not HEX64.fullmatch(sha):
                 bad(entry["name"], "digest.sha256 must be 64 lowercase hex characters")
                 sha = None
-            m.subjects.append((entry["name"], sha))
+            signed.subjects.append((entry["name"], sha))
 
         predicate = statement.get("predicate")
         if not isinstance(predicate, dict):
@@ -535,19 +535,19 @@ class CacheVerifier:
 
         artifacts = pfield("artifacts")
         if isinstance(artifacts, dict) and len(artifacts) <= self.config.max_artifacts:
-            for name, spec in artifacts.items():
-                length = spec.get("length") if isinstance(spec, dict) else None
+            for name, entry in artifacts.items():
+                length = entry.get("length") if isinstance(entry, dict) else None
                 if not is_int(length) or length < 0:
                     bad(f"predicate.artifacts[{name!r}]", "must be {'length': non-negative integer}")
-                    m.lengths[name] = None
+                    signed.lengths[name] = None
                 else:
-                    m.lengths[name] = length
+                    signed.lengths[name] = length
         elif "artifacts" in predicate:
             bad("predicate.artifacts", f"must be an object of at most {self.config.max_artifacts} entries")
 
         sortie = pfield("sortie_id")
         if isinstance(sortie, str) and sortie:
-            m.sortie_id = self.report.sortie_id = sortie
+            signed.sortie_id = self.report.sortie_id = sortie
         elif "sortie_id" in predicate:
             bad("predicate.sortie_id", "must be a non-empty string")
 
@@ -555,7 +555,7 @@ class CacheVerifier:
         if isinstance(takeoff, dict) and is_int(takeoff.get("lat_e7")) and is_int(takeoff.get("lon_e7")):
             lat, lon = takeoff["lat_e7"], takeoff["lon_e7"]
             if -MAX_LAT_E7 <= lat <= MAX_LAT_E7 and -MAX_LON_E7 <= lon <= MAX_LON_E7:
-                m.takeoff = (lon, lat)
+                signed.takeoff = (lon, lat)
             else:
                 bad("predicate.takeoff", "lat_e7/lon_e7 out of range")
         elif "takeoff" in predicate:
@@ -565,7 +565,7 @@ class CacheVerifier:
             area, problem = parse_area(predicate["area"], self.config.max_area_vertices)
             if area is None:
                 self._fail(FailureCode.AREA_INVALID, "predicate.area", problem)
-            m.area = area
+            signed.area = area
         else:
             pfield("area")
 
@@ -577,7 +577,7 @@ class CacheVerifier:
 
         version = pfield("version")
         if is_int(version) and version >= 1:
-            m.version = self.report.version = version
+            signed.version = self.report.version = version
         elif "version" in predicate:
             bad("predicate.version", "must be an integer >= 1")
 
@@ -586,9 +586,9 @@ class CacheVerifier:
             moment = parse_rfc3339(value)
             if moment is None and name in predicate:
                 bad(f"predicate.{name}", f"must be an RFC 3339 UTC time like 2026-11-23T12:00:00Z, got {value!r}")
-            setattr(m, name, moment)
+            setattr(signed, name, moment)
             setattr(self.report, name, value if moment else None)
-        if m.issued_at and m.expires and m.expires <= m.issued_at:
+        if signed.issued_at and signed.expires and signed.expires <= signed.issued_at:
             bad("predicate.expires", "expires must be later than issued_at")
 
         tool = pfield("tool_version")
@@ -602,7 +602,7 @@ class CacheVerifier:
         if "preprocess" in predicate:  # optional: caches signed before it was recorded lack it
             self._check_preprocess(predicate["preprocess"])
         if "self_test" in predicate:  # optional, as preprocess
-            self._check_self_test(predicate["self_test"], {name for name, _ in m.subjects})
+            self._check_self_test(predicate["self_test"], {name for name, _ in signed.subjects})
 
     def _check_self_test(self, block: object, subjects: set[str]) -> None:
         """``predicate.self_test``: the provision's self-test figures and, optionally, the onboard query set
@@ -667,41 +667,41 @@ class CacheVerifier:
                 f"covered={covered} total={total} percent_x100={percent} (expected {expected})",
             )
             return
-        self._manifest.coverage = coverage
+        self._signed.coverage = coverage
         self.report.coverage_percent_x100 = percent
 
     # -- 4. freshness ------------------------------------------------------------------------------------
 
     def _step_freshness(self) -> None:
-        m = self._manifest
-        if m.expires is not None and m.expires <= self.now:
+        signed = self._signed
+        if signed.expires is not None and signed.expires <= self.now:
             self._fail(
                 FailureCode.EXPIRED,
                 "predicate.expires",
-                f"manifest expired at {format_rfc3339(m.expires)} (now {format_rfc3339(self.now)})",
+                f"manifest expired at {format_rfc3339(signed.expires)} (now {format_rfc3339(self.now)})",
             )
-        if m.issued_at is not None and m.issued_at > self.now + self.config.clock_skew:
+        if signed.issued_at is not None and signed.issued_at > self.now + self.config.clock_skew:
             self._fail(
                 FailureCode.NOT_YET_VALID,
                 "predicate.issued_at",
-                f"issued at {format_rfc3339(m.issued_at)}, after now ({format_rfc3339(self.now)}) plus the "
+                f"issued at {format_rfc3339(signed.issued_at)}, after now ({format_rfc3339(self.now)}) plus the "
                 f"allowed clock skew of {self.config.clock_skew}: check the clock",
             )
         cap_s = self.trusted.max_manifest_validity_s
         cap = timedelta(seconds=cap_s) if cap_s is not None else self.config.max_manifest_validity
-        if m.issued_at is not None and m.expires is not None and m.expires - m.issued_at > cap:
+        if signed.issued_at is not None and signed.expires is not None and signed.expires - signed.issued_at > cap:
             source = f"trust root v{self.trusted.root_version}" if cap_s is not None else "the verifier's config"
             self._fail(
                 FailureCode.VALIDITY_TOO_LONG,
                 "predicate.expires",
-                f"valid for {m.expires - m.issued_at} (issued {format_rfc3339(m.issued_at)}, expires "
-                f"{format_rfc3339(m.expires)}); {source} allows at most {cap}",
+                f"valid for {signed.expires - signed.issued_at} (issued {format_rfc3339(signed.issued_at)}, expires "
+                f"{format_rfc3339(signed.expires)}); {source} allows at most {cap}",
             )
-        if m.version is not None and m.version < self.trusted.min_manifest_version:
+        if signed.version is not None and signed.version < self.trusted.min_manifest_version:
             self._fail(
                 FailureCode.ROLLBACK,
                 "predicate.version",
-                f"version {m.version} is below trust root v{self.trusted.root_version}'s floor "
+                f"version {signed.version} is below trust root v{self.trusted.root_version}'s floor "
                 f"min_manifest_version={self.trusted.min_manifest_version}",
             )
         if self.state_path is None:
@@ -712,20 +712,20 @@ class CacheVerifier:
         except ValueError as exc:
             self._fail(FailureCode.STATE_INVALID, str(self.state_path), str(exc))
             return
-        if self._state is None or m.version is None:
+        if self._state is None or signed.version is None:
             return
         last, last_digest = self._state["version"], self._state["payload_sha256"]
-        if m.version < last:
+        if signed.version < last:
             self._fail(
                 FailureCode.ROLLBACK,
                 "predicate.version",
-                f"version {m.version} is older than version {last} already accepted on this device",
+                f"version {signed.version} is older than version {last} already accepted on this device",
             )
-        elif m.version == last and last_digest and self.report.payload_sha256 != last_digest:
+        elif signed.version == last and last_digest and self.report.payload_sha256 != last_digest:
             self._fail(
                 FailureCode.VERSION_REUSED,
                 "predicate.version",
-                f"version {m.version} was already accepted on this device with different content",
+                f"version {signed.version} was already accepted on this device with different content",
             )
 
     def _read_state(self) -> dict[str, Any] | None:
@@ -750,16 +750,16 @@ class CacheVerifier:
         return state
 
     def _record_state(self) -> None:
-        m = self._manifest
-        if self.state_path is None or m.version is None:
+        signed = self._signed
+        if self.state_path is None or signed.version is None:
             return
-        if self._state is not None and self._state["version"] >= m.version:
+        if self._state is not None and self._state["version"] >= signed.version:
             return  # the same version re-verified: nothing to advance
         state = {
             "format": STATE_FORMAT_VERSION,
-            "version": m.version,
+            "version": signed.version,
             "payload_sha256": self.report.payload_sha256,
-            "sortie_id": m.sortie_id,
+            "sortie_id": signed.sortie_id,
             "accepted_at": format_rfc3339(self.now),
             "root_version": self.trusted.root_version,
         }
@@ -776,25 +776,25 @@ class CacheVerifier:
     # -- 5. subjects -------------------------------------------------------------------------------------
 
     def _step_subjects(self) -> None:
-        m = self._manifest
+        signed = self._signed
         seen: set[str] = set()
-        for name, _ in m.subjects:
+        for name, _ in signed.subjects:
             problem = relpath_problem(name)
             if problem:
                 self._fail(problem[0], name, problem[1])
             if name in seen:
                 self._fail(FailureCode.SUBJECT_DUPLICATE, name, "listed more than once in the subjects")
             seen.add(name)
-        for name in sorted(seen - set(m.lengths)):
+        for name in sorted(seen - set(signed.lengths)):
             self._fail(FailureCode.ARTIFACT_LIST_MISMATCH, name, "subject is missing from predicate.artifacts")
-        for name in sorted(set(m.lengths) - seen):
+        for name in sorted(set(signed.lengths) - seen):
             self._fail(FailureCode.ARTIFACT_LIST_MISMATCH, name, "predicate.artifacts entry has no subject")
-        if m.coverage is not None and m.coverage["path"] not in seen:
+        if signed.coverage is not None and signed.coverage["path"] not in seen:
             self._fail(
                 FailureCode.SCHEMA_INVALID, "predicate.coverage.path", "the coverage table is not a listed artifact"
             )
-        if m.takeoff is not None and m.area is not None and not point_in_area(m.area, *m.takeoff):
-            lon, lat = m.takeoff
+        if signed.takeoff is not None and signed.area is not None and not point_in_area(signed.area, *signed.takeoff):
+            lon, lat = signed.takeoff
             self._fail(
                 FailureCode.TAKEOFF_OUTSIDE_AREA,
                 "predicate.takeoff",
@@ -804,23 +804,23 @@ class CacheVerifier:
     # -- 6. artifacts ------------------------------------------------------------------------------------
 
     def _step_artifacts(self) -> None:
-        m = self._manifest
+        signed = self._signed
         root_real = os.path.realpath(self.cache_root)
         counts: dict[str, int] = {}
-        for name, _ in m.subjects:
+        for name, _ in signed.subjects:
             counts[name] = counts.get(name, 0) + 1
         jobs: list[tuple[str, int, str]] = []
         results: dict[str, ArtifactResult] = {}
-        for name, sha in m.subjects:
+        for name, sha in signed.subjects:
             if name in results:
                 continue
             problem = relpath_problem(name)
-            length = m.lengths.get(name)
+            length = signed.lengths.get(name)
             if problem:
                 results[name] = ArtifactResult(name, False, problem[0], problem[1])
             elif counts[name] > 1:
                 results[name] = ArtifactResult(name, False, FailureCode.SUBJECT_DUPLICATE, "listed more than once")
-            elif name not in m.lengths:
+            elif name not in signed.lengths:
                 results[name] = ArtifactResult(
                     name, False, FailureCode.ARTIFACT_LIST_MISMATCH, "not in predicate.artifacts"
                 )
@@ -838,14 +838,14 @@ class CacheVerifier:
                 results[name] = ArtifactResult(name, code is None, code, message)
                 if code is not None:
                     self._fail(code, name, message)
-        for name in sorted(set(m.lengths) - set(results)):
+        for name in sorted(set(signed.lengths) - set(results)):
             results[name] = ArtifactResult(name, False, FailureCode.ARTIFACT_LIST_MISMATCH, "no subject for it")
         self.report.artifacts = sorted(results.values(), key=lambda r: r.path)
 
     # -- 7. extra files ----------------------------------------------------------------------------------
 
     def _step_extras(self) -> None:
-        listed = {name for name, _ in self._manifest.subjects} | set(self._manifest.lengths)
+        listed = {name for name, _ in self._signed.subjects} | set(self._signed.lengths)
         listed_dirs = {name.rsplit("/", i)[0] for name in listed for i in range(1, name.count("/") + 1)}
         root = self.cache_root
         skip = {os.path.abspath(self.manifest_path)}
@@ -885,7 +885,7 @@ class CacheVerifier:
     # -- 8. coverage -------------------------------------------------------------------------------------
 
     def _step_coverage(self) -> None:
-        coverage = self._manifest.coverage
+        coverage = self._signed.coverage
         if self.mode != "operator" or coverage is None:
             return  # airborne: the signed aggregate (checked for consistency in the schema step) is trusted
         where = coverage["path"]
@@ -895,7 +895,7 @@ class CacheVerifier:
                 FailureCode.COVERAGE_TABLE_INVALID, where, "coverage table did not verify; cannot re-derive its digest"
             )
             return
-        expected_sha = dict(self._manifest.subjects)[where]
+        expected_sha = dict(self._signed.subjects)[where]
         try:
             data = read_bounded(self.cache_root / where, self.config.max_coverage_table_bytes)
         except OSError as exc:
