@@ -154,3 +154,13 @@ def test_scale_box_polygon_selects_exactly_the_square(tmp_path: Path) -> None:
     tiles, bounds = scale.square_area(3)
     area = shapely.geometry.shape(scale.box_polygon(bounds))
     assert ChunkGrid(scale.ZOOM).chunks_for_area(area) == sorted(tiles)
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 70_000])
+def test_coverage_table_bytes_equal_json_dumps_of_the_report(n: int) -> None:
+    from navcache.tiles import ChunkGrid
+
+    rng = np.random.default_rng(n)
+    xy = np.column_stack((60_000 + np.arange(n) % 300, 40_000 + np.arange(n) // 300))
+    report = coverage_walk(ChunkGrid(17), xy, xy[rng.random(n) < 0.7], xy[rng.random(n) < 0.2], 50.0)
+    assert report.to_json_bytes() == json.dumps(report.to_json(), separators=(",", ":")).encode()

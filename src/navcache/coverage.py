@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 import logging
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -47,6 +48,7 @@ logger = logging.getLogger(__name__)
 FORMAT = "navcache.coverage/1"
 COVERED, MISSING, BLANK = TileStatus.COVERED, TileStatus.MISSING, TileStatus.BLANK
 STATUS_CODES: dict[int, str] = {int(status): status.label for status in TileStatus}
+_JSON_ROWS = 65_536  # tile rows formatted per block by CoverageReport.to_json_bytes
 
 # map colours (RGB)
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -151,9 +153,29 @@ class CoverageReport:
         }
 
     def to_json(self) -> dict[str, Any]:
-        rows = np.column_stack(
-            (np.full(len(self.codes), self.zoom, dtype=np.int64), self.tile_xy, self.codes.astype(np.int64))
-        )
+        rows = self._rows()
+        return {**self.to_json_header(), "tiles": rows.tolist()}
+
+    def to_json_bytes(self) -> bytes:
+        """``json.dumps(self.to_json(), separators=(",", ":")).encode()``, byte for byte (the table's
+        on-disk form), without a Python list per tile: rows are formatted ``_JSON_ROWS`` at a time, so the
+        step holds little more than the output itself (about 20 bytes per tile)."""
+        rows = self._rows()
+        blocks = [
+            json.dumps(rows[i : i + _JSON_ROWS].tolist(), separators=(",", ":"))[1:-1]
+            for i in range(0, len(rows), _JSON_ROWS)
+        ]
+        # "tiles" is the last key of to_json: its rows go just before the header's closing brace.
+        text = json.dumps(self.to_json_header(), separators=(",", ":"))
+        return (text[:-1] + ',"tiles":[' + ",".join(blocks) + "]}").encode()
+
+    def _rows(self) -> np.ndarray:
+        """(N, 4) int64 [z, x, y, code]: the table's rows."""
+        zooms = np.full(len(self.codes), self.zoom, dtype=np.int64)
+        return np.column_stack((zooms, self.tile_xy, self.codes.astype(np.int64)))
+
+    def to_json_header(self) -> dict[str, Any]:
+        """:meth:`to_json` without the ``tiles`` rows."""
         return {
             "format": FORMAT,
             "zoom": self.zoom,
@@ -163,7 +185,6 @@ class CoverageReport:
             "passed": self.passed,
             "digest": self.digest,
             "status_codes": {str(k): v for k, v in STATUS_CODES.items()},
-            "tiles": rows.tolist(),
         }
 
     @classmethod
