@@ -284,7 +284,7 @@ def build_index(
     # Past the measurement only the index and the table are needed: the vectors go before the index is
     # serialized, and the serialized index is hashed and written from faiss's own buffer (a bytes copy
     # would be one more index-sized block at the step's peak).
-    del x, x_t, queries, q_t, truth
+    del x, x_t
     index_bytes = faiss.serialize_index(index)  # uint8 array: hashlib and file writes take its buffer
     table = _tile_table(ids, bnds)
     table_buf = io.BytesIO()
