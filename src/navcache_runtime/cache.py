@@ -135,7 +135,7 @@ class OnboardCache:
     ) -> None:
         self.root = root
         self._self_test_set = self_test_set  # (verified bytes, name, queries, min_hits_at_5) of the signed views
-        self._preprocessing = preprocessing  # as signed in the manifest; None for caches signed before it was
+        self._preprocessing = preprocessing  # as signed in the manifest; None when the manifest has none
         self.report = report
         self.runtime = runtime
         self.index_report = dict(index_report)
@@ -185,8 +185,8 @@ class OnboardCache:
     @property
     def preprocessing(self) -> Preprocess:
         """What :meth:`preprocess` applies: the preprocessing signed in the manifest, exactly as the tiles'
-        descriptors were made (resize mode, mean/std, scale, channel order, layout, size). A cache signed
-        before the manifest recorded it gets the defaults at the engine's input size."""
+        descriptors were made (resize mode, mean/std, scale, channel order, layout, size). A manifest without a
+        preprocessing block gets the defaults at the engine's input size."""
         if self._preprocessing is not None:
             return self._preprocessing
         shape = self.input_shape
@@ -588,8 +588,8 @@ def _pick_vpr(
 
 
 def _signed_preprocessing(report: VerificationReport, vpr: _Engine, root: Path) -> Preprocess | None:
-    """The VPR backbone's preprocessing as the verified manifest records it (None for caches signed before
-    it was recorded), checked against the engine's input shape where the runtime reports it."""
+    """The VPR backbone's preprocessing as the verified manifest records it (None when the manifest has no
+    preprocessing block), checked against the engine's input shape where the runtime reports it."""
     signed = report.preprocess.get(vpr.model)
     if signed is None:
         return None

@@ -61,8 +61,8 @@ def coverage_digest(statuses: Iterable[tuple[tuple[int, int, int], str]]) -> str
 
 
 def _check_rows(rows: list[tuple[tuple[int, int, int], str]]) -> None:
-    """The errors of the original loop, in the same order: the first bad row in sorted order wins."""
-    known = COVERAGE_STATUSES  # a tuple, as before: membership by ==, unhashable statuses do not raise
+    """Raise for the first bad row in sorted order: an unknown status, or a tile listed twice."""
+    known = COVERAGE_STATUSES  # a tuple: membership by ==, so an unhashable status is unknown, not a TypeError
     tiles = list(map(itemgetter(0), rows))
     if all(s in known for s in map(itemgetter(1), rows)) and not any(map(eq, tiles[:-1], tiles[1:])):
         return  # the common case: nothing to report, no per-row Python loop

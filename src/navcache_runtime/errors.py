@@ -77,7 +77,7 @@ class RuntimeConfigError(InferenceRuntimeError, ValueError):
     """The runtime configuration is invalid (unknown runtime label, unknown key, bad value)."""
 
 
-#: The nine error types of the original C7 contract, in its order.
+#: The nine error types the InferenceRuntime Protocol's methods raise (docs/runtime-contract.md), in its order.
 CONTRACT_ERRORS: tuple[type[InferenceRuntimeError], ...] = (
     EngineBuildError,
     EngineDeserializeError,

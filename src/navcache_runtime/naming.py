@@ -1,7 +1,8 @@
 """Engine filename schema: build and parse round-trip.
 
-The original schema ``{model}__sm{SM}_jp{JP}_trt{TRT}_{precision}.engine`` (e.g.
-``dinov2_vpr__sm87_jp6.2_trt10.3_fp16.engine``) is kept as is and extended, never broken:
+The short form ``{model}__sm{SM}_jp{JP}_trt{TRT}_{precision}.engine`` (e.g.
+``dinov2_vpr__sm87_jp6.2_trt10.3_fp16.engine``) is one instance of the full schema, so every such name
+parses:
 
     {model}__{hardware tokens}_{precision}[__dev-{device}][__src-{hash}][__cfg-{hash}][__eager].{ext}
 

@@ -20,8 +20,9 @@ File format (``trusted_keys.json``)::
 keys, no whitespace). So third-party DSSE tooling finds navcache's signatures with its own default keyid:
 ``Envelope.verify([SSlibKey.from_crypto(pub)], 1)`` works as is.
 
-Caches and allowlists written before that change carry the *legacy* keyid, the sha256 of the raw 32-byte
-key (:func:`legacy_keyid_for`). Both keep working: a trusted-keys file may list a key under either keyid (it
+A key may also be named by its *legacy* keyid, the sha256 of the raw 32-byte key
+(:func:`legacy_keyid_for`), which caches and allowlists signed with navcache's own convention carry. Both
+are accepted: a trusted-keys file may list a key under either keyid (it
 is re-indexed under the current one), and an envelope's keyid is only a hint anyway (the verifier tries
 every trusted key; a legacy hint for the key that verified is not reported as a mismatch). A listed keyid
 that matches neither form is an error, never silently corrected.

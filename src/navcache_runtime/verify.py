@@ -439,7 +439,7 @@ class CacheVerifier:
                 )
             else:
                 verified[matched] = index
-                # A legacy keyid (sha256 of the raw key, before securesystemslib's convention) still names it.
+                # The legacy keyid (sha256 of the raw key, navcache's own convention) names the same key.
                 if hint and hint not in (matched, legacy_keyid_for(self.trusted.keys[matched])):
                     self._warn(FailureCode.KEYID_HINT_MISMATCH, where, "keyid hint does not name the key that verified")
         self.report.verified_keyids = sorted(verified)
@@ -599,7 +599,7 @@ class CacheVerifier:
         if "coverage" in predicate:
             self._check_coverage_aggregate(coverage)
 
-        if "preprocess" in predicate:  # optional: caches signed before it was recorded lack it
+        if "preprocess" in predicate:  # optional: open_cache falls back to the defaults without it
             self._check_preprocess(predicate["preprocess"])
         if "self_test" in predicate:  # optional, as preprocess
             self._check_self_test(predicate["self_test"], {name for name, _ in signed.subjects})
