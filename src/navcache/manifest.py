@@ -44,6 +44,7 @@ from navcache_runtime.integrity import fsync_dir, temp_path_for
 from navcache_runtime.layout import MANIFEST_NAME
 from navcache_runtime.manifest_format import (
     E7,
+    HEX64,
     MAX_AREA_VERTICES,
     MAX_LAT_E7,
     MAX_LON_E7,
@@ -321,7 +322,7 @@ def _coverage_block(coverage: Mapping[str, Any], names: Sequence[str]) -> dict[s
     reject_floats(block, "coverage")
     digest, path = block.get("digest"), block.get("path")
     total, covered = block.get("total"), block.get("covered")
-    if not isinstance(digest, str) or len(digest) != 64 or digest.strip("0123456789abcdef"):
+    if not isinstance(digest, str) or not HEX64.fullmatch(digest):
         raise ManifestError("coverage.digest must be 64 lowercase hex characters", where="coverage.digest")
     if not (is_int(total) and is_int(covered) and 0 <= covered <= total):
         raise ManifestError("coverage.total and .covered must be integers, 0 <= covered <= total", where="coverage")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import enum
 import os
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -60,7 +59,16 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from .layout import TRUST_DIR, TRUST_ROOT_FILE
-from .manifest_format import format_rfc3339, is_int, loads_strict, pae, parse_envelope, parse_rfc3339, read_bounded
+from .manifest_format import (
+    HEX64,
+    format_rfc3339,
+    is_int,
+    loads_strict,
+    pae,
+    parse_envelope,
+    parse_rfc3339,
+    read_bounded,
+)
 from .trust import TrustedKeys, TrustedKeysError, keyid_for, parse_trusted_keys, root_store_path
 
 ROOT_PAYLOAD_TYPE = "application/vnd.navcache.root+json"
@@ -73,7 +81,6 @@ MAX_ROOT_ROTATIONS = 256
 #: Where the onboard verifier keeps its rollback state unless told otherwise (``$NAVCACHE_STATE`` wins).
 DEFAULT_STATE_PATH = Path("/var/lib/navcache/state.json")
 STATE_ENV = "NAVCACHE_STATE"
-_HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_INT = (1 << 53) - 1  # RFC 8785 (I-JSON) integers
 _TOP_FIELDS = frozenset(
     {"_type", "version", "expires", "keys", "roles", "revoked", "max_manifest_validity_s", "min_manifest_version"}
@@ -151,7 +158,7 @@ def _key_from(entry: object, where: str, fields: frozenset[str]) -> tuple[Ed2551
         raise ValueError(f"{where}: only keytype and scheme 'ed25519' are supported")
     keyval = entry.get("keyval")
     public = keyval.get("public") if isinstance(keyval, dict) and set(keyval) == {"public"} else None
-    if not isinstance(public, str) or not _HEX64.fullmatch(public):
+    if not isinstance(public, str) or not HEX64.fullmatch(public):
         raise ValueError(f"{where}.keyval must be {{'public': 64 lowercase hex}}")
     name = entry.get("name", "")
     if not isinstance(name, str):
