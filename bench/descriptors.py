@@ -1,8 +1,14 @@
-"""Descriptor batching: ``navcache.descriptors.describe_shard`` (decode + classify + hash + preprocess on
-decode threads + engine + content-addressed shard files; as for every shipped source kind, the in-memory
-source digests its bytes, so a cold shard is decoded once; a second row shows a source without raw digests,
-scanned first and re-read for the engine) vs. a bare ONNX Runtime loop over the same
-in-memory batches with the same model and batch size, in the same run. Goal: ≥ 0.9x the bare images/s.
+"""Descriptor batching: ``navcache.descriptors.describe_shard`` (decode + classify + hash + resize on decode
+threads, normalise into the batch, engine, content-addressed shard files; as for every shipped source kind, the
+in-memory source digests its bytes, so a cold shard is decoded once; a second row shows a source without raw
+digests, scanned first and re-read for the engine) vs. bare ONNX Runtime loops with the same model, session
+defaults and batch size, in the same run:
+
+* **baseline**: the bare loop doing the same unavoidable work inline: each 256 px tile resized and normalised
+  by the same :class:`~navcache_runtime.preprocessing.Preprocess` into a preallocated batch (its fastest plain
+  form), then ``session.run``. Goal: navcache ≥ 0.8x its images/s (issue 17).
+* **inference only**: the bare loop over batches preprocessed before the clock starts. It does less work than
+  any pipeline can (the resize alone is ~half a tiny-CNN inference); its ratio is printed beside the goal's.
 
 Two models: the demo VPR backbone (tiny CNN, 128², batch 16) and a ViT-S/14-sized encoder (384-d, 12
 layers, 6 heads, 224², batch 8) written in plain torch and exported by this module (kept in a temp folder,
@@ -20,7 +26,9 @@ import numpy as np
 
 from .common import interleaved, print_machine, print_table, ratio, write_result
 
-GOAL = 0.9
+GOAL = 0.8
+BASELINE = "bare ORT loop + same preprocessing (baseline)"
+INFERENCE_ONLY = "bare ORT loop, preprocessed in advance (inference only)"
 MODEL_CACHE = Path(tempfile.gettempdir()) / "navcache-bench-models"
 
 
@@ -117,9 +125,10 @@ def bench_model(
     import onnxruntime as ort
 
     import navcache_runtime as nr
-    from navcache.descriptors import DescriptorEngine, Preprocessing, describe_shard
+    from navcache.descriptors import DescriptorEngine, describe_shard
     from navcache.tiles import ChunkGrid, plan_shards
     from navcache.types import Tile, TileId
+    from navcache_runtime.preprocessing import Preprocess
 
     rng = np.random.default_rng(0)
     grid = ChunkGrid(18, 256)
@@ -129,7 +138,7 @@ def bench_model(
         {c: Tile(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8), np.ones((256, 256), bool)) for c in chunks}
     )
     plans = plan_shards(chunks, 64)
-    prep = Preprocessing(size, size)
+    prep = Preprocess(size, size)
 
     runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(tmp / f"engines-{name}")})
     profile = nr.InputProfile("image", (1, 3, size, size), (batch, 3, size, size), (max(16, batch), 3, size, size))
@@ -145,9 +154,13 @@ def bench_model(
         for b in batches:
             session.run(None, {"image": b})
 
-    def bare_with_prep() -> None:  # the bare loop doing the same preprocessing, inline
+    def bare_with_prep() -> None:  # the bare loop doing the same preprocessing inline, into a reused batch
+        buffer = np.empty(prep.input_shape(batch), np.float32)
         for i in range(0, len(chunks), batch):
-            session.run(None, {"image": np.stack([prep(source.tiles[c].rgb) for c in chunks[i : i + batch]])})
+            part = chunks[i : i + batch]
+            for row, c in enumerate(part):
+                prep(source.tiles[c].rgb, out=buffer[row])
+            session.run(None, {"image": buffer[: len(part)]})
 
     runs = [0]
 
@@ -161,8 +174,8 @@ def bench_model(
             assert result.computed
 
     fns = {
-        "bare ORT loop, preprocessed batches (baseline)": bare,
-        "bare ORT loop + same preprocessing": bare_with_prep,
+        BASELINE: bare_with_prep,
+        INFERENCE_ONLY: bare,
         "navcache describe_shard": lambda: pipeline(digesting),
         "navcache describe_shard, source without raw digests": lambda: pipeline(source),
     }
@@ -171,7 +184,7 @@ def bench_model(
     stats = interleaved(fns, repeat)
     runtime.release_engine(handle)
     rates = {k: n_images / (s.p50_ms / 1000) for k, s in stats.items()}
-    base = rates["bare ORT loop, preprocessed batches (baseline)"]
+    base, inference_only = rates[BASELINE], rates[INFERENCE_ONLY]
     return {
         "model": name,
         "input": size,
@@ -180,6 +193,7 @@ def bench_model(
         "repeat": repeat,
         "images_per_s": rates,
         "ratio_vs_bare": {k: ratio(v, base) for k, v in rates.items()},
+        "ratio_vs_inference_only": {k: ratio(v, inference_only) for k, v in rates.items()},
     }
 
 
@@ -197,13 +211,28 @@ def run(quick: bool) -> Path:
     rows = []
     for r in results:
         for key, rate in r["images_per_s"].items():
-            rows.append([r["model"], r["batch"], r["images"], key, rate, r["ratio_vs_bare"][key]])
+            rows.append(
+                [
+                    r["model"],
+                    r["batch"],
+                    r["images"],
+                    key,
+                    rate,
+                    r["ratio_vs_bare"][key],
+                    r["ratio_vs_inference_only"][key],
+                ]
+            )
     print_table(
         "descriptor batching (images/s, median of interleaved runs)",
-        ["model", "batch", "images", "path", "images/s", "ratio vs bare"],
+        ["model", "batch", "images", "path", "images/s", "ratio vs baseline", "vs inference only"],
         rows,
     )
     for r in results:
         got = r["ratio_vs_bare"]["navcache describe_shard"]
-        print(f"{r['model']}: goal ≥ {GOAL}x bare: {'met' if got >= GOAL else 'MISSED'} ({got:.2f}x)")
+        only = r["ratio_vs_inference_only"]["navcache describe_shard"]
+        verdict = "met" if got >= GOAL else "MISSED"
+        print(
+            f"{r['model']}: goal ≥ {GOAL}x the bare loop with the same preprocessing: {verdict} ({got:.2f}x; "
+            f"{only:.2f}x the bare loop over batches preprocessed in advance)"
+        )
     return write_result("descriptors", {"quick": quick, "results": results, "cores": info["cores"]})

@@ -13,6 +13,7 @@ from PIL import Image
 import navcache_runtime as nr
 from navcache.descriptors import (
     SCAN_VERSION,
+    ChunkReader,
     DescriptorEngine,
     Preprocessing,
     ScanMemo,
@@ -201,6 +202,52 @@ def test_preprocessing_table_is_bit_identical_to_the_formula(size: int) -> None:
     out = np.zeros((2, 3, size, size), np.float32)
     prep(rgb, out=out[1])
     assert np.array_equal(out[1], formula) and not out[0].any()
+
+
+def test_normalise_of_the_resized_frame_is_the_whole_preprocessing_and_refuses_another_size() -> None:
+    rgb = np.random.default_rng(3).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    for prep in (Preprocessing(64, 96), Preprocessing(64, 96, resize="pad", channels="BGR", layout="NHWC")):
+        assert np.array_equal(prep.normalise(prep.resized(rgb)), prep(rgb))
+        out = np.full((2, *prep.input_shape(1)[1:]), np.nan, np.float32)
+        prep.normalise(prep.resized(rgb), out=out[0])
+        assert np.array_equal(out[0], prep(rgb)) and np.isnan(out[1]).all()
+    with pytest.raises(nr.InferenceError, match="64x96 frame, got 200x300"):
+        Preprocessing(64, 96).normalise(rgb)
+
+
+class _RecordingRuntime:
+    """The real runtime, keeping every batch it was handed (the arrays themselves and a copy)."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.handed: list[np.ndarray] = []
+        self.copies: list[np.ndarray] = []
+
+    def infer(self, handle: object, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.handed.append(inputs["image"])
+        self.copies.append(inputs["image"].copy())
+        return self.inner.infer(handle, inputs)  # type: ignore[attr-defined, no-any-return]
+
+
+@pytest.mark.parametrize("digests", [True, False], ids=["single pass", "scan then re-read"])
+def test_the_engine_sees_each_described_chunk_preprocessed_in_order_in_batches_never_reused(
+    tmp_path: Path, assets: Assets, engine: DescriptorEngine, digests: bool
+) -> None:
+    recording = _RecordingRuntime(engine.runtime)
+    watched = DescriptorEngine(recording, engine.handle, engine.input_name, None, engine.identity, batch_size=3)
+    plan = _plans()[0]
+    result, _ = _describe(assets, watched, plan, tmp_path, digests=digests)
+    _, table = load_shard(result)
+    described = [TileId(int(r["z"]), int(r["x"]), int(r["y"])) for r in table if r["status"] == TileStatus.DESCRIBED]
+    prep = Preprocessing(64, 64)
+    with GeoTiffSource(assets.ortho) as source:
+        reader = ChunkReader(source, GRID)
+        expected = [prep(tile.rgb) for chunk in described if (tile := reader.read(chunk)) is not None]
+    assert len(expected) == len(described) == 4
+    assert [len(b) for b in recording.copies] == [3, 1]
+    assert np.array_equal(np.concatenate(recording.copies), np.stack(expected))
+    # A batch the engine was handed is never written again while later batches fill.
+    assert all(np.array_equal(a, b) for a, b in zip(recording.handed, recording.copies, strict=True))
 
 
 def test_the_blank_threshold_decides_statuses_and_keeps_its_own_memo(

@@ -63,8 +63,9 @@ SCAN_VERSION = "navcache-scan-v3"  # v2: shards hold L2-normalised rows; v1 memo
 _HEX = frozenset("0123456789abcdef")
 
 
-#: The backbone's declared preprocessing: one definition, shared with the drone's ``open_cache(...).preprocess``
-#: (:mod:`navcache_runtime.preprocessing`). Applied per chunk through its 256-entry table per channel.
+#: The backbone's declared preprocessing, under the name provisioning code imports it by: the same class as the
+#: drone's ``open_cache(...).preprocess`` (:mod:`navcache_runtime.preprocessing` holds the one definition).
+#: Chunks are resized on the decode threads and normalised into the batch (:func:`_filled_batches`).
 Preprocessing = Preprocess
 
 
@@ -187,7 +188,7 @@ def scan_shard(
     return rows
 
 
-def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, preprocessing: Preprocessing) -> str:
+def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, preprocessing: Preprocess) -> str:
     digest = hashlib.sha256()
     # v2: rows are L2-normalised before the float16 cast (v1 shards held the raw output); v3: TileStatus codes.
     digest.update(f"navcache-shard-v3\n{engine_identity}\n{preprocessing.spec()}\n".encode())
@@ -251,7 +252,7 @@ def memo_path(
     source: TileSource,
     grid: ChunkGrid,
     engine_identity: str,
-    prep: Preprocessing,
+    prep: Preprocess,
     blank_std: float = DEFAULT_BLANK_STD,
 ) -> Path:
     """One memo per shard plan, engine, preprocessing, blank rule and source format: rows align with
@@ -365,26 +366,41 @@ def _thread_reader(readers: threading.local, source: TileSource, grid: ChunkGrid
     return reader
 
 
+def _filled_batches(
+    frames: Iterator[tuple[T, np.ndarray]], preprocessing: Preprocess, batch_size: int
+) -> Iterator[tuple[list[T], np.ndarray]]:
+    """(tags, float32 batch) for every ``batch_size`` (tag, resized frame) pairs, the last batch shorter.
+    Each frame is normalised straight into its row of a freshly allocated batch: a batch handed on is never
+    written again (the engine may still hold it while the next one fills), and no per-image float array is
+    made only to be copied into a stack."""
+    shape = preprocessing.input_shape(batch_size)
+    tags: list[T] = []
+    batch = np.empty(shape, np.float32)
+    for tag, frame in frames:
+        preprocessing.normalise(frame, out=batch[len(tags)])
+        tags.append(tag)
+        if len(tags) == batch_size:
+            yield tags, batch
+            tags, batch = [], np.empty(shape, np.float32)
+    if tags:
+        yield tags, batch[: len(tags)]
+
+
 def _reread_batches(
-    chunks: Sequence[TileId], source: TileSource, grid: ChunkGrid, preprocessing: Preprocessing, batch_size: int
+    chunks: Sequence[TileId], source: TileSource, grid: ChunkGrid, preprocessing: Preprocess, batch_size: int
 ) -> Iterator[np.ndarray]:
-    """Pass 2: decoded, preprocessed batches of chunks pass 1 did not keep."""
+    """Pass 2: batches of the chunks pass 1 did not keep, decoded and resized on the decode threads,
+    normalised into the batch (:func:`_filled_batches`)."""
     readers = threading.local()
 
-    def load(k: int) -> np.ndarray:
+    def load(k: int) -> tuple[int, np.ndarray]:
         tile = _thread_reader(readers, source, grid).read(chunks[k])
         if tile is None:  # the source changed between the passes
             raise ProvisionError(f"chunk {chunks[k]} disappeared from the orthophoto source during the run")
-        return preprocessing(tile.rgb)
+        return k, preprocessing.resized(tile.rgb)
 
-    tensors: list[np.ndarray] = []
-    for tensor in _decoded(range(len(chunks)), load, DECODE_THREADS):
-        tensors.append(tensor)
-        if len(tensors) == batch_size:
-            yield np.stack(tensors)
-            tensors = []
-    if tensors:
-        yield np.stack(tensors)
+    for _, batch in _filled_batches(_decoded(range(len(chunks)), load, DECODE_THREADS), preprocessing, batch_size):
+        yield batch
 
 
 def _scan_batches(
@@ -394,7 +410,7 @@ def _scan_batches(
     raw: Sequence[str],
     memo: ScanMemo | None,
     known: Mapping[str, np.ndarray],
-    preprocessing: Preprocessing,
+    preprocessing: Preprocess,
     batch_size: int,
     scan: list[tuple[TileId, int, str]],
     blank_std: float = DEFAULT_BLANK_STD,
@@ -418,20 +434,15 @@ def _scan_batches(
         status = classify(tile, blank_std)
         content = tile_content_hash(tile) if tile is not None else "-"
         wanted = tile is not None and status == DESCRIBED and content not in known
-        return i, status, content, preprocessing(tile.rgb) if wanted and tile is not None else None
+        return i, status, content, preprocessing.resized(tile.rgb) if wanted and tile is not None else None
 
-    indices: list[int] = []
-    tensors: list[np.ndarray] = []
-    for i, status, content, tensor in _decoded(todo, examine, DECODE_THREADS):
-        rows[i] = (plan.chunks[i], status, content)
-        if tensor is not None:
-            indices.append(i)
-            tensors.append(tensor)
-            if len(tensors) == batch_size:
-                yield indices, np.stack(tensors)
-                indices, tensors = [], []
-    if tensors:
-        yield indices, np.stack(tensors)
+    def wanted_frames() -> Iterator[tuple[int, np.ndarray]]:
+        for i, status, content, frame in _decoded(todo, examine, DECODE_THREADS):
+            rows[i] = (plan.chunks[i], status, content)
+            if frame is not None:
+                yield i, frame
+
+    yield from _filled_batches(wanted_frames(), preprocessing, batch_size)
     scan.extend(row for row in rows if row is not None)
 
 
@@ -447,7 +458,7 @@ def describe_shard(
     source: TileSource,
     grid: ChunkGrid,
     engine: DescriptorEngine,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocess,
     out_dir: Path,
     on_batch: Callable[[int], None] | None = None,
     blank_std: float = DEFAULT_BLANK_STD,
@@ -537,7 +548,7 @@ def _compute_descriptors(
     source: TileSource,
     grid: ChunkGrid,
     engine: DescriptorEngine,
-    preprocessing: Preprocessing,
+    preprocessing: Preprocess,
     report: Callable[[int], None],
     block: tuple[int, int],
 ) -> tuple[np.ndarray, int, int]:

@@ -18,8 +18,8 @@ A frame goes through, in this order:
    for each 8-bit level ``v`` (float32 arithmetic; a 256-entry table per channel gives bit-identical values).
 4. **layout**: ``NCHW`` gives (3, H, W) per image, ``NHWC`` gives (H, W, 3).
 
-Defaults are navcache's behaviour before preprocessing was declarable: squash, ImageNet mean/std on the unit
-scale, RGB, NCHW. With ``scale = "byte"`` the default mean/std are ImageNet's times 255.
+Defaults (what a backbone gets when its sortie declares nothing): squash, ImageNet mean/std on the unit scale,
+RGB, NCHW. With ``scale = "byte"`` the default mean/std are ImageNet's times 255.
 
 Signed form (no floats in signed data): mean and std as integers x 10^6 (``mean_e6``, ``std_e6``). Values
 are held at that precision from the start (:func:`quantise_e6`), so the ground never uses a digit the drone
@@ -140,8 +140,9 @@ class Preprocess:
         return (batch, 3, self.height, self.width)
 
     def spec(self) -> str:
-        """Everything that changes the tensors the engine sees; part of every descriptor shard key. The
-        default keeps the text it had before the options existed, so existing shards stay valid."""
+        """Everything that changes the tensors the engine sees; part of every descriptor shard key. Option
+        fields appear only when an option differs from the default, so the default's key text names the size,
+        mean and std alone and shards computed with it keep their keys."""
         base = f"v1|rgb|bilinear|{self.height}x{self.width}|mean={self.mean}|std={self.std}"
         if self.resize == "squash" and self.scale == "unit" and self.channels == "RGB" and self.layout == "NCHW":
             return base
@@ -236,7 +237,18 @@ class Preprocess:
     def __call__(self, rgb: np.ndarray, out: np.ndarray | None = None, *, use_pil: bool | None = None) -> np.ndarray:
         """The float32 input of one image ((3, H, W) or (H, W, 3) by layout), written into ``out`` when
         given (e.g. a row of a preallocated batch)."""
-        image = self.resized(rgb, use_pil=use_pil)
+        return self.normalise(self.resized(rgb, use_pil=use_pil), out)
+
+    def normalise(self, image: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Steps 2-4 on a frame that :meth:`resized` made (``height`` x ``width`` RGB uint8): one table
+        lookup per channel, written straight into ``out`` when given. Splitting here lets a pipeline resize
+        on worker threads and fill a preallocated float32 batch in place, with no per-image float copy."""
+        image = _check_rgb(image)
+        if image.shape[:2] != (self.height, self.width):
+            raise InferenceError(
+                f"normalise expects a {self.height}x{self.width} frame, got {image.shape[0]}x{image.shape[1]}",
+                hint="resize it first (Preprocess.resized), or call the Preprocess itself on the camera frame",
+            )
         shape = self.input_shape(1)[1:]
         if out is None:
             out = np.empty(shape, np.float32)
