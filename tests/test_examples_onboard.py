@@ -220,7 +220,7 @@ def test_the_base_install_runs_verify_and_needs_only_its_extras_for_open_cache_a
     # (Built from a copy: setuptools writes build/ and egg-info next to the sources it builds.)
     tree = tmp_path / "tree"
     skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "generated")
-    for part in ("src", "tasks", "flows"):
+    for part in ("src", "tasks", "flows", "cli"):
         shutil.copytree(REPO / part, tree / part, ignore=skip)
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / part, tree / part)
