@@ -56,6 +56,7 @@ from .layout import MANIFEST_NAME
 
 __all__ = [
     "E7",
+    "HEX64",
     "MANIFEST_NAME",
     "MAX_AREA_VERTICES",
     "MAX_ARTIFACTS",
@@ -92,11 +93,13 @@ E7 = 10_000_000
 MAX_LAT_E7 = 90 * E7
 MAX_LON_E7 = 180 * E7
 
+# The verifier's default limits (VerifierConfig); the writer keeps within them.
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_SIGNATURES = 16
 MAX_ARTIFACTS = 200_000
 MAX_AREA_VERTICES = 100_000
 
+#: A sha256 digest as signed: 64 lowercase hex characters.
 HEX64 = re.compile(r"[0-9a-f]{64}")
 _RFC3339_UTC = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _DRIVE = re.compile(r"[A-Za-z]:")
