@@ -19,8 +19,8 @@ demo: setup
 	$(VENV)/bin/navcache demo
 
 lint: setup
-	$(VENV)/bin/ruff check src tests bench tasks flows
-	$(VENV)/bin/ruff format --check src tests bench tasks flows
+	$(VENV)/bin/ruff check src tests bench tasks flows cli
+	$(VENV)/bin/ruff format --check src tests bench tasks flows cli
 	$(VENV)/bin/mypy
 
 # Fast suite: everything but the `slow` (AOTInductor compile matrices) and `gpu` markers.

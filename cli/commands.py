@@ -1,4 +1,5 @@
-"""`navcache`: provision (ground), keygen, verify (delegates to the onboard verifier), inspect, gc.
+"""`navcache`: provision (ground), plan, keygen, verify (delegates to the onboard verifier), inspect, gc, trust,
+server and serve.
 
 User mistakes print one clear error (what, where, how to fix) and exit non-zero; never a traceback. Exit
 statuses are :class:`navcache.errors.ExitCode` (README's exit-code table). Everything the user reads is printed
@@ -22,8 +23,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from . import progress
-from .errors import CacheLockedError, ExitCode, NavcacheError, ProvisionError
+from navcache import progress
+from navcache.errors import CacheLockedError, ExitCode, NavcacheError, ProvisionError
+from navcache.summary import ProvisionSummary
 
 app = typer.Typer(
     add_completion=False,
@@ -47,10 +49,10 @@ class _OurRecordsOnly(logging.Filter):
 
 
 class _PreflightOnce(logging.Filter):
-    """Preflight runs twice: in the CLI, so bad input is refused before Prefect starts, and again inside the
-    flow, which must validate what it is given on its own (deployments call it without the CLI). The lines
-    the CLI's preflight printed are dropped once each when the flow's preflight logs them again, so ``-v``
-    shows them once; anything new (or different) the flow's preflight says is still printed."""
+    """The CLI validates the input before Prefect starts (:func:`navcache.run_input.check_input`); the flow
+    run takes that result and logs its lines again, so its run log has them. The lines the CLI's preflight
+    printed are dropped once each when the flow logs them again, so ``-v`` shows them once; anything new (or
+    different) is still printed."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,7 +108,8 @@ def _fail(message: str, code: int) -> None:
 
 def _run_failed(exc: NavcacheError) -> None:
     """An error raised once the flow has started: exit FAILED whatever its class (a SourceError from a shard
-    read is no longer "refused before anything is written"), LOCKED for the lock timeout."""
+    read comes after writing began, so it is not "refused before anything is written"), LOCKED for the lock
+    timeout."""
     if isinstance(exc, CacheLockedError):
         _fail(f"{exc}; nothing was written", ExitCode.LOCKED)
     untouched = "; the run stopped, the previous cache and manifest are untouched"
@@ -117,61 +120,58 @@ def _row(table: Table, *cells: str) -> None:
     table.add_row(*(Text(cell) for cell in cells))  # literal: names and paths may hold brackets
 
 
-def _summary_table(summary: dict[str, Any]) -> Table:
-    table = Table(title=Text(f"sortie {summary['sortie_id']}: cache {summary['cache_dir']}"))
+def _summary_table(summary: ProvisionSummary) -> Table:
+    table = Table(title=Text(f"sortie {summary.sortie_id}: cache {summary.cache_dir}"))
     table.add_column("step")
     table.add_column("result")
-    for engine in summary["engines"]:
-        extra = f", max error {engine['max_abs_error']:.2g}" if engine["max_abs_error"] is not None else ""
+    for engine in summary.engines:
+        extra = f", max error {engine.max_abs_error:.2g}" if engine.max_abs_error is not None else ""
         _row(
             table,
-            f"engine {engine['backbone']}",
-            f"{engine['outcome']} in {engine['seconds']:.2f} s{extra}"
-            + (f" ({engine['reason']})" if engine["outcome"] == "BUILT" else ""),
+            f"engine {engine.backbone}",
+            f"{engine.outcome} in {engine.seconds:.2f} s{extra}"
+            + (f" ({engine.reason})" if engine.outcome == "BUILT" else ""),
         )
-    tiles, shards, index, cov = summary["tiles"], summary["shards"], summary["index"], summary["coverage"]
-    _row(table, "tiles", f"{tiles['storage_tiles']} storage tiles, {tiles['chunks']} retrieval chunks")
+    tiles, shards, index, cov = summary.tiles, summary.shards, summary.index, summary.coverage
+    _row(table, "tiles", f"{tiles.storage_tiles} storage tiles, {tiles.chunks} retrieval chunks")
     _row(
         table,
         "shards",
-        f"{shards['computed']} computed, {shards['reused']} reused ({shards['inferred_chunks']} chunks through the "
-        f"engine in {shards['inference_batches']} batches)",
+        f"{shards.computed} computed, {shards.reused} reused ({shards.inferred_chunks} chunks through the "
+        f"engine in {shards.inference_batches} batches)",
     )
     _row(
         table,
         "index",
-        f"{index['type']}, {index['vectors']} vectors, recall@1 {index['recall_at_1']:.3f}, "
-        f"recall@10 {index['recall_at_10']:.3f}",
+        f"{index.type}, {index.vectors} vectors, recall@1 {index.recall_at_1:.3f}, recall@10 {index.recall_at_10:.3f}",
     )
     _row(
         table,
         "coverage",
-        f"{cov['percent']:.2f} % (threshold {cov['threshold']} %): {cov['covered']} covered, "
-        f"{cov['blank']} blank, {cov['missing']} missing",
+        f"{cov.percent:.2f} % (threshold {cov.threshold} %): {cov.covered} covered, "
+        f"{cov.blank} blank, {cov.missing} missing",
     )
-    if "self_test" in summary:
-        st = summary["self_test"]
-        gate = "report only" if st["min_recall_at_5"] is None else f"min {st['min_recall_at_5']}"
-        _row(
-            table,
-            "self-test",
-            f"{st['samples']} views: recall@1 {st['recall_at_1']:.3f}, recall@5 {st['recall_at_5']:.3f} ({gate}); "
-            f"within one chunk {st['near_recall_at_1']:.3f} / {st['near_recall_at_5']:.3f}; {st['finding']}",
-        )
-    imagery = summary.get("imagery") or {}
-    if imagery.get("upsampling") is not None:
+    st = summary.self_test
+    gate = "report only" if st.min_recall_at_5 is None else f"min {st.min_recall_at_5}"
+    _row(
+        table,
+        "self-test",
+        f"{st.samples} views: recall@1 {st.recall_at_1:.3f}, recall@5 {st.recall_at_5:.3f} ({gate}); "
+        f"within one chunk {st.near_recall_at_1:.3f} / {st.near_recall_at_5:.3f}; {st.finding}",
+    )
+    imagery = summary.imagery
+    if imagery.upsampling is not None:
         _row(
             table,
             "imagery",
-            f"valid over ~{imagery['estimated_coverage_percent']:.1f} % of the area; upsampling "
-            f"{imagery['upsampling']:.2f}x ({imagery['imagery_m_per_px']:.3g} m/px imagery, "
-            f"{imagery['tile_m_per_px']:.3g} m/px tiles)",
+            f"valid over ~{imagery.estimated_coverage_percent:.1f} % of the area; upsampling "
+            f"{imagery.upsampling:.2f}x ({imagery.imagery_m_per_px:.3g} m/px imagery, "
+            f"{imagery.tile_m_per_px:.3g} m/px tiles)",
         )
     _row(
         table,
         "manifest",
-        f"v{summary['manifest_version']} {summary['manifest']} — "
-        f"{'verified' if summary['verified'] else 'NOT VERIFIED'}",
+        f"v{summary.manifest_version} {summary.manifest} — {'verified' if summary.verified else 'NOT VERIFIED'}",
     )
     return table
 
@@ -189,19 +189,18 @@ def provision(
 ) -> None:
     """Run the provision-sortie flow: on the local server when `navcache server start` runs one, else on an
     ephemeral Prefect API (PREFECT_API_URL, when set, wins)."""
-    from .server import announce
+    from navcache.server import announce
 
     # The first line (where the run is recorded) before anything heavy is imported: at once at a terminal,
     # after preflight otherwise (a refusal stays the one line a script reads).
     announced = announce(sortie, now=sys.stderr.isatty())
     _setup_logging(verbose)
+    from navcache.run_input import check_input
     from navcache_runtime import InferenceRuntimeError
-
-    from .preflight import preflight
 
     _preflight_once.recording = True
     try:  # bad input fails here, in a second, before Prefect starts or anything is written
-        preflight(sortie, cache_dir)
+        check_input(sortie, cache_dir)
     except NavcacheError as exc:
         _fail(str(exc), ExitCode.REFUSED)
     finally:
@@ -231,7 +230,7 @@ def provision(
         from navcache_flows.provision_sortie import provision_sortie
 
         with bars:
-            summary = provision_sortie(str(sortie), str(cache_dir) if cache_dir else None, lock_timeout, dask_address)
+            document = provision_sortie(str(sortie), str(cache_dir) if cache_dir else None, lock_timeout, dask_address)
     except NavcacheError as exc:
         _run_failed(exc)
     except InferenceRuntimeError as exc:
@@ -253,11 +252,12 @@ def provision(
         )
     finally:
         progress.install(None)
+    summary = ProvisionSummary.from_dict(document)
     if json_output:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary.as_dict(), indent=2))
     else:
         out.print(_summary_table(summary))
-    raise typer.Exit(ExitCode.OK if summary["verified"] else ExitCode.FAILED)
+    raise typer.Exit(ExitCode.OK if summary.verified else ExitCode.FAILED)
 
 
 @app.command()
@@ -268,8 +268,8 @@ def demo(
 ) -> None:
     """Generate the demo's orthophoto, models and operator key (first run only), then provision it."""
     _setup_logging(verbose)
-    from .demo import ensure_demo_assets
-    from .keys import generate_keypair
+    from navcache.demo import ensure_demo_assets
+    from navcache.keys import generate_keypair
 
     err.print(f"preparing demo assets in {directory / 'generated'} (first run: about a minute)", markup=False)
 
@@ -292,7 +292,7 @@ def keygen(
     """Write an Ed25519 key pair (private key mode 0600, passphrase-encrypted PKCS#8 unless --no-passphrase)
     and add it to trusted_keys.json. The passphrase comes from --passphrase-env or a prompt on a terminal."""
     _setup_logging(False)
-    from .keys import generate_keypair
+    from navcache.keys import generate_keypair
 
     passphrase = None
     if passphrase_env and no_passphrase:
@@ -372,7 +372,7 @@ def gc(
 ) -> None:
     """Remove engines, shards, indexes and coverage files the current manifest does not name (by TTL/size)."""
     _setup_logging(verbose)
-    from .gc import collect_garbage
+    from navcache.gc import collect_garbage
 
     try:
         report = collect_garbage(
@@ -408,7 +408,7 @@ def plan(
     """Show what `provision` would do (tiles, chunks, shards, imagery coverage and upsampling, cache size,
     engines reused or built) without writing anything or starting Prefect. Exit 2 when provision would refuse."""
     _setup_logging(verbose)
-    from .plan import plan_sortie
+    from navcache.plan import plan_sortie
 
     try:
         result = plan_sortie(sortie, cache_dir)
@@ -452,10 +452,37 @@ def plan(
         _fail(f"provision would refuse this sortie: {result.refusal}", ExitCode.REFUSED)
 
 
-from .trust_cli import app as trust_app  # noqa: E402  (the `navcache trust …` commands)
+def serve(
+    name: Annotated[str, typer.Option(help="the deployment's name")] = "ground-station",
+    limit: Annotated[int, typer.Option(help="sorties provisioned at the same time")] = 1,
+) -> None:
+    """Serve provision-sortie for a ground station without a work pool: this process polls for runs of the
+    deployment `provision-sortie/NAME` and runs them (start them from the UI or `prefect deployment run`)."""
+    from navcache.server import running
+
+    state = running()
+    if not os.environ.get("PREFECT_API_URL"):
+        if state is None:
+            _say("error: no Prefect server to serve to (fix: `navcache server start`, or set PREFECT_API_URL)")
+            raise typer.Exit(ExitCode.REFUSED)
+        os.environ["PREFECT_API_URL"] = state.api_url
+    _say(f"serving provision-sortie/{name} to {os.environ['PREFECT_API_URL']} (Ctrl-C stops)")
+    from navcache_flows.provision_sortie import provision_sortie
+
+    provision_sortie.serve(name=name, limit=limit, tags=["navcache", "serve"], print_starting_message=True)
+
+
+def _say(text: str) -> None:
+    # stderr, unstyled: stdout stays free for --json output of the commands that print it.
+    print(text, file=sys.stderr, flush=True)
+
+
+from navcache.server import app as server_app  # noqa: E402  (the `navcache server …` commands)
+from navcache.trust_cli import app as trust_app  # noqa: E402  (the `navcache trust …` commands)
 
 app.add_typer(trust_app, name="trust")
-__import__("navcache.server").server.register(app)  # `navcache server start|stop|status` and `navcache serve`
+app.add_typer(server_app, name="server")
+app.command("serve")(serve)
 
 
 def main() -> None:

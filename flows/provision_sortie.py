@@ -2,8 +2,8 @@
 
 probe host → compile-or-reuse per backbone → plan tiles → describe shards (mapped) → FAISS index →
 self-test (gate) → coverage walk (gate) → sign manifest → verify (gate). Everything is validated before
-anything is written; every artifact is content-addressed, so a failure at any step leaves the previous
-manifest — and everything it names — in place.
+anything is written (once per run: :mod:`navcache.run_input`); every artifact is content-addressed, so a
+failure at any step leaves the previous manifest — and everything it names — in place.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import dataclasses
 import functools
 import logging
 import platform
-import tomllib
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar, cast
+from uuid import UUID
 
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact
@@ -23,20 +23,21 @@ from prefect.runtime import flow_run
 from prefect.utilities.annotations import quote
 
 from navcache import progress
+from navcache.descriptor_job import DescriptorJob
 from navcache.descriptors import ShardResult
-from navcache.engines import EngineResult, Outcome, backbone_build
-from navcache.errors import ProvisionError
+from navcache.engines import BackboneBuild, EngineResult, backbone_build, compile_in_order
 from navcache.gc import summarise_temps, sweep_orphan_temps
 from navcache.index import IndexBudget
 from navcache.lock import cache_lock
-from navcache.preflight import run_preflight
+from navcache.run_input import run_name, take_input
 from navcache.sortie import Sortie
+from navcache.summary import RunResults
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache.types import TileId
-from navcache_runtime import RuntimeConfig, sidecar_path
+from navcache_runtime import RuntimeConfig
 from navcache_tasks import reporting
 from navcache_tasks.coverage import coverage_gate, coverage_task
-from navcache_tasks.descriptors import DescriptorJob, collect_shards, describe_shard_task, reset_progress
+from navcache_tasks.descriptors import collect_shards, describe_shard_task
 from navcache_tasks.engines import compile_backbone
 from navcache_tasks.host import probe_host_task
 from navcache_tasks.index import build_index_task
@@ -54,12 +55,9 @@ install()  # navcache's own lines in the run log; failures as one readable messa
 
 
 def _run_name() -> str:
-    """Flow runs are named after the sortie id (read leniently; validation happens in the run)."""
-    path = Path(str(flow_run.parameters.get("sortie", "sortie")))
-    try:
-        return str(tomllib.loads(path.read_text())["sortie_id"])
-    except (OSError, KeyError, tomllib.TOMLDecodeError, UnicodeDecodeError):
-        return path.stem
+    """Flow runs are named after the sortie id; naming validates the input when the CLI has not."""
+    cache_dir = flow_run.parameters.get("cache_dir")
+    return run_name(Path(str(flow_run.parameters.get("sortie", "sortie"))), Path(cache_dir) if cache_dir else None)
 
 
 @task(name="plan-tiles", cache_policy=NO_CACHE)
@@ -69,17 +67,6 @@ def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, list[TileId], list[ShardPlan]
     chunks = grid.chunks_for_area(sortie.area, spec.budget)
     storage = grid.storage_tiles_for_area(sortie.area)
     return grid, storage, plan_shards(chunks, spec.shard_block)
-
-
-def _describes_engine_in(result: EngineResult, runtime_config: RuntimeConfig) -> bool:
-    path = result.entry.path
-    side = sidecar_path(path)
-    return (
-        path.parent.resolve() == runtime_config.engine_dir.resolve()
-        and path.is_file()
-        and side.is_file()
-        and side.read_text().strip() == result.entry.sha256
-    )
 
 
 def _slot_note(tag: str) -> str:
@@ -97,51 +84,40 @@ def _slot_note(tag: str) -> str:
     return f"{busy} of {limit.limit} in use"
 
 
-def _engines(sortie: Sortie, runtime_config: RuntimeConfig, host: Any) -> list[EngineResult]:
-    """Sequential on purpose: a failure stops the corpus (later backbones are not attempted), and one
-    build at a time keeps GPU memory predictable. The engine table artifact is written whatever happens:
-    a compile that fails (after its retries) is a FAILED row with its error, the backbones after it SKIPPED."""
-    results: list[EngineResult] = []
-    rows: list[dict[str, Any]] = []
+def _engines(sortie: Sortie, runtime_config: RuntimeConfig) -> list[EngineResult]:
+    """One compile task run per backbone, in order (:func:`navcache.engines.compile_in_order`); the engine
+    table artifact is written whatever happens."""
+    progress.advance("engines", 0, total=len(sortie.backbones))
     host_tag = f"{COMPILE_TAG}:{platform.node()}"
-    try:
-        for spec in sortie.backbones:
-            results.append(_compile_one(spec, sortie, runtime_config, host, host_tag))
-            rows.append(results[-1].summary())
-    except Exception as exc:
-        rows.append(reporting.failed_engine_row(sortie.backbones[len(results)].name, "FAILED", str(exc)))
-        rows += [
-            reporting.failed_engine_row(spec.name, "SKIPPED", "not attempted: an earlier backbone failed")
-            for spec in sortie.backbones[len(rows) :]
-        ]
-        raise
-    finally:
-        reporting.engine_table(sortie.sortie_id, rows)
-    return results
+    compile_one = functools.partial(_compile_one, runtime_config=runtime_config, host_tag=host_tag)
+    report = functools.partial(reporting.engine_table, sortie.sortie_id)
+    return compile_in_order([backbone_build(spec) for spec in sortie.backbones], compile_one, report)
 
 
-def _compile_one(spec: Any, sortie: Sortie, runtime_config: RuntimeConfig, host: Any, host_tag: str) -> EngineResult:
+def _compile_one(backbone: BackboneBuild, runtime_config: RuntimeConfig, host_tag: str) -> EngineResult:
     # Named after the backbone from creation: a run waiting for its concurrency slot is Pending under this name
     # (task_run_name applies only once it starts).
-    compile_task = compile_backbone.with_options(name=f"compile-{spec.name}", tags={COMPILE_TAG, host_tag})
-    get_run_logger().info("compile-%s takes a `%s` slot: %s", spec.name, host_tag, _slot_note(host_tag))
-    state = compile_task(backbone_build(spec, sortie.runtime), runtime_config, host, return_state=True)
-    result: EngineResult = state.result()  # raises the task's error
-    if state.name == "Cached":
-        # The key covers the engine's digest and cache root; still, a record must never vouch for a file
-        # it does not describe: check once more, and run the task body if it does not hold.
-        if _describes_engine_in(result, runtime_config):
-            result = dataclasses.replace(
-                result,
-                outcome=Outcome.REUSED,
-                seconds=0.0,
-                reason="Prefect cache hit (engine verified in the cache key)",
-            )
-            log.info("engine %s: REUSED (%s): %s", spec.name, result.reason, result.entry.path)
-        else:
-            result = compile_backbone.fn(backbone_build(spec, sortie.runtime), runtime_config, host)
+    compile_task = compile_backbone.with_options(name=f"compile-{backbone.name}", tags={COMPILE_TAG, host_tag})
+    get_run_logger().info("compile-%s takes a `%s` slot: %s", backbone.name, host_tag, _slot_note(host_tag))
+    result = compile_task(backbone, runtime_config)
     progress.advance("engines", 1)
     return result
+
+
+def _descriptor_job(
+    sortie: Sortie, runtime_config: RuntimeConfig, engine: EngineResult, grid: ChunkGrid, plans: list[ShardPlan]
+) -> DescriptorJob:
+    """The vpr engine's job over the planned shards, with the run's progress artifact."""
+    total = sum(len(plan.chunks) for plan in plans)
+    progress.advance("descriptors", 0, total=total)
+    artifact = create_progress_artifact(
+        0.0,
+        key=reporting.artifact_key("descriptors", sortie.sortie_id),
+        description=f"Descriptor shards for {sortie.sortie_id}",
+    )
+    assert isinstance(artifact, UUID)  # called from a sync flow: the id, not a coroutine
+    out_dir = sortie.cache_dir / "descriptors"
+    return DescriptorJob.for_sortie(sortie, runtime_config, engine.entry, grid, out_dir, total, artifact)
 
 
 @flow(name="describe-shards-dask")
@@ -150,23 +126,27 @@ def describe_shards_dask(plans: list[ShardPlan], job: DescriptorJob) -> list[Sha
     with ``with_options`` at call time, the run named after the sortie). The job is a frozen, picklable
     dataclass; each Dask worker process keeps its own engine cache. Descriptor progress is counted here, in
     the flow's process, from the shard results: the workers get the job without the progress artifact."""
-    # Not quoted (see _quoted): Dask ships the parameters to its workers, where a quoted plan arrives as a
+    # Not quoted (see _as_is): Dask ships the parameters to its workers, where a quoted plan arrives as a
     # bare tuple.
     workers_job = dataclasses.replace(job, progress_artifact=None)
     return collect_shards(describe_shard_task.map(plans, unmapped(workers_job)), plans, job)
 
 
-def _quoted(items: list[ShardPlan]) -> list[Any]:
-    """Each shard plan wrapped in ``quote``: Prefect would otherwise walk every chunk of every plan looking
-    for futures (0.9 s of a 2,000-tile warm run); the tasks still receive the plain plans."""
-    return [quote(item) for item in items]
+T = TypeVar("T")
+
+
+def _as_is(value: T) -> T:
+    """``value`` wrapped in ``quote``, typed as what the task receives (the plain value): Prefect would
+    otherwise walk every element looking for futures (every chunk of every shard plan: 0.9 s of a
+    2,000-tile warm run)."""
+    return cast(T, quote(value))
 
 
 def _describe_shards(
     plans: list[ShardPlan], job: DescriptorJob, dask_address: str | None, sortie_id: str = "sortie"
 ) -> list[ShardResult]:
     if not dask_address:
-        return [future.result() for future in describe_shard_task.map(_quoted(plans), unmapped(job))]
+        return [future.result() for future in describe_shard_task.map([_as_is(plan) for plan in plans], unmapped(job))]
     from prefect_dask import DaskTaskRunner  # optional dependency, only needed for scale-out
 
     runner = DaskTaskRunner(address=dask_address)
@@ -187,7 +167,8 @@ def provision_sortie(
     lock_timeout_s: float = 600.0,
     dask_address: Optional[str] = None,  # noqa: UP045
 ) -> dict[str, Any]:
-    """Provision one sortie: from its sortie file to a verified, signed onboard cache.
+    """Provision one sortie: from its sortie file to a verified, signed onboard cache. Returns the run's
+    summary as its JSON document (:class:`navcache.summary.ProvisionSummary`).
 
     Args:
         sortie: Path of the sortie file (TOML) on the worker, absolute or relative to the working directory
@@ -198,159 +179,49 @@ def provision_sortie(
         dask_address: Address of an existing Dask scheduler (e.g. tcp://dask-scheduler:8786) to describe the
             shards on; leave empty to describe them in this run's thread pool.
     """
-    checked = run_preflight(Path(sortie), Path(cache_dir) if cache_dir else None)
-    spec = checked.sortie
-    cache_root = spec.cache_dir
-    with cache_lock(cache_root, lock_timeout_s):
-        swept = sweep_orphan_temps(cache_root)  # what a killed run left half-written; we hold the lock
+    checked = take_input(Path(sortie), Path(cache_dir) if cache_dir else None)
+    spec, root = checked.sortie, checked.sortie.cache_dir
+    with cache_lock(root, lock_timeout_s):
+        swept = sweep_orphan_temps(root)  # what a killed run left half-written; we hold the lock
         if swept:
             log.warning("%s", summarise_temps(swept))  # one line, however many a killed run left
-        host = probe_host_task(cache_root)
-        runtime_config = RuntimeConfig(runtime=spec.runtime, engine_dir=cache_root / "engines")
-        progress.advance("engines", 0, total=len(spec.backbones))
-        engines = _engines(spec, runtime_config, host)
+        host = probe_host_task(root)
+        runtime_config = RuntimeConfig(runtime=spec.runtime, engine_dir=root / "engines")
+        engines = _engines(spec, runtime_config)
         vpr_engine = next(e for e in engines if e.backbone == spec.vpr.name)
 
         grid, storage_tiles, plans = plan_tiles(spec)
-        total_chunks = sum(len(p.chunks) for p in plans)
-        progress.advance("descriptors", 0, total=total_chunks)
-        reset_progress()
-        progress_id = create_progress_artifact(
-            0.0,
-            key=reporting.artifact_key("descriptors", spec.sortie_id),
-            description=f"Descriptor shards for {spec.sortie_id}",
-        )
-        profile = spec.vpr.profile
-        job = DescriptorJob(
-            runtime_config=runtime_config,
-            engine=vpr_engine.entry,
-            input_name=spec.vpr.input_name,
-            output_name=spec.vpr.output_name,
-            input_shape=profile.opt,
-            min_batch=profile.min[0],
-            batch_size=max(profile.min[0], min(spec.batch_size, profile.max[0])),
-            source_kind=spec.orthophoto.kind,
-            source_path=spec.orthophoto.path,
-            grid=grid,
-            out_dir=cache_root / "descriptors",
-            total_chunks=total_chunks,
-            progress_artifact=progress_id,
-            preprocessing=spec.vpr.preprocess,
-            source_paths=spec.orthophoto.paths,
-            blank_std=spec.orthophoto.blank_std,
-        )
+        job = _descriptor_job(spec, runtime_config, vpr_engine, grid, plans)
         shards = _describe_shards(plans, job, dask_address, spec.sortie_id)
 
-        index = build_index_task(shards, grid, cache_root / "index", IndexBudget())
-        self_test = self_test_task(
-            job, shards, index, spec.self_test, checked.imagery.upsampling, spec.tiles.max_upsampling
-        )
-        reporting.index_report(
-            spec.sortie_id,
-            {
-                "type": index.index_type,
-                "reason": index.reason,
-                "vectors": index.n,
-                "dim": index.dim,
-                "recall@1": round(index.recall_at_1, 4),
-                "recall@10": round(index.recall_at_10, 4),
-                "size (bytes)": index.size_bytes,
-                "build (s)": round(index.build_s, 2),
-                "gpu": index.gpu,
-                "self-test recall@1 / @5": f"{self_test.recall_at_1:.3f} / {self_test.recall_at_5:.3f}",
-                "self-test descriptor space": self_test.finding,
-            },
-        )
-        reporting.self_test_report(spec.sortie_id, self_test.summary(), self_test.preview_png)
-        raise_if_failed(self_test_gate(quote(self_test), return_state=True))  # the self-test gate
+        index = build_index_task(shards, grid, root / "index", IndexBudget())
+        upsampling, max_upsampling = checked.imagery.upsampling, spec.tiles.max_upsampling
+        self_test = self_test_task(job, shards, index, spec.self_test, upsampling, max_upsampling)
+        reporting.index_report(spec.sortie_id, index, self_test)
+        reporting.self_test_report(spec.sortie_id, self_test)
+        raise_if_failed(self_test_gate(_as_is(self_test), return_state=True))  # the self-test gate
 
         takeoff_lonlat = (spec.takeoff[1], spec.takeoff[0])
-        coverage, coverage_path, png = coverage_task(
+        coverage = coverage_task(
             shards,
             grid,
-            quote(storage_tiles),
+            _as_is(storage_tiles),
             spec.coverage_threshold,
-            cache_root / "coverage",
+            root / "coverage",
             takeoff_lonlat,
-            area=quote(spec.area),  # the map's outline (the corridor around a route)
-            imagery=(spec.orthophoto.kind, tuple(spec.orthophoto.paths) or (spec.orthophoto.path,)),
+            area=_as_is(spec.area),  # the map's outline (the corridor around a route)
+            imagery=(job.source_kind, job.sources),
         )
-        summary_cov = {
-            "percent": coverage.percent,
-            "threshold": coverage.threshold,
-            "covered": coverage.covered,
-            "blank": coverage.blank,
-            "missing": coverage.missing,
-            "total": coverage.total,
-            "passed": coverage.passed,
-        }
-        reporting.coverage_report(spec.sortie_id, summary_cov, png, [str(t) for t in coverage.missing_tiles])
+        reporting.coverage_report(spec.sortie_id, coverage)
         # The coverage gate: a task run of its own, red with the failure's one message when below the threshold.
-        failure = functools.partial(coverage.failure, where=spec.sortie_id)  # its hint tells blank from missing
-        raise_if_failed(coverage_gate(quote(coverage), failure, return_state=True))
+        failure = functools.partial(coverage.report.failure, where=spec.sortie_id)  # its hint tells blank from missing
+        raise_if_failed(coverage_gate(_as_is(coverage.report), failure, return_state=True))
 
-        artifacts = [e.entry.path for e in engines]
-        artifacts += [p for s in shards for p in (s.descriptors_path, s.table_path)]
-        artifacts += [
-            index.index_path,
-            index.table_path,
-            index.report_path,
-            coverage_path,
-            coverage_path.with_suffix(".png"),
-        ]
-        onboard_set = self_test.onboard_path
-        if onboard_set is not None:
-            artifacts.append(onboard_set)
-        trusted = spec.trusted_keys or spec.signing_key.with_name("trusted_keys.json")
-        manifest_path, version = sign_manifest_task(
-            cache_root,
-            artifacts,
-            sortie_id=spec.sortie_id,
-            takeoff=spec.takeoff,
-            area_geojson=spec.signed_area_geojson,
-            route_geojson=spec.area_geojson if spec.corridor_m is not None else None,
-            corridor_m=spec.corridor_m,
-            host=host.identity(),
-            preprocess={spec.vpr.name: spec.vpr.preprocess},
-            coverage=coverage.manifest_fields(coverage_path.relative_to(cache_root).as_posix()),
-            self_test=self_test.manifest_fields(
-                onboard_set.relative_to(cache_root).as_posix() if onboard_set is not None else None
-            ),
-            expires_hours=spec.expires_hours,
-            signing_key=spec.signing_key,
-            trusted_keys=trusted,
+        results = RunResults(
+            spec, engines, len(storage_tiles), job.total_chunks, shards, index, self_test, coverage, checked.imagery
         )
-        reporting.manifest_report(spec.sortie_id, manifest_path, version, trusted, platform.node())
-        report = raise_if_failed(verify_task(cache_root, trusted, return_state=True))  # the verify gate
-        if not report.ok:
-            raise ProvisionError("the new cache does not verify: " + "; ".join(f.message for f in report.failures))
-
-    computed = sum(s.computed for s in shards)
-    return {
-        "sortie_id": spec.sortie_id,
-        "cache_dir": str(cache_root),
-        "manifest": str(manifest_path),
-        "manifest_version": version,
-        "trusted_keys": str(trusted),
-        "runtime": spec.runtime,
-        "engines": [e.summary() for e in engines],
-        "tiles": {"storage_tiles": len(storage_tiles), "chunks": total_chunks},
-        "shards": {
-            "total": len(shards),
-            "computed": computed,
-            "reused": len(shards) - computed,
-            "inference_batches": sum(s.batches for s in shards),
-            "inferred_chunks": sum(s.inferred for s in shards),
-        },
-        "index": {
-            "type": index.index_type,
-            "vectors": index.n,
-            "recall_at_1": index.recall_at_1,
-            "recall_at_10": index.recall_at_10,
-            "path": str(index.index_path),
-        },
-        "coverage": summary_cov,
-        "self_test": self_test.summary(),
-        "imagery": checked.imagery.summary(),  # preflight's estimate and upsampling factor
-        "verified": report.ok,
-    }
+        claims = results.manifest_claims(host.identity())
+        manifest, version = sign_manifest_task(root, results.artifacts(), **claims)
+        reporting.manifest_report(spec.sortie_id, manifest, version, claims["trusted_keys"], platform.node())
+        raise_if_failed(verify_task(root, claims["trusted_keys"], return_state=True))  # the verify gate
+    return results.summary(manifest, version, verified=True).as_dict()

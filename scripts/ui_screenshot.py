@@ -79,7 +79,7 @@ def fail_first_shard_once() -> None:
     """Test hook, this script only: the first shard raises once, so describe-shard's retry shows in the UI."""
     import navcache_tasks.descriptors as descriptors
 
-    real = descriptors.describe_shard
+    real = descriptors.describe_job_shard
     failed: list[bool] = []
 
     def flaky(*args: Any, **kwargs: Any) -> Any:
@@ -88,7 +88,7 @@ def fail_first_shard_once() -> None:
             raise OSError("simulated transient read error (ui_screenshot.py's flaky-once hook)")
         return real(*args, **kwargs)
 
-    descriptors.describe_shard = flaky
+    descriptors.describe_job_shard = flaky
 
 
 def provision(work: Path) -> tuple[str, str]:

@@ -1,16 +1,21 @@
+"""The compile-or-reuse task: one backbone's engine, with retries and a time-out around the library call.
+
+No Prefect cache: whether the engine is reused is decided by :func:`navcache.engines.compile_or_reuse`
+alone (the engine gate admits the file a build would produce), which costs one streamed digest of the
+engine on a warm run.
+"""
+
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.tasks import exponential_backoff
 
-from navcache.engines import BackboneBuild, EngineResult, compile_or_reuse
-from navcache.host import HostCapabilities
-from navcache_runtime import RuntimeConfig, build_inference_runtime
+from navcache.engines import BackboneBuild, EngineResult, compile_or_reuse, provisioning_runtime
+from navcache_runtime import RuntimeConfig
 
-from .cache_policy import EngineContentPolicy
 from .runlog import transient_only
 
 BUILD_TIMEOUT_S = 3600
@@ -21,8 +26,7 @@ log = logging.getLogger(__name__)
 @task(
     name="compile-or-reuse",
     task_run_name="compile-{backbone.name}",
-    cache_policy=EngineContentPolicy(),
-    cache_expiration=timedelta(days=30),
+    cache_policy=NO_CACHE,
     retries=2,
     retry_delay_seconds=exponential_backoff(backoff_factor=10),
     retry_jitter_factor=0.5,
@@ -30,10 +34,10 @@ log = logging.getLogger(__name__)
     retry_condition_fn=transient_only,
     timeout_seconds=BUILD_TIMEOUT_S,
 )
-def compile_backbone(backbone: BackboneBuild, runtime_config: RuntimeConfig, host: HostCapabilities) -> EngineResult:
-    """One backbone's engine: reused when the gate admits it, else built and checked. ``host`` is part of
-    the cache key (a different host is a different engine)."""
-    result = compile_or_reuse(build_inference_runtime(runtime_config), backbone)
+def compile_backbone(backbone: BackboneBuild, runtime_config: RuntimeConfig) -> EngineResult:
+    """One backbone's engine: reused when the gate admits it, else built and checked (the strategy pins
+    the host's fields in the engine's filename, so another host never reuses it)."""
+    result = compile_or_reuse(provisioning_runtime(runtime_config), backbone)
     error = f", max abs error {result.max_abs_error:.2g}" if result.max_abs_error is not None else ""
     log.info(
         "engine %s: %s in %.2f s (%s%s): %s",

@@ -9,7 +9,12 @@ import re
 from pathlib import Path
 from typing import Any
 
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from navcache.coverage_artifacts import CoverageArtifacts
+from navcache.engines import EngineRow
+from navcache.index import IndexResult
+from navcache.selftest import SelfTestResult
 
 
 def artifact_key(kind: str, sortie_id: str) -> str:
@@ -17,20 +22,7 @@ def artifact_key(kind: str, sortie_id: str) -> str:
     return f"{kind}-{slug}"[:100]
 
 
-def failed_engine_row(backbone: str, outcome: str, reason: str) -> dict[str, Any]:
-    """A row of the engine table for a backbone whose compile failed (``FAILED``, with the error) or was not
-    attempted because an earlier one failed (``SKIPPED``)."""
-    return {
-        "backbone": backbone,
-        "outcome": outcome,
-        "seconds": None,
-        "reason": reason,
-        "artifact": None,
-        "max_abs_error": None,
-    }
-
-
-def engine_table(sortie_id: str, rows: list[dict[str, Any]]) -> None:
+def engine_table(sortie_id: str, rows: list[EngineRow]) -> None:
     """Written on every run, failed or not: FAILED and SKIPPED rows carry their reason."""
     create_table_artifact(
         key=artifact_key("engines", sortie_id),
@@ -43,13 +35,27 @@ def engine_table(sortie_id: str, rows: list[dict[str, Any]]) -> None:
                 "artifact": r["artifact"],
                 "max abs error": r["max_abs_error"],
             }
-            for r in rows
+            for r in (row.as_dict() for row in rows)
         ],
         description=f"Engines for sortie {sortie_id}: BUILT, REUSED or FAILED, and why",
     )
 
 
-def index_report(sortie_id: str, report: dict[str, Any]) -> None:
+def index_report(sortie_id: str, index: IndexResult, self_test: SelfTestResult) -> None:
+    """The index's type, size and measured recall, with the self-test's figures beside them."""
+    report = {
+        "type": index.index_type,
+        "reason": index.reason,
+        "vectors": index.n,
+        "dim": index.dim,
+        "recall@1": round(index.recall_at_1, 4),
+        "recall@10": round(index.recall_at_10, 4),
+        "size (bytes)": index.size_bytes,
+        "build (s)": round(index.build_s, 2),
+        "gpu": index.gpu,
+        "self-test recall@1 / @5": f"{self_test.recall_at_1:.3f} / {self_test.recall_at_5:.3f}",
+        "self-test descriptor space": self_test.finding,
+    }
     lines = [f"# FAISS index for {sortie_id}", "", "| field | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in report.items()]
     create_markdown_artifact(
@@ -59,16 +65,17 @@ def index_report(sortie_id: str, report: dict[str, Any]) -> None:
     )
 
 
-def self_test_report(sortie_id: str, figures: dict[str, Any], png: bytes) -> None:
+def self_test_report(sortie_id: str, result: SelfTestResult) -> None:
     """The self-test's figures, its finding and a few query views beside their top-1 chunks (green: own chunk)."""
-    gate = "report only" if figures["min_recall_at_5"] is None else f"min_recall_at_5 {figures['min_recall_at_5']}"
-    picture = base64.b64encode(png).decode("ascii")
+    figures = result.summary()  # the figures as rounded for every report
+    gate = "report only" if result.min_recall_at_5 is None else f"min_recall_at_5 {result.min_recall_at_5}"
+    picture = base64.b64encode(result.preview_png).decode("ascii")
     markdown = "\n".join(
         [
             f"# Self-test for {sortie_id}: recall@5 {figures['recall_at_5']:.3f} ({gate}) — "
-            f"{'PASSED' if figures['passed'] else 'FAILED'}",
+            f"{'PASSED' if result.passed else 'FAILED'}",
             "",
-            f"{figures['samples']} drone-like views rendered from the orthophoto, described by the VPR engine through "
+            f"{result.samples} drone-like views rendered from the orthophoto, described by the VPR engine through "
             "the drone's preprocessing and queried against the built index.",
             "",
             "| figure | exact chunk | within one chunk |",
@@ -76,9 +83,9 @@ def self_test_report(sortie_id: str, figures: dict[str, Any], png: bytes) -> Non
             f"| recall@1 | {figures['recall_at_1']:.3f} | {figures['near_recall_at_1']:.3f} |",
             f"| recall@5 | {figures['recall_at_5']:.3f} | {figures['near_recall_at_5']:.3f} |",
             "",
-            f"**Descriptor space:** {figures['finding']}",
+            f"**Descriptor space:** {result.finding}",
             "",
-            f"Onboard: {figures['onboard_queries']} signed views, at least {figures['onboard_min_hits_at_5']} must "
+            f"Onboard: {result.onboard_queries} signed views, at least {result.onboard_min_hits_at_5} must "
             "find their chunk in the top 5 (`python -m navcache_runtime selftest`).",
             "",
             f"![query views (left) and their top-1 chunks (right)](data:image/png;base64,{picture})",
@@ -91,15 +98,18 @@ def self_test_report(sortie_id: str, figures: dict[str, Any], png: bytes) -> Non
     )
 
 
-def coverage_report(sortie_id: str, summary: dict[str, Any], png: bytes, missing: list[str]) -> None:
-    picture = base64.b64encode(png).decode("ascii")
+def coverage_report(sortie_id: str, coverage: CoverageArtifacts) -> None:
+    """The coverage figures, the map the manifest names, and the missing tiles (the first 50)."""
+    report = coverage.report
+    missing = [str(tile) for tile in report.missing_tiles]
+    picture = base64.b64encode(coverage.png).decode("ascii")
     shown = ", ".join(missing[:50]) + (f" … ({len(missing)} in all)" if len(missing) > 50 else "")
     markdown = "\n".join(
         [
-            f"# Coverage for {sortie_id}: {summary['percent']:.2f} % (threshold {summary['threshold']} %)",
+            f"# Coverage for {sortie_id}: {report.percent:.2f} % (threshold {report.threshold} %)",
             "",
-            f"covered {summary['covered']} · blank {summary['blank']} · missing {summary['missing']} "
-            f"of {summary['total']} tiles — {'PASSED' if summary['passed'] else 'FAILED'}",
+            f"covered {report.covered} · blank {report.blank} · missing {report.missing} "
+            f"of {report.total} tiles — {'PASSED' if report.passed else 'FAILED'}",
             "",
             f"![coverage map](data:image/png;base64,{picture})",
             "",
@@ -156,13 +166,4 @@ def manifest_report(sortie_id: str, path: Path, version: int, trusted_keys: Path
         key=artifact_key("manifest", sortie_id),
         markdown="\n".join(lines),
         description=f"The signed cache manifest (DSSE) v{version}: digest, keys, validity",
-    )
-
-
-def manifest_link(sortie_id: str, path: str, version: int) -> None:
-    create_link_artifact(
-        key=artifact_key("manifest", sortie_id),
-        link=f"file://{path}",
-        link_text=f"manifest v{version}",
-        description="The signed cache manifest (DSSE)",
     )

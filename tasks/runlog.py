@@ -173,4 +173,4 @@ def gate(passed: bool, error: Callable[[], NavcacheError], summary: str) -> Stat
 
 def raise_if_failed(state: State[R]) -> R:
     """The value of a gate's state, or its error raised (a navcache error: the flow ends with its message)."""
-    return state.result()  # type: ignore[return-value]
+    return state.result()

@@ -105,3 +105,21 @@ def test_cache_dir_override(good_sortie: Path, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["cache_dir"] == str(tmp_path / "elsewhere")
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_library_never_imports_prefect_or_the_layers_above_it() -> None:
+    """The CLI is the top of the stack (navcache_cli); every library module imports without Prefect, the
+    tasks, the flows or the CLI (``navcache.__main__`` is the ``python -m navcache`` entry, not a library module)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib, pkgutil, sys, navcache\n"
+        "for info in pkgutil.iter_modules(navcache.__path__):\n"
+        "    if info.name != '__main__':\n"
+        "        importlib.import_module(f'navcache.{info.name}')\n"
+        "above = ('prefect', 'prefect_dask', 'navcache_tasks', 'navcache_flows', 'navcache_cli')\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules} & set(above)))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout

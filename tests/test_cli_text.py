@@ -176,7 +176,7 @@ def test_a_source_error_after_the_run_started_exits_failed(
         real_install(truncating if reporter is not None else None)
 
     monkeypatch.setattr(progress_module, "install", install)
-    from navcache.cli import app
+    from navcache_cli import app
 
     result = CliRunner().invoke(app, ["provision", str(good), "--json"])
     assert result.exit_code == ExitCode.FAILED, result.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ from navcache.engines import (
     BackboneBuildError,
     NumericalMismatchError,
     Outcome,
-    compile_all,
+    compile_in_order,
     compile_or_reuse,
 )
 from navcache_runtime.integrity import TEMP_PREFIX, sidecar_path
@@ -56,7 +57,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory, tiny_model: TinyModel) -> l
 
 def test_cold_cache_builds_all_and_checks_numerics(corpus: list[BackboneBuild], tmp_path: Path) -> None:
     runtime = CountingRuntime(tmp_path)
-    results = compile_all(runtime, corpus)
+    results = compile_in_order(corpus, partial(compile_or_reuse, runtime))
     assert [r.outcome for r in results] == [Outcome.BUILT, Outcome.BUILT]
     assert runtime.compiled == ["tiny_vpr.onnx", "second_vpr.onnx"]
     for result in results:
@@ -68,10 +69,11 @@ def test_cold_cache_builds_all_and_checks_numerics(corpus: list[BackboneBuild], 
 def test_warm_cache_reuses_all_with_zero_compile_calls(
     corpus: list[BackboneBuild], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    compile_all(CountingRuntime(tmp_path), corpus)
+    compile_in_order(corpus, partial(compile_or_reuse, CountingRuntime(tmp_path)))
     warm = CountingRuntime(tmp_path)
+    caplog.clear()  # the cold run's lines (the Prefect layer, once imported, sets navcache's loggers to INFO)
     with caplog.at_level(logging.INFO, logger="navcache.engines"):
-        results = compile_all(warm, corpus)
+        results = compile_in_order(corpus, partial(compile_or_reuse, warm))
     assert warm.compiled == []
     assert [r.outcome for r in results] == [Outcome.REUSED, Outcome.REUSED]
     assert all(r.entry.compile_duration_s is None for r in results)
@@ -80,9 +82,9 @@ def test_warm_cache_reuses_all_with_zero_compile_calls(
 
 
 def test_mixed_hit_and_miss(corpus: list[BackboneBuild], tmp_path: Path) -> None:
-    compile_all(CountingRuntime(tmp_path), corpus[:1])
+    compile_in_order(corpus[:1], partial(compile_or_reuse, CountingRuntime(tmp_path)))
     runtime = CountingRuntime(tmp_path)
-    results = compile_all(runtime, corpus)
+    results = compile_in_order(corpus, partial(compile_or_reuse, runtime))
     assert [r.outcome for r in results] == [Outcome.REUSED, Outcome.BUILT]
     assert runtime.compiled == ["second_vpr.onnx"]
 
@@ -90,11 +92,11 @@ def test_mixed_hit_and_miss(corpus: list[BackboneBuild], tmp_path: Path) -> None
 def test_hardware_change_rebuilds_at_a_new_name_and_leaves_old_files(
     corpus: list[BackboneBuild], tmp_path: Path, this_host: nr.HostFields
 ) -> None:
-    old = compile_all(CountingRuntime(tmp_path), corpus[:1])[0].entry.path
+    old = compile_in_order(corpus[:1], partial(compile_or_reuse, CountingRuntime(tmp_path)))[0].entry.path
     before = (old.read_bytes(), old.stat().st_mtime_ns, sidecar_path(old).read_text())
     other = dataclasses.replace(this_host, cpu_isa="avx512" if this_host.cpu_isa != "avx512" else "avx2")
     runtime = CountingRuntime(tmp_path, host=other)
-    result = compile_all(runtime, corpus[:1])[0]
+    result = compile_in_order(corpus[:1], partial(compile_or_reuse, runtime))[0]
     assert result.outcome is Outcome.BUILT and runtime.compiled == ["tiny_vpr.onnx"]
     assert result.entry.path != old and f"cpu-{other.cpu_isa}" in result.entry.path.name
     assert (old.read_bytes(), old.stat().st_mtime_ns, sidecar_path(old).read_text()) == before
@@ -104,7 +106,7 @@ def test_hardware_change_rebuilds_at_a_new_name_and_leaves_old_files(
 def test_damaged_engine_is_rebuilt_with_a_warning_naming_it(
     corpus: list[BackboneBuild], tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
-    first = compile_all(CountingRuntime(tmp_path), corpus)
+    first = compile_in_order(corpus, partial(compile_or_reuse, CountingRuntime(tmp_path)))
     victim = first[1].entry.path
     if damage == "tamper":
         victim.write_bytes(victim.read_bytes()[:-10] + b"0123456789")
@@ -112,7 +114,7 @@ def test_damaged_engine_is_rebuilt_with_a_warning_naming_it(
         sidecar_path(victim).unlink()
     runtime = CountingRuntime(tmp_path)
     with caplog.at_level(logging.WARNING, logger="navcache.engines"):
-        results = compile_all(runtime, corpus)
+        results = compile_in_order(corpus, partial(compile_or_reuse, runtime))
     assert [r.outcome for r in results] == [Outcome.REUSED, Outcome.BUILT]
     assert runtime.compiled == ["second_vpr.onnx"]
     assert victim.name in caplog.text and "rebuilding" in caplog.text
@@ -128,7 +130,7 @@ def test_build_error_mid_corpus_stops_and_keeps_earlier_engines(corpus: list[Bac
     engines = tmp_path / "engines"
     runtime = CountingRuntime(engines)
     with pytest.raises(BackboneBuildError, match="backbone 'broken'") as caught:
-        compile_all(runtime, [corpus[0], broken, corpus[1]])
+        compile_in_order([corpus[0], broken, corpus[1]], partial(compile_or_reuse, runtime))
     assert caught.value.backbone == "broken" and not caught.value.transient
     assert runtime.compiled == ["tiny_vpr.onnx", "broken.onnx"]  # second_vpr never attempted
     files = sorted(p.name for p in engines.iterdir())
@@ -138,7 +140,7 @@ def test_build_error_mid_corpus_stops_and_keeps_earlier_engines(corpus: list[Bac
 
 def test_empty_corpus_has_no_side_effects(tmp_path: Path) -> None:
     engines = tmp_path / "engines"
-    assert compile_all(CountingRuntime(engines), []) == []
+    assert compile_in_order([], partial(compile_or_reuse, CountingRuntime(engines))) == []
     assert not engines.exists()
 
 

@@ -149,3 +149,31 @@ def test_imagery_that_is_nodata_everywhere_fails_clearly_and_writes_no_manifest(
     with pytest.raises(SourceError, match="no valid pixels over the area"):  # preflight's survey, before any write
         provision(sortie)
     assert not (tmp_path / "cache" / "manifest.dsse.json").exists()
+
+
+def test_each_run_reads_and_validates_the_sortie_once_and_is_named_after_its_id(
+    assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    import navcache.run_input as run_input
+    from navcache_flows.provision_sortie import provision_sortie
+
+    first, _ = block_tiles()
+    sortie = write_sortie(tmp_path / "file-stem.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "c")
+    calls: list[Path] = []
+    real = run_input.run_preflight
+
+    def counting(path: Path, cache_dir: Path | None = None, **kwargs: object):  # type: ignore[no-untyped-def]
+        calls.append(path)
+        return real(path, cache_dir, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(run_input, "run_preflight", counting)
+    direct = provision_sortie(str(sortie), return_state=True)  # a deployment's run: naming validates it
+    assert direct.is_completed() and len(calls) == 1
+    run_input.check_input(sortie)  # the CLI's preflight, before Prefect starts; the run takes its result
+    after_cli = provision_sortie(str(sortie), return_state=True)
+    assert after_cli.is_completed() and len(calls) == 2
+    with get_client(sync_client=True) as client:
+        for state in (direct, after_cli):
+            assert client.read_flow_run(state.state_details.flow_run_id).name == "test-file-stem"  # not the stem

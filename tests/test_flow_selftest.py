@@ -138,7 +138,7 @@ def test_a_warm_run_takes_the_self_test_from_its_memo_and_gc_keeps_only_live_mem
     def must_not_run(**_: object) -> None:
         raise AssertionError("a warm run rendered and described the views again")
 
-    monkeypatch.setattr("navcache_tasks.selftest.run_self_test", must_not_run)
+    monkeypatch.setattr("navcache.descriptor_job.run_self_test", must_not_run)
     warm = provision(sortie)
     assert warm["self_test"] == cold["self_test"]
 

@@ -109,9 +109,9 @@ def test_a_good_run_logs_navcache_lines_names_compiles_and_a_coverage_failure_re
 def test_a_compile_that_fails_writes_a_failed_row_and_fails_the_run_with_its_message(
     assets: Assets, tmp_path: Path
 ) -> None:
+    from navcache.engines import backbone_build, for_runtime, provisioning_runtime
     from navcache.preflight import preflight
-    from navcache_flows.provision_sortie import backbone_build
-    from navcache_runtime import RuntimeConfig, build_inference_runtime
+    from navcache_runtime import RuntimeConfig
     from navcache_tasks.reporting import artifact_key
 
     first, _ = block_tiles()
@@ -120,9 +120,9 @@ def test_a_compile_that_fails_writes_a_failed_row_and_fails_the_run_with_its_mes
     # A directory where the first engine file goes: preflight is satisfied (the cache is writable), and the
     # build fails the same way on every try (IsADirectoryError).
     spec = preflight(sortie)
-    runtime = build_inference_runtime(RuntimeConfig(runtime=spec.runtime, engine_dir=cache / "engines"))
-    build = backbone_build(spec.backbones[0], spec.runtime)
-    for path in runtime.expected_artifacts(build.onnx, build.build_config):  # type: ignore[attr-defined]
+    runtime = provisioning_runtime(RuntimeConfig(runtime=spec.runtime, engine_dir=cache / "engines"))
+    build = for_runtime(runtime, backbone_build(spec.backbones[0]))
+    for path in runtime.expected_artifacts(build.onnx, build.build_config):
         path.mkdir(parents=True)
     state = _run(sortie)
     assert state.is_failed()
@@ -238,8 +238,8 @@ def test_dask_progress_reaches_100_percent_and_the_sub_flow_is_named_after_the_s
     sortie = write_sortie(
         tmp_path / "ops-dask.toml", assets, area=tiles_polygon(first + second), cache_dir=tmp_path / "cache"
     )
-    # A real scheduler with two worker processes: each has its own per-batch counter (the old progress
-    # stopped at 25 %); the flow counts from the shard results.
+    # A real scheduler with two worker processes: each has its own per-batch counter, which sees only its
+    # own shards; the flow counts from the shard results, so the progress reaches 100 %.
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         from navcache_flows.provision_sortie import provision_sortie
 

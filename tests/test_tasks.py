@@ -8,15 +8,16 @@ from pathlib import Path
 import pytest
 from prefect import flow
 
-from navcache.engines import Outcome
+from navcache.descriptor_job import DescriptorJob
+from navcache.engines import Outcome, backbone_build
 from navcache.host import HostCapabilities
 from navcache.index import IndexBudget
 from navcache.preflight import preflight
-from navcache_flows.provision_sortie import backbone_build, plan_tiles
+from navcache_flows.provision_sortie import plan_tiles
 from navcache_runtime import RuntimeConfig
 from navcache_runtime.integrity import sidecar_path
 from navcache_tasks.coverage import coverage_task
-from navcache_tasks.descriptors import DescriptorJob, describe_shard_task
+from navcache_tasks.descriptors import describe_shard_task
 from navcache_tasks.engines import compile_backbone
 from navcache_tasks.host import probe_host_task
 from navcache_tasks.index import build_index_task
@@ -31,7 +32,7 @@ def test_the_whole_chain_runs_through_task_fn_without_prefect(assets: Assets, tm
     host = probe_host_task.fn(root)
     assert isinstance(host, HostCapabilities) and host.cpu_cores >= 1
     config = RuntimeConfig(runtime=sortie.runtime, engine_dir=root / "engines")
-    engines = [compile_backbone.fn(backbone_build(b, sortie.runtime), config, host) for b in sortie.backbones]
+    engines = [compile_backbone.fn(backbone_build(b), config) for b in sortie.backbones]
     assert [e.outcome for e in engines] == [Outcome.BUILT, Outcome.BUILT]
     grid, storage, plans = plan_tiles.fn(sortie)
     profile = sortie.vpr.profile
@@ -74,27 +75,27 @@ def test_the_whole_chain_runs_through_task_fn_without_prefect(assets: Assets, tm
 
 
 @pytest.mark.usefixtures("prefect_harness")
-def test_the_engine_cache_policy_hits_only_for_a_verified_engine_on_the_same_cache(
+def test_the_compile_task_reuses_only_an_engine_the_gate_admits_on_the_same_cache(
     assets: Assets, tmp_path: Path
 ) -> None:
     first, _ = block_tiles()
     sortie = preflight(write_sortie(tmp_path / "s.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "c"))
-    backbone = backbone_build(sortie.vpr, sortie.runtime)
+    backbone = backbone_build(sortie.vpr)
     config = RuntimeConfig(runtime=sortie.runtime, engine_dir=tmp_path / "c" / "engines")
     other = dataclasses.replace(config, engine_dir=tmp_path / "other" / "engines")
-    host = probe_host_task.fn(tmp_path)
 
     @flow
-    def compile_states(config: RuntimeConfig) -> list[str]:
-        return [compile_backbone(backbone, config, host, return_state=True).name for _ in range(2)]
+    def compile_outcomes(config: RuntimeConfig) -> list[tuple[str, Outcome]]:
+        states = [compile_backbone(backbone, config, return_state=True) for _ in range(2)]
+        return [(state.name, state.result().outcome) for state in states]
 
-    # Nothing built yet: no record may be written (it would outlive the engine); built, then reused.
-    assert compile_states(config) == ["Completed", "Completed"]
-    assert compile_states(config) == ["Cached", "Cached"]
-    assert compile_states(other) == ["Completed", "Completed"]  # another cache root never hits
+    # No Prefect cache: every run asks the engine gate, which admits what the first build wrote.
+    assert compile_outcomes(config) == [("Completed", Outcome.BUILT), ("Completed", Outcome.REUSED)]
+    assert compile_outcomes(config) == [("Completed", Outcome.REUSED)] * 2
+    assert compile_outcomes(other)[0] == ("Completed", Outcome.BUILT)  # another cache root never reuses
     engine = next((tmp_path / "c" / "engines").glob("tiny_vpr__*.onnx"))
-    engine.write_bytes(engine.read_bytes()[:-4] + b"evil")  # tampered: the key changes, the task rebuilds
-    assert compile_states(config)[0] == "Completed"
+    engine.write_bytes(engine.read_bytes()[:-4] + b"evil")  # tampered: the gate refuses it, the task rebuilds
+    assert compile_outcomes(config)[0] == ("Completed", Outcome.BUILT)
     assert sidecar_path(engine).read_text() == __import__("hashlib").sha256(engine.read_bytes()).hexdigest()
 
 
@@ -107,9 +108,8 @@ def test_only_transient_failures_are_retried(assets: Assets, tmp_path: Path, mon
     sortie = preflight(write_sortie(tmp_path / "s.toml", assets, area=tiles_polygon(first), cache_dir=tmp_path / "c"))
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(sortie.vpr.onnx.read_bytes()[:5000])
-    malformed = dataclasses.replace(backbone_build(sortie.vpr, sortie.runtime), onnx=broken)
+    malformed = dataclasses.replace(backbone_build(sortie.vpr), onnx=broken)
     config = RuntimeConfig(runtime=sortie.runtime, engine_dir=tmp_path / "c" / "engines")
-    host = probe_host_task.fn(tmp_path)
     calls: list[str] = []
     real = engine_tasks.compile_or_reuse
 
@@ -124,7 +124,7 @@ def test_only_transient_failures_are_retried(assets: Assets, tmp_path: Path, mon
 
     @flow
     def run(backbone) -> str:  # type: ignore[no-untyped-def]
-        return fast(backbone, config, host, return_state=True).name
+        return fast(backbone, config, return_state=True).name
 
     assert run(malformed) == "Failed"
     assert len(calls) == 1  # a malformed model fails at once

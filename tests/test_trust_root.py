@@ -20,7 +20,7 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from navcache.cli import app
+from navcache_cli import app
 from navcache.errors import ManifestError
 from navcache.keys import KeyPaths, generate_keypair, load_private_key, load_signer
 from navcache.manifest import make_envelope, sign_manifest

@@ -1,3 +1,6 @@
-from .cli import main
+"""``python -m navcache``: the `navcache` command line (:mod:`navcache_cli`, which sits above the flow layer;
+nothing in the library imports this module)."""
+
+from navcache_cli import main
 
 main()

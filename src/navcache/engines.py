@@ -6,19 +6,23 @@ and leaves old engines untouched; a tampered artifact or missing sidecar is rebu
 it; a build error stops the corpus with the backbone named, engines already done stay valid, later
 backbones are not attempted; an empty corpus does nothing. A newly built engine is accepted only when its
 outputs match ONNX Runtime's CPU reference on sample inputs within the precision's tolerance.
+
+Reuse is decided here and only here (:func:`find_reusable`): the flow runs :func:`compile_or_reuse` in
+a task without a Prefect cache, and ``navcache plan`` asks :func:`find_reusable` the same question. What
+a runtime must offer for it, beyond the onboard :class:`~navcache_runtime.InferenceRuntime`, is
+:class:`ProvisioningRuntime`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import enum
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -30,8 +34,11 @@ from navcache_runtime import (
     InferenceRuntime,
     InferenceRuntimeError,
     OutOfMemoryError,
+    RuntimeConfig,
+    build_inference_runtime,
     sidecar_path,
 )
+from navcache_runtime.gate import EngineGate
 
 from .errors import ProvisionError
 
@@ -43,6 +50,34 @@ log = logging.getLogger(__name__)
 #: Max absolute output difference against the ONNX Runtime fp32 CPU reference, per precision.
 TOLERANCES: dict[str, float] = {"fp32": 5e-3, "fp16": 5e-2, "int8": 0.25}
 CHECK_BATCH = 2
+
+
+@runtime_checkable
+class ProvisioningRuntime(InferenceRuntime, Protocol):
+    """A runtime as provisioning uses it: the onboard Protocol plus where a build would land, the gate
+    that admits an existing file there, and the build config a strategy really compiles with (every
+    strategy in ``navcache_runtime.strategies`` offers these)."""
+
+    gate: EngineGate
+
+    def expected_artifacts(self, source: Path, build_config: BuildConfig) -> list[Path]:
+        """Where a build of ``source`` with ``build_config`` on this host lands, best candidate first."""
+        ...
+
+    def build_config_for(self, source: Path, build_config: BuildConfig) -> BuildConfig:
+        """The build config this strategy compiles ``source`` with and names the artifact after."""
+        ...
+
+
+def provisioning_runtime(config: RuntimeConfig) -> ProvisioningRuntime:
+    """The configured runtime, checked to offer what compile-or-reuse needs."""
+    runtime = build_inference_runtime(config)
+    if not isinstance(runtime, ProvisioningRuntime):
+        raise ProvisionError(
+            f"runtime {config.runtime!r} cannot provision: {type(runtime).__name__} does not predict its artifacts",
+            hint="use one of navcache_runtime's strategies",
+        )
+    return runtime
 
 
 class Outcome(enum.StrEnum):
@@ -101,8 +136,9 @@ def _remove_artifact(path: Path) -> None:
             stale.unlink()
 
 
-def find_reusable(runtime: Any, backbone: BackboneBuild) -> tuple[EngineCacheEntry | None, str]:
-    """An existing artifact the engine gate admits, or (None, why a build is needed)."""
+def find_reusable(runtime: ProvisioningRuntime, backbone: BackboneBuild) -> tuple[EngineCacheEntry | None, str]:
+    """An existing artifact the engine gate admits, or (None, why a build is needed). ``backbone`` as
+    ``runtime`` builds it (:func:`for_runtime`)."""
     reason = "cold cache: no engine for this model, configuration and host"
     for candidate in runtime.expected_artifacts(backbone.onnx, backbone.build_config):
         if not candidate.exists():
@@ -117,17 +153,15 @@ def find_reusable(runtime: Any, backbone: BackboneBuild) -> tuple[EngineCacheEnt
     return None, reason
 
 
-def backbone_build(spec: BackboneSpec, runtime_label: str) -> BackboneBuild:
-    """What the flow compiles for a sortie backbone (and what ``navcache plan`` looks up): its build config,
-    plus, for the PyTorch runtime, the ONNX graph's output names, so checks and lookups agree."""
-    config = spec.build_config()
-    if runtime_label == "pytorch_fp16":
-        import onnx
+def backbone_build(spec: BackboneSpec) -> BackboneBuild:
+    """What the flow compiles for a sortie backbone (and what ``navcache plan`` looks up)."""
+    return BackboneBuild(spec.name, spec.onnx, spec.build_config())
 
-        graph = onnx.load(str(spec.onnx), load_external_data=False).graph
-        options = dict(config.builder_options) | {"output_names": ",".join(o.name for o in graph.output)}
-        config = dataclasses.replace(config, builder_options=tuple(options.items()))
-    return BackboneBuild(spec.name, spec.onnx, config)
+
+def for_runtime(runtime: ProvisioningRuntime, backbone: BackboneBuild) -> BackboneBuild:
+    """The backbone with the build config ``runtime`` really compiles it with (PyTorch adds the ONNX
+    graph's output names), so checks and lookups agree."""
+    return replace(backbone, build_config=runtime.build_config_for(backbone.onnx, backbone.build_config))
 
 
 def sample_inputs(build_config: BuildConfig, seed: int = 0) -> dict[str, np.ndarray]:
@@ -180,10 +214,11 @@ def check_numerics(runtime: InferenceRuntime, entry: EngineCacheEntry, backbone:
     return error, TOLERANCES[backbone.build_config.precision]
 
 
-def compile_or_reuse(runtime: Any, backbone: BackboneBuild, *, check: bool = True) -> EngineResult:
+def compile_or_reuse(runtime: ProvisioningRuntime, backbone: BackboneBuild, *, check: bool = True) -> EngineResult:
     """Reuse the backbone's engine when the gate admits it; otherwise build, check and accept it."""
     started = time.perf_counter()
     try:
+        backbone = for_runtime(runtime, backbone)
         entry, reason = find_reusable(runtime, backbone)
         if entry is not None:
             return EngineResult(backbone.name, Outcome.REUSED, entry, time.perf_counter() - started, reason)
@@ -212,11 +247,50 @@ def compile_or_reuse(runtime: Any, backbone: BackboneBuild, *, check: bool = Tru
     return EngineResult(backbone.name, Outcome.BUILT, entry, time.perf_counter() - started, reason, error, tolerance)
 
 
-def compile_all(runtime: Any, backbones: Sequence[BackboneBuild], *, check: bool = True) -> list[EngineResult]:
-    """The corpus in order; the first failure propagates and later backbones are not attempted."""
+@dataclass(frozen=True)
+class EngineRow:
+    """One backbone's line of the engine table: its result, or why there is none (FAILED with the error,
+    SKIPPED when an earlier backbone failed)."""
+
+    backbone: str
+    outcome: str
+    reason: str
+    result: EngineResult | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        if self.result is not None:
+            return self.result.summary()
+        return {
+            "backbone": self.backbone,
+            "outcome": self.outcome,
+            "seconds": None,
+            "reason": self.reason,
+            "artifact": None,
+            "max_abs_error": None,
+        }
+
+
+def compile_in_order(
+    backbones: Sequence[BackboneBuild],
+    compile_one: Callable[[BackboneBuild], EngineResult],
+    report: Callable[[list[EngineRow]], None] = lambda rows: None,
+) -> list[EngineResult]:
+    """The corpus in order, one build at a time (GPU memory stays predictable); the first failure
+    propagates and later backbones are not attempted. ``report`` gets every backbone's row whatever
+    happens: a failed one with its error, the ones after it SKIPPED."""
     results: list[EngineResult] = []
-    for backbone in backbones:
-        results.append(compile_or_reuse(runtime, backbone, check=check))
+    rows: list[EngineRow] = []
+    try:
+        for backbone in backbones:
+            results.append(compile_one(backbone))
+            rows.append(EngineRow(backbone.name, str(results[-1].outcome), results[-1].reason, results[-1]))
+    except Exception as exc:
+        rows.append(EngineRow(backbones[len(results)].name, "FAILED", str(exc)))
+        skipped = "not attempted: an earlier backbone failed"
+        rows += [EngineRow(backbone.name, "SKIPPED", skipped) for backbone in backbones[len(rows) :]]
+        raise
+    finally:
+        report(rows)
     if results:
         built = sum(r.outcome is Outcome.BUILT for r in results)
         log.info("engines: %d built, %d reused (%d backbones)", built, len(results) - built, len(results))

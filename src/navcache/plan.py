@@ -22,9 +22,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from navcache_runtime import InferenceRuntimeError, RuntimeConfig, build_inference_runtime
+from navcache_runtime import InferenceRuntimeError, RuntimeConfig
 
-from .engines import backbone_build, find_reusable
+from .engines import backbone_build, find_reusable, for_runtime, provisioning_runtime
 from .errors import SortieError
 from .preflight import ImagerySurvey, run_preflight
 from .sortie import BackboneSpec, Sortie
@@ -138,9 +138,9 @@ def _engine_plans(sortie: Sortie) -> list[EnginePlan]:
     config = RuntimeConfig(runtime=sortie.runtime, engine_dir=sortie.cache_dir / "engines")
     plans = []
     try:
-        runtime: Any = build_inference_runtime(config)  # expected_artifacts is on the strategies, not the Protocol
+        runtime = provisioning_runtime(config)
         for spec in sortie.backbones:
-            build = backbone_build(spec, sortie.runtime)
+            build = for_runtime(runtime, backbone_build(spec))
             entry, reason = find_reusable(runtime, build)
             if entry is not None:
                 plans.append(EnginePlan(spec.name, "reuse", reason, entry.path.name, entry.path.stat().st_size))

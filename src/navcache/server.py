@@ -1,4 +1,4 @@
-"""`navcache server start|stop|status` and `navcache serve`: a local Prefect server that is just there.
+"""`navcache server start|stop|status`: a local Prefect server that is just there.
 
 ``server start`` runs ``prefect server start`` in the background on loopback, with its home (SQLite database,
 settings) under the user's data directory (``$XDG_DATA_HOME/navcache/prefect``, else
@@ -7,8 +7,8 @@ and its pid and URL in ``server.json``. ``navcache provision`` records its runs 
 sets ``PREFECT_API_URL``) and says how to start it when it is not. Nothing here imports Prefect: the first line
 of ``provision`` is printed before Prefect is imported.
 
-``navcache serve`` is Prefect's ``serve`` for a ground station without a work pool: the provision-sortie flow as
-a deployment that this process runs itself.
+:func:`running` tells the CLI's ``navcache serve`` (Prefect's ``serve`` for a ground station without a work pool)
+where to serve the provision-sortie flow.
 """
 
 from __future__ import annotations
@@ -258,27 +258,3 @@ def announce(sortie: Path, *, now: bool = True) -> Callable[[], None]:
         _say(line)
         return lambda: None
     return lambda: _say(line)
-
-
-def serve(
-    name: Annotated[str, typer.Option(help="the deployment's name")] = "ground-station",
-    limit: Annotated[int, typer.Option(help="sorties provisioned at the same time")] = 1,
-) -> None:
-    """Serve provision-sortie for a ground station without a work pool: this process polls for runs of the
-    deployment `provision-sortie/NAME` and runs them (start them from the UI or `prefect deployment run`)."""
-    state = running()
-    if not os.environ.get("PREFECT_API_URL"):
-        if state is None:
-            _say("error: no Prefect server to serve to (fix: `navcache server start`, or set PREFECT_API_URL)")
-            raise typer.Exit(ExitCode.REFUSED)
-        os.environ["PREFECT_API_URL"] = state.api_url
-    _say(f"serving provision-sortie/{name} to {os.environ['PREFECT_API_URL']} (Ctrl-C stops)")
-    from navcache_flows.provision_sortie import provision_sortie
-
-    provision_sortie.serve(name=name, limit=limit, tags=["navcache", "serve"], print_starting_message=True)
-
-
-def register(cli: typer.Typer) -> None:
-    """Adds `navcache server …` and `navcache serve` to the CLI."""
-    cli.add_typer(app, name="server")
-    cli.command("serve")(serve)

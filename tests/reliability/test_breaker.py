@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import navcache_runtime as nr
-from navcache.engines import BackboneBuild, BackboneBuildError, Outcome, compile_all
+from navcache.engines import BackboneBuild, BackboneBuildError, Outcome, compile_in_order, compile_or_reuse
 from navcache_runtime.integrity import TEMP_PREFIX
 from tests.conftest import TinyModel
 from tests.support.models import export_models, make_model
@@ -89,7 +90,7 @@ def test_always_failing_aot_trips_the_breaker_and_falls_back_to_eager(
     assert PyTorchRuntime.aot_failure_count(digest) == 0
 
 
-# -- compile_all: a failing backbone mid-corpus ------------------------------------------------------------
+# -- compile_in_order: a failing backbone mid-corpus ------------------------------------------------------------
 class FailingBackbone:
     """The real ORT strategy, except that compiling ``broken`` always fails; counts compile calls."""
 
@@ -110,7 +111,7 @@ class FailingBackbone:
         return getattr(self.inner, name)
 
 
-def test_compile_all_stops_at_the_failing_backbone_and_keeps_the_first(tiny_model: TinyModel, tmp_path: Path) -> None:
+def test_the_corpus_stops_at_the_failing_backbone_and_keeps_the_first(tiny_model: TinyModel, tmp_path: Path) -> None:
     second, _ = export_models(make_model(seed=1, descriptor_dim=32), tmp_path / "src", "third_vpr")
     config = tiny_model.build_config()
     corpus = [
@@ -121,7 +122,7 @@ def test_compile_all_stops_at_the_failing_backbone_and_keeps_the_first(tiny_mode
     engines = tmp_path / "engines"
     runtime = FailingBackbone(engines, broken="broken_vpr")
     with pytest.raises(BackboneBuildError) as caught:
-        compile_all(runtime, corpus)
+        compile_in_order(corpus, partial(compile_or_reuse, runtime))
     error = caught.value
     assert error.backbone == "broken_vpr" and not error.transient
     assert "backbone 'broken_vpr'" in str(error) and "simulated builder crash" in str(error)
@@ -137,10 +138,10 @@ def test_compile_all_stops_at_the_failing_backbone_and_keeps_the_first(tiny_mode
     # The next run reuses the first engine and fails at the same backbone again, still without retries.
     again = FailingBackbone(engines, broken="broken_vpr")
     with pytest.raises(BackboneBuildError, match="broken_vpr"):
-        compile_all(again, corpus)
+        compile_in_order(corpus, partial(compile_or_reuse, again))
     assert again.compiled == ["broken_vpr"]
     # Once the backbone is fixed, the rest of the corpus builds; the first engine is reused untouched.
-    fixed = compile_all(FailingBackbone(engines, broken="none"), corpus)
+    fixed = compile_in_order(corpus, partial(compile_or_reuse, FailingBackbone(engines, broken="none")))
     assert [r.outcome for r in fixed] == [Outcome.REUSED, Outcome.BUILT, Outcome.BUILT]
     for result in fixed:
         nr.verify_artifact(result.entry.path)

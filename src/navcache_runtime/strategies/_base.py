@@ -109,6 +109,11 @@ class RuntimeBase:
         """The host fields a fresh build on this host would pin in its filename."""
         raise NotImplementedError
 
+    def build_config_for(self, source: Path, build_config: BuildConfig) -> BuildConfig:
+        """The build config provisioning compiles ``source`` with (and names the artifact after); the
+        strategies that need more from the source model than the sortie gives override it."""
+        return build_config
+
     def expected_artifacts(self, source: Path, build_config: BuildConfig) -> list[Path]:
         """Where a build of ``source`` with ``build_config`` on this host lands, best candidate first.
         Reusing an existing file there is safe once :attr:`gate` admits it."""

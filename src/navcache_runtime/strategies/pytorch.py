@@ -473,6 +473,16 @@ class PyTorchRuntime(RuntimeBase):
     def resolve_source(self, source: Path) -> Path:
         return self._resolve_source(source)
 
+    def build_config_for(self, source: Path, build_config: BuildConfig) -> BuildConfig:
+        """Names the outputs after the ONNX graph's (builder option ``output_names``): the ``.pt2``
+        program's own names ("output_0", a dict's keys) would not match the ONNX reference that checks the
+        engine, nor the names the sortie's ``output`` refers to."""
+        import onnx  # provisioning only: the ONNX file is the sortie's source model
+
+        graph = onnx.load(str(source), load_external_data=False).graph
+        options = dict(build_config.builder_options) | {"output_names": ",".join(o.name for o in graph.output)}
+        return dataclasses.replace(build_config, builder_options=tuple(options.items()))
+
     def planned_host_fields(self) -> HostFields:
         return self._pinned_host()
 
