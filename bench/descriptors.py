@@ -10,6 +10,10 @@ defaults and batch size, in the same run:
 * **inference only**: the bare loop over batches preprocessed before the clock starts. It does less work than
   any pipeline can (the resize alone is ~half a tiny-CNN inference); its ratio is printed beside the goal's.
 
+A last row runs navcache with ``[runtime] intra_op_threads = 1``: ORT then computes on the calling thread
+and leaves the other cores to decoding, instead of two ORT threads spin-waiting between batches while the
+decode threads want the same two cores. The bare loops keep ORT's defaults.
+
 Two models: the demo VPR backbone (tiny CNN, 128², batch 16) and a ViT-S/14-sized encoder (384-d, 12
 layers, 6 heads, 224², batch 8) written in plain torch and exported by this module (kept in a temp folder,
 never in git; --quick skips it: export + inference take minutes on 2 cores)."""
@@ -29,6 +33,7 @@ from .common import interleaved, print_machine, print_table, ratio, write_result
 GOAL = 0.8
 BASELINE = "bare ORT loop + same preprocessing (baseline)"
 INFERENCE_ONLY = "bare ORT loop, preprocessed in advance (inference only)"
+ONE_THREAD = "navcache describe_shard, engine intra_op_threads = 1"
 MODEL_CACHE = Path(tempfile.gettempdir()) / "navcache-bench-models"
 
 
@@ -140,11 +145,18 @@ def bench_model(
     plans = plan_shards(chunks, 64)
     prep = Preprocess(size, size)
 
-    runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(tmp / f"engines-{name}")})
     profile = nr.InputProfile("image", (1, 3, size, size), (batch, 3, size, size), (max(16, batch), 3, size, size))
-    entry = runtime.compile_engine(onnx_path, nr.BuildConfig(input_shapes=(profile,)))
-    handle = runtime.deserialize_engine(entry)
-    engine = DescriptorEngine(runtime, handle, "image", "descriptor", entry.sha256, batch)
+
+    def load_engine(**config: Any) -> DescriptorEngine:
+        engine_dir = tmp / f"engines-{name}-{len(config)}"
+        runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(engine_dir), **config})
+        entry = runtime.compile_engine(onnx_path, nr.BuildConfig(input_shapes=(profile,)))
+        return DescriptorEngine(runtime, runtime.deserialize_engine(entry), "image", "descriptor", entry.sha256, batch)
+
+    engine = load_engine()
+    # [runtime] intra_op_threads = 1: ORT computes on the calling thread (no worker pool spin-waiting between
+    # batches), which leaves the other cores to the decode threads.
+    one_thread = load_engine(intra_op_threads=1)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     # The same in-memory batches the pipeline builds, preprocessed up front for the bare loop.
     images = np.stack([prep(source.tiles[c].rgb) for c in chunks])
@@ -166,7 +178,7 @@ def bench_model(
 
     digesting = MemorySource(source.tiles, digests=True)
 
-    def pipeline(src: MemorySource) -> None:
+    def pipeline(src: MemorySource, engine: DescriptorEngine = engine) -> None:
         runs[0] += 1
         out = tmp / f"shards-{name}-{runs[0]}"  # a fresh folder: every run computes, none reuses
         for plan in plans:
@@ -178,11 +190,13 @@ def bench_model(
         INFERENCE_ONLY: bare,
         "navcache describe_shard": lambda: pipeline(digesting),
         "navcache describe_shard, source without raw digests": lambda: pipeline(source),
+        ONE_THREAD: lambda: pipeline(digesting, one_thread),
     }
     bare()  # warm-up: ORT allocates its arenas on the first runs
     pipeline(source)
     stats = interleaved(fns, repeat)
-    runtime.release_engine(handle)
+    for loaded in (engine, one_thread):
+        loaded.runtime.release_engine(loaded.handle)
     rates = {k: n_images / (s.p50_ms / 1000) for k, s in stats.items()}
     base, inference_only = rates[BASELINE], rates[INFERENCE_ONLY]
     return {

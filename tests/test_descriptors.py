@@ -270,7 +270,8 @@ def test_the_blank_threshold_decides_statuses_and_keeps_its_own_memo(
 
 
 def test_a_memo_of_an_older_status_encoding_is_never_read() -> None:
-    """Scan v1/v2 memos stored blank as 1 and missing as 2; read now, those would swap meanings."""
+    """A memo of another scan version is never read: its status codes may mean other statuses (a memo with
+    blank = 1 and missing = 2, read as this version, would swap them)."""
     rows = [["d" * 64, 1, "-"]]
     key = "a" * 64
     old = json.dumps({"version": "navcache-scan-v2", "key": key, "rows": rows}).encode()

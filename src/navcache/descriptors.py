@@ -58,8 +58,9 @@ TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1
 _PREFETCH_BATCHES = 2
 #: Threads decoding chunks for one shard (GDAL/Pillow/numpy release the GIL; more than 4 gains little).
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
-#: Bump when pass 1's decisions change (blank rule, content hash): older memo entries then never match.
-SCAN_VERSION = "navcache-scan-v3"  # v2: shards hold L2-normalised rows; v1 memos point at raw ones; v3: TileStatus
+#: Names the memo format and what its rows mean: bump it when pass 1's decisions (blank rule, content hash,
+#: status codes) or the shard rows a memo points at change, so a memo of another format never matches.
+SCAN_VERSION = "navcache-scan-v3"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -190,7 +191,8 @@ def scan_shard(
 
 def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, preprocessing: Preprocess) -> str:
     digest = hashlib.sha256()
-    # v2: rows are L2-normalised before the float16 cast (v1 shards held the raw output); v3: TileStatus codes.
+    # The version names the shard format (L2-normalised float16 rows, TileStatus codes in the table): bump it
+    # when either changes, so a shard of another format gets another key and is recomputed, never reused.
     digest.update(f"navcache-shard-v3\n{engine_identity}\n{preprocessing.spec()}\n".encode())
     for chunk, status, content in scan:
         digest.update(f"{chunk} {status} {content}\n".encode())
