@@ -49,18 +49,18 @@ def render_coverage_map(
     cells = prio.repeat(scale, axis=0).repeat(scale, axis=1)
 
     photo = _thumbnail(source, zoom, x_min, y_min, cells_w * reduce, cells_h * reduce, (map_w, map_h))
-    base = photo.astype(np.float32) if photo is not None else np.full((map_h, map_w, 3), 255.0, np.float32)
+    # One float image, blended in place (the map's size, whatever the number of tiles): the photo tinted by
+    # each tile's status inside the area, faded outside it.
+    rgb = photo.astype(np.float32) if photo is not None else np.full((map_h, map_w, 3), 255.0, np.float32)
     palette = np.array([COLORS[name] for name in _BY_PRIORITY], dtype=np.float32)
-    tint = palette[cells]
     inside = cells > 0
-    rgb = base.copy()
-    rgb[inside] = (1 - _TINT_ALPHA) * base[inside] + _TINT_ALPHA * tint[inside]
-    rgb[~inside] = 0.5 * base[~inside] + 0.5 * 255.0  # outside the area: the photo, faded
-    missing = cells == _BY_PRIORITY.index("missing")
+    rgb[inside] = (1 - _TINT_ALPHA) * rgb[inside] + _TINT_ALPHA * palette[cells[inside]]
+    outside = ~inside
+    rgb[outside] = 0.5 * rgb[outside] + 0.5 * 255.0
+    del inside, outside
     if scale >= 6:  # hatch missing tiles, so they read without colour too
-        yy, xx = np.mgrid[0:map_h, 0:map_w]
-        hatch = missing & (((xx + yy) % 8) < 2)
-        rgb[hatch] = COLORS["missing"]
+        diagonal = (np.arange(map_h, dtype=np.int32)[:, None] + np.arange(map_w, dtype=np.int32)[None, :]) % 8 < 2
+        rgb[diagonal & (cells == _BY_PRIORITY.index("missing"))] = COLORS["missing"]
     width = max(map_w, _MIN_WIDTH_PX)
     canvas = Image.new("RGB", (width, _HEADER_PX + map_h + _FOOTER_PX), COLORS["outside"])
     canvas.paste(Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8), "RGB"), (0, _HEADER_PX))
