@@ -30,14 +30,13 @@ from navcache.imagery import (
     MBTilesSource,
     TileSource,
     XyzFolderSource,
-    in_grid,
     is_blank,
-    mercator_bounds,
     open_tile_source,
     read_window,
     tile_content_hash,
-    tile_lonlat_bounds,
 )
+from navcache.tiles import in_grid, mercator_bounds
+from navcache.tiles import tile_bounds as tile_lonlat_bounds
 from navcache.types import Tile, TileId
 
 TMS = morecantile.tms.get("WebMercatorQuad")  # the independent oracle for tile geometry

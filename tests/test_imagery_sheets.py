@@ -1,6 +1,6 @@
 """Imagery as mapping agencies ship it: one orthophoto cut into GeoTIFF sheets (in one CRS, and in two UTM
 zones), or a GDAL VRT over the sheets, reads and describes like the single file, and the scan memo works
-per sheet."""
+per sheet; and the window warp gives the pixels and descriptors of GDAL's tile-by-tile warp."""
 
 from __future__ import annotations
 
@@ -16,12 +16,20 @@ from rasterio.warp import transform as transform_points
 from rasterio.windows import Window
 
 import navcache_runtime as nr
-from navcache.descriptors import DESCRIBED, DescriptorEngine, Preprocessing, ShardResult, describe_shard, load_shard
+from navcache.descriptors import (
+    DESCRIBED,
+    DescriptorEngine,
+    Preprocessing,
+    ShardResult,
+    classify,
+    describe_shard,
+    load_shard,
+)
 from navcache.errors import SortieError, SourceError
 from navcache.imagery import GeoTiffMosaicSource, GeoTiffSource, TileSource, open_tile_source, source_version
 from navcache.sortie import load_sortie
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards, tile_bounds, tile_for_lonlat
-from navcache.types import TileId
+from navcache.types import Tile, TileId
 from navcache_runtime import BuildConfig, InputProfile
 from tests.support.sorties import CENTER_LAT, CENTER_LON, Assets, block_tiles, tiles_polygon, write_sortie
 from tests.support.sources import CountingSource
@@ -110,6 +118,31 @@ def sheets(assets: Assets, tmp_path_factory: pytest.TempPathFactory) -> dict[str
         "same-crs": _cut_sheets(assets.ortho, root / "same", reproject_east=False),
         "two-utm-zones": _cut_sheets(assets.ortho, root / "zones", reproject_east=True),
     }
+
+
+def _coarse_wgs84(ortho: Path, path: Path) -> Path:
+    """``ortho`` warped to EPSG:4326 at about 2.5 m (coarser than z18 tiles' 0.4 m: upsampled, as regional
+    imagery is), with nodata around the rotated footprint: a nodata border inside the raster's extent."""
+    with rasterio.open(ortho) as ds:
+        transform, width, height = calculate_default_transform(
+            ds.crs, "EPSG:4326", ds.width, ds.height, *ds.bounds, resolution=(3.4e-5, 2.3e-5)
+        )
+        warped = np.zeros((ds.count, height, width), np.uint8)
+        reproject(
+            ds.read(),
+            warped,
+            src_transform=ds.transform,
+            src_crs=ds.crs,
+            src_nodata=ds.nodata,
+            dst_transform=transform,
+            dst_crs="EPSG:4326",
+            dst_nodata=0,
+            resampling=Resampling.bilinear,
+        )
+        profile = dict(ds.profile, crs="EPSG:4326", transform=transform, width=width, height=height, nodata=0)
+    with rasterio.open(path, "w", **profile) as out:
+        out.write(warped)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +289,66 @@ def test_sheets_give_the_descriptors_of_the_single_file(
     assert min(cosines) > min_cosine
     assert min(cosines) > max(neighbours)  # the same tile from sheets is closer than any other tile
     assert min(centred) > min_centred
+
+
+@pytest.mark.parametrize(
+    ("layout", "max_valid_mismatch", "max_mean_abs", "max_descriptor_diff"),
+    [
+        # Pillow's separable resize against GDAL's warper: one rounding apart, and validity at the nodata edge.
+        ("wgs84-nodata-border", 0.002, 0.6, 2e-3),
+        # Pillow's mesh transform (it truncates where GDAL rounds: half a level on average) over sheets in two
+        # UTM zones, composited: the same, at the zone seam too.
+        ("two-utm-zones", 0.002, 0.6, 2e-3),
+    ],
+)
+def test_the_window_warp_keeps_the_pixels_and_descriptors_of_the_tile_by_tile_gdal_warp(
+    assets: Assets,
+    sheets: dict[str, list[Path]],
+    engine: DescriptorEngine,
+    tmp_path: Path,
+    layout: str,
+    max_valid_mismatch: float,
+    max_mean_abs: float,
+    max_descriptor_diff: float,
+) -> None:
+    paths = [_coarse_wgs84(assets.ortho, tmp_path / "wgs84.tif")] if layout == "wgs84-nodata-border" else sheets[layout]
+    with open_tile_source("geotiff", paths, 256) as probe:
+        west, south, _, north = probe.bounds_lonlat()
+    # 8 x 8 tiles across the west edge (the nodata border, tiles outside the raster) and 6 x 6 at the centre.
+    edge = tile_for_lonlat(west, (south + north) / 2, ZOOM)
+    tiles = [TileId(ZOOM, edge.x + dx, edge.y + dy) for dx in range(-3, 5) for dy in range(-4, 4)]
+    tiles += _centre_block(6)
+    reference = (
+        GeoTiffSource(paths[0], 256, (1, 1), gdal_warp=True)
+        if len(paths) == 1
+        else GeoTiffMosaicSource(paths, 256, (1, 1), gdal_warp=True)
+    )
+    with reference, open_tile_source("geotiff", paths, 256) as windowed:
+        assert isinstance(windowed, (GeoTiffSource, GeoTiffMosaicSource))
+        figures = _compare(reference, windowed, tiles)
+        before = {t: reference.read_tile(t) for t in tiles}
+        after = {t: windowed.read_tile(t) for t in tiles}
+    statuses = {t: (classify(before[t]), classify(after[t])) for t in tiles}
+    assert {a for a, _ in statuses.values()} >= {DESCRIBED}, "the block holds described tiles"
+    assert all(a == b for a, b in statuses.values()), "the blank/missing/described decisions are the same"
+    described = [t for t, (status, _) in statuses.items() if status == DESCRIBED]
+    prep = Preprocessing(128, 128)
+
+    def descriptors(read: dict[TileId, Tile | None]) -> np.ndarray:
+        batches = [
+            engine.describe(np.stack([prep(read[t].rgb) for t in described[k : k + 8]]))  # type: ignore[union-attr]
+            for k in range(0, len(described), 8)
+        ]
+        return np.concatenate(batches)
+
+    diff = np.abs(
+        descriptors(before).astype(np.float16).astype(np.float32)
+        - descriptors(after).astype(np.float16).astype(np.float32)
+    )
+    print(f"\n{layout}: {figures}; {len(described)} described tiles, descriptor max abs diff {diff.max():.2e}")
+    assert figures["valid_mismatch"] <= max_valid_mismatch
+    assert figures["mean_abs"] <= max_mean_abs
+    assert diff.max() <= max_descriptor_diff
 
 
 def test_editing_one_sheet_rescans_only_tiles_over_it(

@@ -8,8 +8,16 @@ nothing at that tile at all. Failures the ground crew can fix raise :class:`Sour
 Thread safety: descriptor batching reads tiles from a background thread. GeoTIFF and MBTiles sources
 keep **one handle per thread** (a rasterio dataset or an sqlite3 connection in a ``threading.local``),
 opened on the thread's first read and closed together by :meth:`close`; an XYZ folder holds no handle.
-No lock is held while reading, so threads do not serialise on IO, decoding or warping. Do not call
-:meth:`close` while other threads still read.
+No lock is held while reading, so threads do not serialise on IO or decoding; threads asking for tiles of
+one GeoTIFF window wait for the one thread warping it. Do not call :meth:`close` while other threads still
+read.
+
+GeoTIFF sources warp **windows, not tiles**: the tile grid is cut into fixed windows of :data:`WINDOW_TILES`
+tiles (the same for every run, so a tile's pixels never depend on which tiles were asked for), each window's
+source pixels are read and warped to the Web-Mercator grid in one GDAL call, and tiles are cut from it. A
+per-tile warp pays GDAL's set-up (datasets, transformer, source read) once per tile, which dominated a cold
+run over reprojected imagery. Warped windows are kept in a small LRU (:data:`WINDOW_CACHE_BYTES`), and GDAL's
+block cache is bounded (:data:`GDAL_CACHE_BYTES`): the working set is a few windows, not the area.
 """
 
 from __future__ import annotations
@@ -24,7 +32,10 @@ import sqlite3
 import threading
 import warnings
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Generic, Protocol, Self, TypeVar, runtime_checkable
@@ -34,6 +45,7 @@ from xml.etree import ElementTree
 import numpy as np
 import pyproj
 import rasterio
+import rasterio.env
 import rasterio.errors
 import rasterio.warp
 from affine import Affine
@@ -44,6 +56,7 @@ from rasterio.windows import Window
 from navcache_runtime.coverage import BLANK_MIN_VALID_FRACTION, DEFAULT_BLANK_STD
 
 from .errors import SourceError
+from .tiles import MAX_LATITUDE, MERCATOR_HALF_WORLD, in_grid, mercator_bounds, tile_bounds
 from .types import Bounds, Tile, TileId
 
 logger = logging.getLogger(__name__)
@@ -52,9 +65,6 @@ SOURCE_KINDS: tuple[str, ...] = ("geotiff", "xyz", "mbtiles")
 IMAGE_EXTENSIONS: tuple[str, ...] = ("png", "jpg", "jpeg", "webp")
 MBTILES_FORMATS: frozenset[str] = frozenset({"png", "jpg", "jpeg", "webp"})
 
-# Web-Mercator (EPSG:3857) constants: the square world spans [-ORIGIN, ORIGIN] metres on both axes.
-MERCATOR_ORIGIN = 20037508.342789244
-MAX_MERCATOR_LAT = 85.0511287798066
 _MERCATOR_CRS = rasterio.crs.CRS.from_epsg(3857)
 _WGS84_CRS = rasterio.crs.CRS.from_epsg(4326)
 # Warped alpha >= this counts as valid (GDAL's warper writes 0/255; PNG edges may be partial).
@@ -64,50 +74,31 @@ _ALPHA_VALID = 128
 # warnings.catch_warnings - not thread-safe, so concurrent tile reads leak it. Neither helps the crew; a
 # process-wide filter (narrowed to rasterio's own modules) replaces per-call catch_warnings, which races.
 warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning, module=r"rasterio(\.warp)?$")
-# Points added along each tile edge when projecting it into the source CRS (curved edges, e.g. UTM).
+# Points added along each edge of a box when projecting it into the source CRS (curved edges, e.g. UTM).
 _DENSIFY_PTS = 21
 _ReadPlan = tuple[Window, int, int, bool]  # source window, output width and height, decimated
 # Above this many source pixels per tile pixel, read decimated (overviews / average) before warping,
 # so low zooms neither alias nor read the whole raster at full resolution.
 _DECIMATE_ABOVE = 2.0
+# Mesh cells of the window warp (pixels) and the most a cell's bilinear map may stray from the projection
+# at its centre (source pixels: GDAL's approximate-transformer default).
+_MESH_CELL = 64
+_MESH_ERROR = 0.125
 
-
-# --------------------------------------------------------------------------------------------------
-# Web-Mercator tile geometry
-
-
-def tiles_at(zoom: int) -> int:
-    return 1 << zoom
-
-
-def in_grid(tile: TileId) -> bool:
-    """Whether ``tile`` exists in the XYZ grid (0 <= x, y < 2**z)."""
-    n = tiles_at(tile.z)
-    return tile.z >= 0 and 0 <= tile.x < n and 0 <= tile.y < n
-
-
-def mercator_bounds(tile: TileId) -> tuple[float, float, float, float]:
-    """(west, south, east, north) of ``tile`` in EPSG:3857 metres."""
-    size = 2 * MERCATOR_ORIGIN / tiles_at(tile.z)
-    west = -MERCATOR_ORIGIN + tile.x * size
-    north = MERCATOR_ORIGIN - tile.y * size
-    return west, north - size, west + size, north
-
-
-def tile_lonlat_bounds(tile: TileId) -> Bounds:
-    """(west, south, east, north) of ``tile`` in degrees."""
-    n = tiles_at(tile.z)
-
-    def lat(y: int) -> float:
-        return math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * y / n))))
-
-    return tile.x / n * 360.0 - 180.0, lat(tile.y + 1), (tile.x + 1) / n * 360.0 - 180.0, lat(tile.y)
-
-
-def _tile_transform(tile: TileId, tile_size: int) -> Affine:
-    west, _, east, north = mercator_bounds(tile)
-    res = (east - west) / tile_size
-    return Affine(res, 0.0, west, 0.0, -res, north)
+#: (columns, rows) of tiles a GeoTIFF warps at once. Descriptor shards and coverage read chunks column by
+#: column (x, then y down the column), so tall windows are reused by the next columns while a shard's
+#: column (64 tiles at the default shard block) touches only four of them. 64 tiles per GDAL call amortise
+#: its set-up to a few percent of the warp itself.
+WINDOW_TILES: tuple[int, int] = (4, 16)
+#: Warped windows a GeoTIFF source keeps (RGBA, 256 KiB per 256-px tile): six 4 x 16 windows, so one shard
+#: column's four and the next window of each decode thread stay while the column moves east.
+WINDOW_CACHE_BYTES = 96 << 20
+#: GDAL's raster block cache, set when the first GeoTIFF source opens (unless GDAL_CACHEMAX is set in the
+#: environment). GDAL's default is 5 % of RAM (6 GB on a 128 GB host), which a large area fills with blocks
+#: it never reads again; a window reads its source blocks once (at the decimation limit a 1,024 x 4,096 px
+#: window reads about 2,048 x 8,192 source px, 48 MB of RGB), so twice that keeps the blocks that
+#: neighbouring windows share without letting the cache grow with the area.
+GDAL_CACHE_BYTES = 128 << 20
 
 
 # --------------------------------------------------------------------------------------------------
@@ -426,16 +417,288 @@ def _decode_image(data: bytes, tile_size: int, where: str, on_resize: Callable[[
 
 
 def _lonlat_bounds_of_tiles(zoom: int, xmin: int, ymin: int, xmax: int, ymax: int) -> Bounds:
-    west, _, _, north = tile_lonlat_bounds(TileId(zoom, xmin, ymin))
-    _, south, east, _ = tile_lonlat_bounds(TileId(zoom, xmax, ymax))
+    west, _, _, north = tile_bounds(TileId(zoom, xmin, ymin))
+    _, south, east, _ = tile_bounds(TileId(zoom, xmax, ymax))
     return west, south, east, north
 
 
-def _warp_to_tile(
-    src: np.ndarray, src_transform: Affine, src_crs: Any, tile: TileId, tile_size: int, box: tuple[int, int, int, int]
+@dataclass(frozen=True)
+class _WindowGrid:
+    """A rectangle of tiles at one zoom warped as one image: tiles ``[x0, x0 + columns) x [y0, y0 + rows)``,
+    pixel (0, 0) at the north-west corner of tile (x0, y0). Boxes are (col0, row0, col1, row1) pixels."""
+
+    zoom: int
+    x0: int
+    y0: int
+    columns: int
+    rows: int
+    tile_size: int
+
+    @classmethod
+    def of(cls, tile: TileId, tile_size: int, shape: tuple[int, int]) -> _WindowGrid:
+        """The fixed window of ``shape`` (columns, rows) holding ``tile``, clipped to the world."""
+        columns, rows = shape
+        n = 1 << tile.z
+        x0, y0 = tile.x // columns * columns, tile.y // rows * rows
+        return cls(tile.z, x0, y0, min(columns, n - x0), min(rows, n - y0), tile_size)
+
+    @property
+    def res(self) -> float:
+        """EPSG:3857 metres per pixel."""
+        return 2 * MERCATOR_HALF_WORLD / ((1 << self.zoom) * self.tile_size)
+
+    def transform(self, box: tuple[int, int, int, int]) -> Affine:
+        res = self.res
+        west = -MERCATOR_HALF_WORLD + (self.x0 * self.tile_size + box[0]) * res
+        north = MERCATOR_HALF_WORLD - (self.y0 * self.tile_size + box[1]) * res
+        return Affine(res, 0.0, west, 0.0, -res, north)
+
+    def box_bounds(self, box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
+        """(west, south, east, north) of ``box`` in EPSG:3857 metres."""
+        t = self.transform(box)
+        return t.c, t.f - (box[3] - box[1]) * self.res, t.c + (box[2] - box[0]) * self.res, t.f
+
+    def box_under(self, footprint: Sequence[float]) -> tuple[int, int, int, int]:
+        """The window's pixels under a (west, south, east, north) EPSG:3857 footprint, padded by 2 px and
+        clipped to the window (empty when they do not meet)."""
+        t, res = self.transform((0, 0, 0, 0)), self.res
+        west, south, east, north = (float(v) for v in footprint)
+        width, height = self.columns * self.tile_size, self.rows * self.tile_size
+        col0 = max(0, math.floor((west - t.c) / res) - 2)
+        col1 = min(width, math.ceil((east - t.c) / res) + 2)
+        row0 = max(0, math.floor((t.f - north) / res) - 2)
+        row1 = min(height, math.ceil((t.f - south) / res) + 2)
+        return col0, row0, max(col0, col1), max(row0, row1)
+
+    def tile_box(self, tile: TileId) -> tuple[int, int, int, int]:
+        col0, row0 = (tile.x - self.x0) * self.tile_size, (tile.y - self.y0) * self.tile_size
+        return col0, row0, col0 + self.tile_size, row0 + self.tile_size
+
+    def describe(self) -> str:
+        return f"z{self.zoom} x {self.x0}..{self.x0 + self.columns - 1}, y {self.y0}..{self.y0 + self.rows - 1}"
+
+
+#: One warped layer of a window: its box in window pixels and (rows, cols, 4) uint8 RGB + alpha.
+_Layer = tuple[tuple[int, int, int, int], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Window:
+    """A warped window: layers by key (one for a raster; per sheet group or sheet for a mosaic)."""
+
+    grid: _WindowGrid
+    layers: dict[Hashable, _Layer]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(pixels.nbytes for _, pixels in self.layers.values())
+
+    def cut(self, tile: TileId, keys: Sequence[Hashable], *, first_valid: bool) -> Tile:
+        """``tile``'s pixels from the layers ``keys``, invalid pixels black (a warp's partly covered edge pixels
+        carry colour below the validity threshold). ``first_valid``: composite them, the first valid pixel
+        winning; otherwise one layer is copied."""
+        size = self.grid.tile_size
+        tc0, tr0, tc1, tr1 = self.grid.tile_box(tile)
+        if len(keys) == 1 and (layer := self.layers.get(keys[0])) is not None:
+            (c0, r0, c1, r1), pixels = layer
+            if c0 <= tc0 and r0 <= tr0 and tc1 <= c1 and tr1 <= r1:  # the common case: one layer under it all
+                part = pixels[tr0 - r0 : tr1 - r0, tc0 - c0 : tc1 - c0]
+                alpha = part[..., 3] >= _ALPHA_VALID
+                rgb = np.empty((size, size, 3), np.uint8)
+                for channel in range(3):  # 3-4x faster than one copy of the 3-of-4-bytes view
+                    rgb[..., channel] = part[..., channel]
+                return Tile(rgb=rgb if alpha.all() else np.where(alpha[..., None], rgb, 0), valid=alpha)
+        rgb = np.zeros((size, size, 3), np.uint8)
+        valid = np.zeros((size, size), bool)
+        for key in keys:
+            layer = self.layers.get(key)
+            if layer is None:
+                continue
+            (c0, r0, c1, r1), pixels = layer
+            ic0, ir0, ic1, ir1 = max(c0, tc0), max(r0, tr0), min(c1, tc1), min(r1, tr1)
+            if ic0 >= ic1 or ir0 >= ir1:
+                continue
+            part = pixels[ir0 - r0 : ir1 - r0, ic0 - c0 : ic1 - c0]
+            region = np.s_[ir0 - tr0 : ir1 - tr0, ic0 - tc0 : ic1 - tc0]
+            if first_valid:
+                take = (part[..., 3] >= _ALPHA_VALID) & ~valid[region]
+                # copyto with a broadcast mask: half the cost of boolean fancy indexing on this layout
+                np.copyto(rgb[region], part[..., :3], where=take[..., None])
+                valid[region] |= take
+            else:
+                alpha = part[..., 3] >= _ALPHA_VALID
+                rgb[region] = np.where(alpha[..., None], part[..., :3], 0)
+                valid[region] = alpha
+        return Tile(rgb=rgb, valid=valid)
+
+
+K = TypeVar("K", bound=Hashable)
+
+
+class _WindowCache(Generic[K]):
+    """Warped windows by key, least recently used dropped past ``max_bytes`` (the newest always stays). A
+    window several threads ask for at once is warped by the first; the others wait for it."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max_bytes
+        self._lock = threading.Lock()  # guards the maps only, never held while warping
+        self._windows: OrderedDict[K, _Window] = OrderedDict()
+        self._pending: dict[K, Future[_Window]] = {}
+        self._bytes = 0
+
+    def get(self, key: K, render: Callable[[], _Window]) -> _Window:
+        with self._lock:
+            window = self._windows.get(key)
+            if window is not None:
+                self._windows.move_to_end(key)
+                return window
+            pending = self._pending.get(key)
+            owner = pending is None
+            if pending is None:
+                pending = self._pending[key] = Future()
+        if not owner:
+            return pending.result()
+        try:
+            window = render()
+        except BaseException as exc:
+            with self._lock:
+                del self._pending[key]
+            pending.set_exception(exc)
+            raise
+        with self._lock:
+            del self._pending[key]
+            self._windows[key] = window
+            self._bytes += window.nbytes
+            while self._bytes > self._max_bytes and len(self._windows) > 1:
+                _, dropped = self._windows.popitem(last=False)
+                self._bytes -= dropped.nbytes
+        pending.set_result(window)
+        return window
+
+    def clear(self) -> None:
+        with self._lock:
+            self._windows.clear()
+            self._bytes = 0
+
+
+def _warp_to_window(
+    src: np.ndarray,
+    src_transform: Affine,
+    src_crs: Any,
+    to_source: Any,
+    grid: _WindowGrid,
+    box: tuple[int, int, int, int],
+    gdal_only: bool = False,
 ) -> np.ndarray:
-    """Warp (4, h, w) RGB + alpha source pixels into the ``box`` (col0, row0, col1, row1) of ``tile``:
-    bilinear, the alpha band carried so invalid pixels never blend into valid ones."""
+    """Warp (4, h, w) RGB + alpha source pixels into ``box`` of ``grid``: bilinear on premultiplied alpha, so
+    invalid pixels never blend into valid ones. (rows, cols, 4) uint8. ``to_source`` maps EPSG:3857 to
+    ``src_crs`` (a pyproj Transformer).
+
+    Pillow resamples: the box is cut into cells of :data:`_MESH_CELL` pixels whose corners are projected
+    exactly and which map bilinearly in between - GDAL's approximate transformer, with the same 0.125 px
+    bound, checked at every cell centre. Where the map is separable (source columns follow the box's
+    columns linearly, source rows its rows: a north-up raster in a geographic or cylindrical CRS, such as
+    EPSG:4326), each row of cells is one separable resize (Pillow's fastest path); otherwise Pillow's mesh
+    transform warps cell by cell. GDAL's own warper takes over where the check fails or a corner does not
+    project, and wherever ``gdal_only`` (it is 3-5x slower per pixel: its kernel for alpha bands is the
+    general case)."""
+    col0, row0, col1, row1 = box
+    cols, rows = col1 - col0, row1 - row0
+    # Cell edges on the window's own lattice, not the box's: a pixel gets the same map whatever box holds it
+    # (the sheets cut from one raster then give its very pixels).
+    xs = np.unique(np.r_[0, np.arange(-col0 % _MESH_CELL, cols, _MESH_CELL), cols]).astype(np.float64)
+    ys = np.unique(np.r_[0, np.arange(-row0 % _MESH_CELL, rows, _MESH_CELL), rows]).astype(np.float64)
+    mid_x, mid_y = (xs[:-1] + xs[1:]) / 2, (ys[:-1] + ys[1:]) / 2
+    dst = grid.transform(box)
+    inverse = ~src_transform
+
+    def source_px(px: np.ndarray, py: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        mx, my = np.meshgrid(dst.c + px * dst.a, dst.f + py * dst.e)
+        sx, sy = to_source.transform(mx, my, errcheck=False)
+        sx, sy = np.asarray(sx, np.float64), np.asarray(sy, np.float64)
+        return inverse.a * sx + inverse.b * sy + inverse.c, inverse.d * sx + inverse.e * sy + inverse.f
+
+    u, v = source_px(xs, ys)
+    exact_u, exact_v = source_px(mid_x, mid_y)
+    corners_u = (u[:-1, :-1] + u[1:, :-1] + u[:-1, 1:] + u[1:, 1:]) / 4
+    corners_v = (v[:-1, :-1] + v[1:, :-1] + v[:-1, 1:] + v[1:, 1:]) / 4
+    error = np.maximum(np.abs(corners_u - exact_u), np.abs(corners_v - exact_v))
+    projects = np.isfinite(u).all() and np.isfinite(v).all() and np.isfinite(error).all()
+    if gdal_only or not projects or error.max() > _MESH_ERROR:
+        return _gdal_warp(src, src_transform, src_crs, grid, box)
+    pixels = np.ascontiguousarray(np.moveaxis(src, 0, -1))
+    out = np.zeros((rows, cols, 4), np.uint8)
+    # All-valid source pixels (a window inside the raster) need no premultiplied alpha: resample them as RGBX,
+    # whose fourth byte Pillow sets to 255 wherever it writes, and pastes without conversion.
+    opaque = bool(pixels[..., 3].min() == 255)
+    image = Image.fromarray(pixels, "RGBA").convert("RGBX" if opaque else "RGBa")
+    if _resize_strips(image, _array_image(out, "RGBX" if opaque else "RGBA"), xs, ys, u, v):
+        return out
+    image = image if not opaque else image.convert("RGBa")
+    mesh = [
+        (
+            (int(xs[i]), int(ys[j]), int(xs[i + 1]), int(ys[j + 1])),
+            (u[j, i], v[j, i], u[j + 1, i], v[j + 1, i], u[j + 1, i + 1], v[j + 1, i + 1], u[j, i + 1], v[j, i + 1]),
+        )
+        for j in range(len(ys) - 1)
+        for i in range(len(xs) - 1)
+    ]
+    warped = image.transform((cols, rows), Image.Transform.MESH, mesh, Image.Resampling.BILINEAR)
+    _array_image(out, "RGBA").paste(warped)
+    return out
+
+
+def _array_image(pixels: np.ndarray, mode: str) -> Image.Image:
+    """A Pillow image of ``mode`` ("RGBA" or "RGBX") over the memory of (rows, cols, 4) uint8 ``pixels``:
+    pasting into it writes the array (an RGBa paste is un-premultiplied on the way), with no copy out of
+    Pillow. frombuffer marks such images read-only to protect foreign buffers; this one is ours to write."""
+    image = Image.frombuffer(mode, (pixels.shape[1], pixels.shape[0]), pixels, "raw", mode, 0, 1)
+    image.readonly = 0
+    return image
+
+
+def _resize_strips(
+    image: Image.Image, target: Image.Image, xs: np.ndarray, ys: np.ndarray, u: np.ndarray, v: np.ndarray
+) -> bool:
+    """The separable case of :func:`_warp_to_window`, pasted into ``target``: one resize per row of mesh
+    cells. False (nothing written) unless source column ``u`` is one linear function of the box column at
+    every corner and source row ``v`` depends on the box row alone (both increasing). Pixels whose footprint
+    leaves the source image stay zero (invalid), as in GDAL's warp."""
+    cols = int(xs[-1])
+    width, height = image.size
+    du = (u[0, -1] - u[0, 0]) / cols
+    if du <= 0 or np.abs(u - (u[0, 0] + xs[None, :] * du)).max() > _MESH_ERROR:
+        return False
+    if np.abs(v - v[:, :1]).max() > _MESH_ERROR or np.any(np.diff(v[:, 0]) <= 0):
+        return False
+    # Columns whose whole footprint lies on the image (Pillow's resize box must).
+    col0 = max(0, math.ceil(-u[0, 0] / du - 1e-9))
+    col1 = min(cols, math.floor((width - u[0, 0]) / du + 1e-9))
+    if col1 <= col0:
+        return True
+    left, right = u[0, 0] + col0 * du, u[0, 0] + col1 * du
+    for j in range(len(ys) - 1):
+        top, bottom = float(v[j, 0]), float(v[j + 1, 0])
+        dv = (bottom - top) / (ys[j + 1] - ys[j])
+        row0 = max(0, math.ceil(-top / dv - 1e-9))
+        row1 = min(int(ys[j + 1] - ys[j]), math.floor((height - top) / dv + 1e-9))
+        if row1 <= row0:
+            continue
+        box = (
+            min(max(left, 0.0), width),
+            min(max(top + row0 * dv, 0.0), height),
+            min(max(right, 0.0), width),
+            min(max(top + row1 * dv, 0.0), height),
+        )
+        strip = image.resize((col1 - col0, row1 - row0), Image.Resampling.BILINEAR, box=box)
+        target.paste(strip, (col0, int(ys[j]) + row0))
+    return True
+
+
+def _gdal_warp(
+    src: np.ndarray, src_transform: Affine, src_crs: Any, grid: _WindowGrid, box: tuple[int, int, int, int]
+) -> np.ndarray:
+    """:func:`_warp_to_window` by GDAL's warper (bilinear, the alpha band carried)."""
     col0, row0, col1, row1 = box
     dst = np.zeros((4, row1 - row0, col1 - col0), np.uint8)
     rasterio.warp.reproject(
@@ -443,28 +706,50 @@ def _warp_to_tile(
         dst,
         src_transform=src_transform,
         src_crs=src_crs,
-        dst_transform=_tile_transform(tile, tile_size) @ Affine.translation(col0, row0),
+        dst_transform=grid.transform(box),
         dst_crs=_MERCATOR_CRS,
         resampling=Resampling.bilinear,
         src_alpha=4,
         dst_alpha=4,
         num_threads=1,
     )
-    return dst
+    return np.ascontiguousarray(np.moveaxis(dst, 0, -1))
+
+
+_gdal_cache_bounded = False
+
+
+def _bound_gdal_block_cache() -> None:
+    """Set GDAL's block cache to :data:`GDAL_CACHE_BYTES` once per process, unless the environment sets
+    GDAL_CACHEMAX (a crew's own choice wins) or it is already smaller."""
+    global _gdal_cache_bounded
+    if _gdal_cache_bounded or "GDAL_CACHEMAX" in os.environ:
+        return
+    _gdal_cache_bounded = True
+    try:
+        current = int(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))
+    except (TypeError, ValueError):
+        current = GDAL_CACHE_BYTES + 1
+    if current > GDAL_CACHE_BYTES:
+        rasterio.env.set_gdal_config("GDAL_CACHEMAX", GDAL_CACHE_BYTES)
 
 
 # --------------------------------------------------------------------------------------------------
-# GeoTIFF (any CRS), reprojected per tile
+# GeoTIFF (any CRS), reprojected window by window
 
 
 class GeoTiffSource(_SourceBase):
     """A georeferenced raster (GeoTIFF or anything GDAL reads) in any CRS, warped to Web-Mercator tiles.
 
-    Each tile reads the source window under its footprint (decimated via overviews/average when the
-    source is much finer than the tile) and warps it with bilinear resampling into the tile's exact
-    EPSG:3857 grid. Validity comes from the dataset mask (nodata value, internal mask or alpha band),
-    carried through the warp as an alpha band so invalid pixels never blend into valid ones; pixels
-    outside the raster are invalid. Thread safety: one rasterio dataset handle per thread.
+    A tile is cut from its window (:data:`WINDOW_TILES`, module docstring): the window's part over the
+    raster reads the source pixels under its footprint (decimated via overviews/average when the source is
+    much finer than the tiles) and warps them with bilinear resampling into the exact EPSG:3857 grid in one
+    call. Validity comes from the dataset mask (nodata value, internal mask or alpha band), carried through
+    the warp as an alpha band so invalid pixels never blend into valid ones; pixels outside the raster are
+    invalid. Whether a tile exists (None: outside the raster) and its raw digest come from the tile's own
+    read plan. ``window_tiles=(1, 1), gdal_warp=True`` warps tile by tile with GDAL's warper: the reference
+    the window warp is tested and measured against. Thread safety: one rasterio dataset handle per thread;
+    one warp per window.
 
     A GDAL VRT (``.vrt``, e.g. from ``gdalbuildvrt sheets/*.tif``) reads as one raster too. Its raw digests
     (:class:`_VrtSources`) cover, per tile, the *file versions* of the source files under it rather than
@@ -472,7 +757,13 @@ class GeoTiffSource(_SourceBase):
     it, and a copy of the imagery is decoded again. Sheets listed directly (a glob) digest block bytes.
     """
 
-    def __init__(self, path: Path | str, tile_size: int = 256) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        tile_size: int = 256,
+        window_tiles: tuple[int, int] = WINDOW_TILES,
+        gdal_warp: bool = False,
+    ) -> None:
         super().__init__(tile_size)
         self.path = Path(path)
         self._where = str(self.path)
@@ -480,6 +771,12 @@ class GeoTiffSource(_SourceBase):
             raise SourceError(
                 "orthophoto GeoTIFF not found", where=self._where, hint="check the [orthophoto] path in the sortie"
             )
+        if len(window_tiles) != 2 or min(window_tiles) < 1:
+            raise ValueError(f"window_tiles must be two positive integers, got {window_tiles!r}")
+        self._window_shape = (int(window_tiles[0]), int(window_tiles[1]))
+        self._gdal_warp = gdal_warp
+        self._windows: _WindowCache[tuple[int, int, int]] = _WindowCache(WINDOW_CACHE_BYTES)
+        _bound_gdal_block_cache()
         self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
         self._blocks: _TiffBlocks | _VrtSources | None = None
         self._plans: dict[TileId, _ReadPlan | None] = {}
@@ -488,9 +785,9 @@ class GeoTiffSource(_SourceBase):
         try:
             self._check_vrt_sources(ds)
             self._inspect(ds)
-            self._blocks = _TiffBlocks.open(ds, self.path, self._handles, self.tile_size, self._palette)
+            self._blocks = _TiffBlocks.open(ds, self.path, self._handles, self._decoder_header())
             if self._blocks is None:
-                self._blocks = _VrtSources.open(ds, self.path, self.tile_size, self._palette)
+                self._blocks = _VrtSources.open(ds, self.path, self._decoder_header())
         except BaseException:
             self._handles.close()
             raise
@@ -567,7 +864,7 @@ class GeoTiffSource(_SourceBase):
             ) from exc
         self._lonlat: Bounds = (west, south, east, north)
         # Web-Mercator stops at ±85.05°; clamp so the footprint stays finite.
-        south_m, north_m = (max(-MAX_MERCATOR_LAT, min(MAX_MERCATOR_LAT, v)) for v in (south, north))
+        south_m, north_m = (max(-MAX_LATITUDE, min(MAX_LATITUDE, v)) for v in (south, north))
         self._mercator = rasterio.warp.transform_bounds(_WGS84_CRS, _MERCATOR_CRS, west, south_m, east, north_m)
         logger.debug("opened %s", self.describe())
 
@@ -599,43 +896,64 @@ class GeoTiffSource(_SourceBase):
                 continue
             inside.append(i)
             boxes.append(bounds)
-        if not inside:
-            return plans
-        for i, (window, footprint) in zip(inside, self._source_windows(np.asarray(boxes)), strict=True):
+        if inside:
+            pixels = np.full((len(inside), 2), self.tile_size)
+            for i, plan in zip(inside, self._box_plans(np.asarray(boxes), pixels), strict=True):
+                plans[i] = plan
+        return plans
+
+    def _box_plans(self, boxes: np.ndarray, pixels: np.ndarray) -> list[_ReadPlan | None]:
+        """Per EPSG:3857 box (west, south, east, north) of (width, height) output pixels: the source window
+        under it, the size it is read at, and whether that read is decimated; None outside the raster."""
+        plans: list[_ReadPlan | None] = []
+        for (window, footprint), (width, height) in zip(self._source_windows(boxes), pixels, strict=True):
             if window is None:
+                plans.append(None)
                 continue
-            # Source pixels per tile pixel; decimate the read when the source is much finer than the tile.
-            scale = min(footprint[0], footprint[1]) / self.tile_size
+            # Source pixels per output pixel; decimate the read when the source is much finer.
+            scale = min(footprint[0] / width, footprint[1] / height)
             out_w, out_h = int(window.width), int(window.height)
             decimated = scale > _DECIMATE_ABOVE
             if decimated:
                 out_w, out_h = max(1, round(out_w / scale)), max(1, round(out_h / scale))
-            plans[i] = (window, out_w, out_h, decimated)
+            plans.append((window, out_w, out_h, decimated))
         return plans
 
     def read_tile(self, tile: TileId) -> Tile | None:
-        dst = self._warp(tile, (0, 0, self.tile_size, self.tile_size))
-        if dst is None:
+        if self._read_plan(tile) is None:
             return None
-        return Tile(rgb=np.ascontiguousarray(np.moveaxis(dst[:3], 0, -1)), valid=dst[3] >= _ALPHA_VALID)
+        return self._window(tile).cut(tile, (None,), first_valid=False)
 
-    def _warp(self, tile: TileId, box: tuple[int, int, int, int]) -> np.ndarray | None:
-        """The tile's pixels ``box`` = (col0, row0, col1, row1) as (4, rows, cols) uint8: RGB and alpha
-        (>= _ALPHA_VALID is valid); None outside the raster. A sheet of a mosaic warps only the part of the
-        tile its footprint covers."""
-        plan = self._read_plan(tile)
+    def _window(self, tile: TileId) -> _Window:
+        grid = _WindowGrid.of(tile, self.tile_size, self._window_shape)
+        return self._windows.get((grid.zoom, grid.x0, grid.y0), lambda: self._render(grid))
+
+    def _render(self, grid: _WindowGrid) -> _Window:
+        box = grid.box_under(self._mercator)
+        pixels = self._warp(grid, box) if _nonempty(box) else None
+        return _Window(grid, {} if pixels is None else {None: (box, pixels)})
+
+    def _warp(self, grid: _WindowGrid, box: tuple[int, int, int, int]) -> np.ndarray | None:
+        """``box`` of ``grid`` as (rows, cols, 4) uint8: RGB and alpha (>= _ALPHA_VALID is valid); None when
+        no source pixel lies under it. A sheet of a mosaic warps only the part of the window its
+        footprint covers."""
+        plan = self._plan_of_box(grid, box)
         if plan is None:
             return None
         window, out_w, out_h, _ = plan
-        src = self._source_pixels(tile, plan)
+        src = self._source_pixels(grid.describe(), plan)
         src_transform = (
             self._transform
             @ Affine.translation(window.col_off, window.row_off)
             @ Affine.scale(window.width / out_w, window.height / out_h)
         )
-        return _warp_to_tile(src, src_transform, self._crs, tile, self.tile_size, box)
+        return _warp_to_window(src, src_transform, self._crs, self._to_source(), grid, box, self._gdal_warp)
 
-    def _source_pixels(self, tile: TileId, plan: _ReadPlan) -> np.ndarray:
+    def _plan_of_box(self, grid: _WindowGrid, box: tuple[int, int, int, int]) -> _ReadPlan | None:
+        size = np.asarray([[box[2] - box[0], box[3] - box[1]]])
+        return self._box_plans(np.asarray([grid.box_bounds(box)]), size)[0]
+
+    def _source_pixels(self, tiles: str, plan: _ReadPlan) -> np.ndarray:
         """(4, out_h, out_w) uint8 of the plan's source window: RGB (palette applied) and the dataset mask."""
         window, out_w, out_h, _ = plan
         ds = self._handles.get(self._where)
@@ -650,7 +968,7 @@ class GeoTiffSource(_SourceBase):
             mask = ds.dataset_mask(window=window, out_shape=(out_h, out_w))
         except rasterio.errors.RasterioError as exc:
             raise SourceError(
-                f"reading tile {tile} failed ({_gdal_reason(exc)})",
+                f"reading the source pixels of tiles {tiles} failed ({_gdal_reason(exc)})",
                 where=self._where,
                 hint="the file may be truncated or corrupt; check it with gdalinfo -checksum",
             ) from exc
@@ -723,7 +1041,9 @@ class GeoTiffSource(_SourceBase):
         return _stat_fingerprint([Path(f) for f in ds.files] or [self.path])
 
     def raw_identity(self) -> str:
-        return self._blocks.identity if self._blocks is not None else _decoder_identity("geotiff", self.tile_size)
+        if self._blocks is not None:
+            return self._blocks.identity
+        return _decoder_identity("geotiff", self.tile_size, self._decoder_header())
 
     def raw_digest(self, tile: TileId) -> str | None:
         digests = self.raw_digests([tile])
@@ -734,12 +1054,34 @@ class GeoTiffSource(_SourceBase):
         if blocks is None or not blocks.unchanged():
             return None
         return [
-            NO_TILE_DIGEST if plan is None else blocks.digest(plan[0], with_overviews=plan[3])
+            NO_TILE_DIGEST if plan is None else blocks.digest(self._digest_window(plan), with_overviews=plan[3])
             for plan in self._read_plans(tiles)
         ]
 
+    def _digest_window(self, plan: _ReadPlan) -> Window:
+        """The source pixels a tile's warped pixels may depend on: its read window, widened by the reach of
+        the kernels of its window's warp (one more source pixel for the transformer's approximation; two
+        decimated pixels for a decimated read, whose averaging cells another tile of the window sets)."""
+        window, out_w, _, decimated = plan
+        reach = 1 + (2 * math.ceil(window.width / out_w) if decimated else 0)
+        c0, r0 = max(0, int(window.col_off) - reach), max(0, int(window.row_off) - reach)
+        c1 = min(self._width, int(window.col_off + window.width) + reach)
+        r1 = min(self._height, int(window.row_off + window.height) + reach)
+        return Window(c0, r0, c1 - c0, r1 - r0)
+
+    def _decoder_header(self) -> dict[str, Any]:
+        """What besides the file decides a tile's pixels: tile size, palette and the warp's window shape."""
+        palette = self._palette
+        return {
+            "tile_size": self.tile_size,
+            "palette": hashlib.sha256(palette.tobytes()).hexdigest() if palette is not None else None,
+            "window_tiles": list(self._window_shape),
+            "warper": "gdal" if self._gdal_warp else "pillow",
+        }
+
     def close(self) -> None:
         self._handles.close()
+        self._windows.clear()
         if self._blocks is not None:
             self._blocks.close()
 
@@ -759,7 +1101,7 @@ class _VrtSources:
         self._sources = sources  # (x0, y0, x1, y1) destination rectangle in VRT pixels, index into files
 
     @classmethod
-    def open(cls, ds: Any, path: Path, tile_size: int, palette: np.ndarray | None) -> _VrtSources | None:
+    def open(cls, ds: Any, path: Path, decoder: dict[str, Any]) -> _VrtSources | None:
         """None unless every source is a plain file (not ``/vsi…``, not another VRT) that exists."""
         if ds.driver != "VRT":
             return None
@@ -805,12 +1147,12 @@ class _VrtSources:
             "colorinterp": [c.name for c in ds.colorinterp],
             "mask_flags": [[f.name for f in flags] for flags in ds.mask_flag_enums],
             "overviews": [ds.overviews(b) for b in range(1, ds.count + 1)],
-            "palette": hashlib.sha256(palette.tobytes()).hexdigest() if palette is not None else None,
             "gdal": rasterio.__gdal_version__,
             "rasterio": rasterio.__version__,
+            **decoder,
         }
         try:
-            return cls(_decoder_identity("geotiff-vrt", tile_size, header), files + sidecars, sources)
+            return cls(_decoder_identity("geotiff-vrt", decoder["tile_size"], header), files + sidecars, sources)
         except OSError:
             return None
 
@@ -854,9 +1196,7 @@ class _TiffBlocks:
         self._overview_digest: bytes | None = None
 
     @classmethod
-    def open(
-        cls, ds: Any, path: Path, handles: _PerThread[Any], tile_size: int, palette: np.ndarray | None
-    ) -> _TiffBlocks | None:
+    def open(cls, ds: Any, path: Path, handles: _PerThread[Any], decoder: dict[str, Any]) -> _TiffBlocks | None:
         """None unless the raster is one plain GeoTIFF file whose validity comes from nodata, an alpha band
         or nothing: masks and overviews in sidecar files, or an internal mask IFD, have blocks this
         cannot locate."""
@@ -874,12 +1214,12 @@ class _TiffBlocks:
             "mask_flags": [[f.name for f in flags] for flags in ds.mask_flag_enums],
             "overviews": [ds.overviews(b) for b in bands],
             "image_structure": ds.tags(ns="IMAGE_STRUCTURE"),
-            "palette": hashlib.sha256(palette.tobytes()).hexdigest() if palette is not None else None,
             "gdal": rasterio.__gdal_version__,
             "rasterio": rasterio.__version__,
+            **decoder,
         }
         try:
-            return cls(path, handles, bands, _decoder_identity("geotiff", tile_size, header))
+            return cls(path, handles, bands, _decoder_identity("geotiff", decoder["tile_size"], header))
         except OSError:
             return None
 
@@ -1017,13 +1357,14 @@ class GeoTiffMosaicSource(_SourceBase):
     """Orthophoto sheets (GeoTIFFs in any CRSs, e.g. 1 km² sheets on both sides of a UTM zone boundary)
     read as one source.
 
-    Each tile reads only the sheets whose footprint (padded read window) it touches. Sheets on one pixel
-    grid (same CRS, pixel size and grid phase: sheets cut from one raster) are mosaicked in their CRS and
-    warped once, as GDAL does for a VRT, so they give exactly the tiles of the raster they were cut from;
-    other sheets (another CRS, e.g. the next UTM zone; decimated low-zoom reads) are warped one by one as
-    :class:`GeoTiffSource` does. The first valid pixel wins, groups in the order of their first sheet and
-    sheets in the order given inside a group (the sortie sorts them by path, so the result is
-    deterministic). A tile no sheet touches is None.
+    Tiles are cut from warped windows (:data:`WINDOW_TILES`, as :class:`GeoTiffSource`), and each tile
+    composites only the sheets whose footprint (padded read window) it touches. Sheets on one pixel grid
+    (same CRS, pixel size and grid phase: sheets cut from one raster) are mosaicked in their CRS and warped
+    once per window, as GDAL does for a VRT, so they give exactly the tiles of the raster they were cut
+    from; other sheets (another CRS, e.g. the next UTM zone; decimated low-zoom reads) are warped one by one.
+    The first valid pixel wins, groups in the order of their first sheet under the tile and sheets in the
+    order given inside a group (the sortie sorts them by path, so the result is deterministic). A tile no
+    sheet touches is None.
 
     Raw digests: a tile's digest covers, in compositing order, each sheet under it (its decoder identity:
     CRS, georeferencing, format) and that sheet's block digest for the tile, so editing or replacing one
@@ -1033,7 +1374,13 @@ class GeoTiffMosaicSource(_SourceBase):
     Thread safety: as :class:`GeoTiffSource` (one GDAL handle per sheet and thread, opened on first read).
     """
 
-    def __init__(self, paths: Sequence[Path | str], tile_size: int = 256) -> None:
+    def __init__(
+        self,
+        paths: Sequence[Path | str],
+        tile_size: int = 256,
+        window_tiles: tuple[int, int] = WINDOW_TILES,
+        gdal_warp: bool = False,
+    ) -> None:
         super().__init__(tile_size)
         self.paths = list(dict.fromkeys(Path(p) for p in paths))
         if not self.paths:
@@ -1042,7 +1389,7 @@ class GeoTiffMosaicSource(_SourceBase):
         self._sheets: list[GeoTiffSource] = []
         try:
             for path in self.paths:
-                sheet = GeoTiffSource(path, tile_size)
+                sheet = GeoTiffSource(path, tile_size, window_tiles, gdal_warp)
                 self._sheets.append(sheet)
         except BaseException:
             self.close()
@@ -1057,6 +1404,8 @@ class GeoTiffMosaicSource(_SourceBase):
         self._grids = [_pixel_grid(sheet) for sheet in self._sheets]
         west, south, east, north = zip(*(sheet.bounds_lonlat() for sheet in self._sheets), strict=True)
         self._lonlat: Bounds = (min(west), min(south), max(east), max(north))
+        self._window_shape = self._sheets[0]._window_shape
+        self._windows: _WindowCache[tuple[int, int, int]] = _WindowCache(WINDOW_CACHE_BYTES)
 
     def _cover(self, tiles: Sequence[TileId]) -> list[tuple[int, ...]]:
         """Per tile, the indices of the sheets it reads (those with a read window under it), in order.
@@ -1086,31 +1435,36 @@ class GeoTiffMosaicSource(_SourceBase):
         cover = self._cover([tile])[0]
         if not cover:
             return None
-        size = self.tile_size
-        rgb = np.zeros((size, size, 3), np.uint8)
-        valid = np.zeros((size, size), bool)
+        grid = _WindowGrid.of(tile, self.tile_size, self._window_shape)
+        window = self._windows.get((grid.zoom, grid.x0, grid.y0), lambda: self._render(grid))
+        keys: list[Hashable] = []
         for group in self._groups(cover):
-            # Warp only the part of the tile under the sheets' footprints (bounding boxes, padded): a sheet
-            # under a sliver of the tile then costs a sliver of a warp.
-            box = self._tile_box(tile, group)
-            merged = self._warp_group(tile, group, box) if len(group) > 1 and _nonempty(box) else None
-            parts: list[tuple[tuple[int, int, int, int], np.ndarray | None]]
+            merged = ("grid", self._grids[group[0]])
+            keys.extend([merged] if merged in window.layers else [("sheet", k) for k in group])
+        return window.cut(tile, keys, first_valid=True)
+
+    def _render(self, grid: _WindowGrid) -> _Window:
+        """The window's layers: per group of sheets on one pixel grid, their mosaic warped once (key
+        ``("grid", key)``); per sheet of a group that cannot be mosaicked (a decimated read) or of no shared
+        grid, its own warp (key ``("sheet", k)``). Each covers only the window's part under its sheets."""
+        west, south, east, north = grid.box_bounds((0, 0, grid.columns * grid.tile_size, grid.rows * grid.tile_size))
+        sheets = self._mercator
+        under = (sheets[:, 0] < east) & (sheets[:, 2] > west) & (sheets[:, 1] < north) & (sheets[:, 3] > south)
+        layers: dict[Hashable, _Layer] = {}
+        for group in self._groups(tuple(int(k) for k in np.flatnonzero(under))):
+            box = grid.box_under(self._footprint(group))
+            if not _nonempty(box):
+                continue
+            merged = self._warp_group(grid, group, box) if len(group) > 1 else None
             if merged is not None:
-                parts = [(box, merged)]
-            else:  # one sheet, or a decimated read: warp the sheets one by one
-                boxes = [self._tile_box(tile, [k]) for k in group]
-                parts = [(b, self._sheets[k]._warp(tile, b)) for k, b in zip(group, boxes, strict=True) if _nonempty(b)]
-            for (col0, row0, col1, row1), part in parts:
-                if part is None:  # pragma: no cover - the cover holds only sheets with a read plan
-                    continue
-                region = np.s_[row0:row1, col0:col1]
-                take = (part[3] >= _ALPHA_VALID) & ~valid[region]
-                # copyto with a broadcast mask: half the cost of boolean fancy indexing on this layout
-                np.copyto(rgb[region], np.moveaxis(part[:3], 0, -1), where=take[..., None])
-                valid[region] |= take
-            if valid.all():
-                break
-        return Tile(rgb=rgb, valid=valid)
+                layers[("grid", self._grids[group[0]])] = (box, merged)
+                continue
+            for k in group:
+                sheet_box = grid.box_under(self._footprint([k]))
+                pixels = self._sheets[k]._warp(grid, sheet_box) if _nonempty(sheet_box) else None
+                if pixels is not None:
+                    layers[("sheet", k)] = (sheet_box, pixels)
+        return _Window(grid, layers)
 
     def _groups(self, cover: tuple[int, ...]) -> list[list[int]]:
         """The cover's sheets grouped by pixel grid (sheets cut from one raster share one), each group in
@@ -1121,29 +1475,22 @@ class GeoTiffMosaicSource(_SourceBase):
             groups.setdefault(key if key is not None else ("alone", k), []).append(k)
         return list(groups.values())
 
-    def _tile_box(self, tile: TileId, group: list[int]) -> tuple[int, int, int, int]:
-        """(col0, row0, col1, row1) of the tile's pixels under the group's footprint, padded by 2 px."""
-        size = self.tile_size
-        west, _, east, north = mercator_bounds(tile)
-        res = (east - west) / size
-        sw, ss = self._mercator[group, 0].min(), self._mercator[group, 1].min()
-        se, sn = self._mercator[group, 2].max(), self._mercator[group, 3].max()
-        col0, col1 = max(0, math.floor((sw - west) / res) - 2), min(size, math.ceil((se - west) / res) + 2)
-        row0, row1 = max(0, math.floor((north - sn) / res) - 2), min(size, math.ceil((north - ss) / res) + 2)
-        return col0, row0, col1, row1
+    def _footprint(self, group: Sequence[int]) -> tuple[float, float, float, float]:
+        """(west, south, east, north) EPSG:3857 bounding box of the sheets ``group``."""
+        boxes = self._mercator[list(group)]
+        return boxes[:, 0].min(), boxes[:, 1].min(), boxes[:, 2].max(), boxes[:, 3].max()
 
-    def _warp_group(self, tile: TileId, group: list[int], box: tuple[int, int, int, int]) -> np.ndarray | None:
+    def _warp_group(self, grid: _WindowGrid, group: list[int], box: tuple[int, int, int, int]) -> np.ndarray | None:
         """Sheets on one pixel grid mosaicked in their CRS (first valid pixel wins) and warped once, as GDAL
-        does for a VRT: one warp per tile instead of one per sheet, and interpolation across seams. None
+        does for a VRT: one warp per window instead of one per sheet, and interpolation across seams. None
         when a read is decimated (overview levels of different sheets do not share a grid)."""
-        sheets = [self._sheets[k] for k in group]
-        plans = [sheet._read_plan(tile) for sheet in sheets]
-        if any(plan is None or plan[3] for plan in plans):
+        found = [(sheet, sheet._plan_of_box(grid, box)) for sheet in (self._sheets[k] for k in group)]
+        used = [(sheet, plan) for sheet, plan in found if plan is not None]
+        if not used or any(plan[3] for _, plan in used):
             return None
-        origin = sheets[0]._transform
+        origin = used[0][0]._transform
         spans = []
-        for sheet, plan in zip(sheets, plans, strict=True):
-            assert plan is not None
+        for sheet, plan in used:
             window = plan[0]
             dx = round((sheet._transform.c - origin.c) / origin.a)
             dy = round((sheet._transform.f - origin.f) / origin.e)
@@ -1152,14 +1499,14 @@ class GeoTiffMosaicSource(_SourceBase):
         gc0, gr0 = min(s[0] for s in spans), min(s[1] for s in spans)
         gc1, gr1 = max(s[2] for s in spans), max(s[3] for s in spans)
         src = np.zeros((4, gr1 - gr0, gc1 - gc0), np.uint8)
-        for sheet, plan, (c0, r0, c1, r1) in zip(sheets, plans, spans, strict=True):
-            assert plan is not None
-            pixels = sheet._source_pixels(tile, plan)
+        for (sheet, plan), (c0, r0, c1, r1) in zip(used, spans, strict=True):
+            pixels = sheet._source_pixels(grid.describe(), plan)
             region = src[:, r0 - gr0 : r1 - gr0, c0 - gc0 : c1 - gc0]
             take = (pixels[3] > 0) & (region[3] == 0)
             np.copyto(region, pixels, where=take[None])
         src_transform = origin @ Affine.translation(gc0, gr0)
-        return _warp_to_tile(src, src_transform, sheets[0]._crs, tile, self.tile_size, box)
+        first = used[0][0]
+        return _warp_to_window(src, src_transform, first._crs, first._to_source(), grid, box, first._gdal_warp)
 
     def sheets_of(self, tile: TileId) -> list[Path]:
         """The sheets ``tile`` reads, in compositing order."""
@@ -1167,7 +1514,9 @@ class GeoTiffMosaicSource(_SourceBase):
 
     def raw_identity(self) -> str:
         # Per-sheet identities are inside each tile's digest, so one sheet's new header moves only its tiles.
-        return _decoder_identity("geotiff-sheets", self.tile_size, {"composite": "first-valid"})
+        return _decoder_identity(
+            "geotiff-sheets", self.tile_size, {"composite": "first-valid", "window_tiles": list(self._window_shape)}
+        )
 
     def raw_digest(self, tile: TileId) -> str | None:
         digests = self.raw_digests([tile])
@@ -1208,6 +1557,7 @@ class GeoTiffMosaicSource(_SourceBase):
         return hashlib.sha256("".join(sheet.fingerprint() for sheet in self._sheets).encode()).hexdigest()
 
     def close(self) -> None:
+        self._windows.clear()
         for sheet in self._sheets:
             sheet.close()
 
@@ -1391,13 +1741,13 @@ class MBTilesSource(_SourceBase):
             "SELECT MIN(tile_column), MAX(tile_column), MIN(tile_row), MAX(tile_row) FROM tiles WHERE zoom_level = ?",
             (zoom,),
         )[0]
-        n = tiles_at(zoom)
+        n = 1 << zoom
         return _lonlat_bounds_of_tiles(zoom, int(xmin), n - 1 - int(rmax), int(xmax), n - 1 - int(rmin))
 
     def _tile_bytes(self, tile: TileId) -> bytes | None:
         if not in_grid(tile):
             return None
-        row = tiles_at(tile.z) - 1 - tile.y  # XYZ → TMS
+        row = (1 << tile.z) - 1 - tile.y  # XYZ → TMS
         rows = self._query(
             "SELECT tile_data FROM tiles WHERE zoom_level = ? AND tile_column = ? AND tile_row = ?",
             (tile.z, tile.x, row),
@@ -1536,7 +1886,7 @@ def tiles_present(source: TileSource, zoom: int, xy: np.ndarray) -> np.ndarray |
     if isinstance(source, MBTilesSource):
         if not len(xy):
             return np.zeros(0, bool)
-        n = tiles_at(zoom)
+        n = 1 << zoom
         rows = source._query(
             "SELECT tile_column, tile_row FROM tiles WHERE zoom_level = ? AND tile_column BETWEEN ? AND ? "
             "AND tile_row BETWEEN ? AND ?",

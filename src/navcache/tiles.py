@@ -34,6 +34,9 @@ from .types import Bounds, TileId
 logger = logging.getLogger(__name__)
 
 MAX_LATITUDE = 85.0511287798066  # Web-Mercator limit: atan(sinh(pi))
+#: EPSG:3857 metres from the origin to the world's edge (pi x the WGS84 semi-major axis): the square world
+#: spans [-MERCATOR_HALF_WORLD, MERCATOR_HALF_WORLD] on both axes.
+MERCATOR_HALF_WORLD = 20037508.342789244
 MAX_ZOOM = 30  # keys pack x * 2**zoom + y into int64
 
 _EPS = 1e-7  # in strides: tolerance for lon/lat <-> pixel round trips on exact tile edges
@@ -72,6 +75,21 @@ def tile_bounds(tile: TileId) -> Bounds:
         float(px_to_lon(tile.x + 1, n)),
         float(px_to_lat(tile.y, n)),
     )
+
+
+def in_grid(tile: TileId) -> bool:
+    """Whether ``tile`` exists in the XYZ grid (0 <= x, y < 2**z)."""
+    n = 1 << tile.z if tile.z >= 0 else 0
+    return 0 <= tile.x < n and 0 <= tile.y < n
+
+
+def mercator_bounds(tile: TileId) -> tuple[float, float, float, float]:
+    """(west, south, east, north) of an XYZ tile in EPSG:3857 metres (not checked against the grid: the
+    imagery reads windows of tiles that may run past the world's edge)."""
+    size = 2 * MERCATOR_HALF_WORLD / (1 << tile.z)
+    west = -MERCATOR_HALF_WORLD + tile.x * size
+    north = MERCATOR_HALF_WORLD - tile.y * size
+    return west, north - size, west + size, north
 
 
 def tile_for_lonlat(lon: float, lat: float, zoom: int) -> TileId:
