@@ -26,6 +26,8 @@ from rasterio.enums import Resampling
 
 from navcache.errors import SourceError
 from navcache.imagery import (
+    GDAL_CACHE_BYTES,
+    WINDOW_TILES,
     GeoTiffSource,
     MBTilesSource,
     TileSource,
@@ -35,8 +37,7 @@ from navcache.imagery import (
     read_window,
     tile_content_hash,
 )
-from navcache.tiles import in_grid, mercator_bounds
-from navcache.tiles import tile_bounds as tile_lonlat_bounds
+from navcache.tiles import in_grid, mercator_bounds, tile_bounds
 from navcache.types import Tile, TileId
 
 TMS = morecantile.tms.get("WebMercatorQuad")  # the independent oracle for tile geometry
@@ -209,7 +210,7 @@ def all_sources(
 @pytest.mark.parametrize("tile", [TileId(0, 0, 0), TileId(17, 69752, 45470), TileId(12, 4095, 0)])
 def test_tile_geometry_matches_morecantile(tile: TileId) -> None:
     assert mercator_bounds(tile) == pytest.approx(tuple(TMS.xy_bounds(tile.x, tile.y, tile.z)), abs=1e-6)
-    assert tile_lonlat_bounds(tile) == pytest.approx(tuple(TMS.bounds(tile.x, tile.y, tile.z)), abs=1e-9)
+    assert tile_bounds(tile) == pytest.approx(tuple(TMS.bounds(tile.x, tile.y, tile.z)), abs=1e-9)
 
 
 def test_in_grid() -> None:
@@ -750,3 +751,31 @@ def test_a_dropped_geotiff_source_releases_its_block_reader(rasters: dict[str, R
         del source  # never closed: tasks drop a stale source when its file changes
         gc.collect()
     assert len(os.listdir("/proc/self/fd")) <= before + 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Window warping: bounded memory, the same tile whichever tiles were read
+
+
+def test_gdal_block_cache_is_bounded_once_a_geotiff_opens(rasters: dict[str, Raster]) -> None:
+    if "GDAL_CACHEMAX" in os.environ:
+        pytest.skip("the environment sets GDAL_CACHEMAX; navcache leaves it alone")
+    with GeoTiffSource(rasters["utm"].path) as source:
+        source.read_tile(marker_tile_and_pixel(*CENTER, 18)[0])
+        assert int(rasterio.env.get_gdal_config("GDAL_CACHEMAX")) <= GDAL_CACHE_BYTES
+
+
+def test_warped_windows_stay_within_their_budget(rasters: dict[str, Raster], monkeypatch: pytest.MonkeyPatch) -> None:
+    import navcache.imagery as imagery
+
+    budget = 4 << 20  # a few of this raster's windows (each clipped to the raster)
+    monkeypatch.setattr(imagery, "WINDOW_CACHE_BYTES", budget)
+    with GeoTiffSource(rasters["wgs84"].path) as source:
+        tiles = tiles_of(source, 19)
+        windows = {(t.x // WINDOW_TILES[0], t.y // WINDOW_TILES[1]) for t in tiles}
+        first = {t: source.read_tile(t) for t in tiles}
+        cache = source._windows
+        assert 1 <= len(cache._windows) < len(windows) and cache._bytes <= budget
+        # Windows dropped and warped again give the very same tiles.
+        for tile in reversed(tiles):
+            assert _same_tile(source.read_tile(tile), first[tile]), tile
