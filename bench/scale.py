@@ -12,7 +12,8 @@ extent is the sortie's square, so gdal2tiles cuts the same tiles. Per size, in o
   the per-step split comes from the flow run's task runs (per task name: first start to last end);
 * **gdal2tiles** (Debian's ``gdal2tiles.py``, as a crew would cut tiles without navcache) cutting the same
   orthophoto at the same zoom to PNG, one process per core, wall time and peak RSS of its process tree —
-  skipped, and the row says so, where it is not installed;
+  skipped, and the row says so, where it is not installed or past ``GDAL2TILES_MAX_TILES`` (it would take
+  longer than the rest of the run);
 * **plan only** at a larger size: the flow's plan step (chunk enumeration, storage tiles, shard plans) and
   ``navcache plan``'s count, wall time and the peak RSS they add, in a fresh process.
 
@@ -45,6 +46,8 @@ M_PER_PX = 4.0
 NODATA = 0
 GOAL_PEAK_RSS_BYTES = 1 << 30
 GOAL_INCREMENTAL = 0.05
+#: gdal2tiles cuts ~20-60 tiles/s on 2 cores: past this size it would take longer than the rest of the run.
+GDAL2TILES_MAX_TILES = 20_000
 CENTER_LAT, CENTER_LON = 48.137, 11.575
 _RESULT_MARK = "SCALE-RESULT "
 
@@ -367,7 +370,7 @@ def _one_size(tmp: Path, side: int, assets: Any, api_url: str) -> dict[str, Any]
     changed = _changed_patch(tiles, side, 0)
     _change_tiles(ortho, changed)
     incremental = _in_child("provision", sortie, api_url)
-    gdal = _gdal2tiles(ortho, root / "gdal2tiles")
+    gdal = _gdal2tiles(ortho, root / "gdal2tiles") if len(tiles) <= GDAL2TILES_MAX_TILES else None
     return {
         "side": side,
         "tiles": len(tiles),
@@ -470,7 +473,8 @@ def report(data: dict[str, Any]) -> list[list[Any]]:
         )
         gdal = size["gdal2tiles"]
         if gdal is None:
-            rows.append([f"{n:,} tiles gdal2tiles", "", "", "", "", "skipped: gdal2tiles is not installed"])
+            why = "is not installed" if gdal2tiles_command() is None else f"is run up to {GDAL2TILES_MAX_TILES:,} tiles"
+            rows.append([f"{n:,} tiles gdal2tiles", "", "", "", "", f"skipped: gdal2tiles {why}"])
         else:
             rows.append(
                 [
