@@ -34,6 +34,7 @@ from navcache.imagery import (
     XyzFolderSource,
     is_blank,
     open_tile_source,
+    read_pixels,
     read_window,
     tile_content_hash,
 )
@@ -779,3 +780,27 @@ def test_warped_windows_stay_within_their_budget(rasters: dict[str, Raster], mon
         # Windows dropped and warped again give the very same tiles.
         for tile in reversed(tiles):
             assert _same_tile(source.read_tile(tile), first[tile]), tile
+
+
+@pytest.mark.parametrize("crs_key", ["utm", "wgs84"])
+def test_read_pixels_warps_a_rectangle_as_its_tiles_show_it(rasters: dict[str, Raster], crs_key: str) -> None:
+    with GeoTiffSource(rasters[crs_key].path) as source:
+        tiles = tiles_of(source, 18)
+        # From outside the raster's north-west corner (nodata rows, no raster) to well inside it.
+        x0, y0 = min(t.x for t in tiles) * 256 - 40, min(t.y for t in tiles) * 256 - 40
+        box = (x0, y0, x0 + 700, y0 + 500)
+        tiled = read_window(source, 18, *box)
+        direct = read_pixels(source, 18, *box)
+    assert direct.rgb.shape == tiled.rgb.shape and not direct.valid.all() and direct.valid.any()
+    assert (direct.valid != tiled.valid).mean() <= 0.002
+    both = direct.valid & tiled.valid
+    diff = np.abs(direct.rgb.astype(np.int16) - tiled.rgb.astype(np.int16))[both]
+    assert diff.mean() <= 0.5 and (diff > 4).mean() <= 0.001
+
+
+def test_read_pixels_of_a_tile_store_is_read_window(tmp_path: Path, z17_tiles: dict[TileId, Tile]) -> None:
+    with open_tile_source("xyz", write_xyz(tmp_path / "xyz", z17_tiles), 256) as source:
+        tile = next(iter(z17_tiles))
+        box = (tile.x * 256 - 30, tile.y * 256 + 10, tile.x * 256 + 300, tile.y * 256 + 400)
+        a, b = read_pixels(source, 17, *box), read_window(source, 17, *box)
+    assert np.array_equal(a.rgb, b.rgb) and np.array_equal(a.valid, b.valid)

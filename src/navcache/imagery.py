@@ -219,6 +219,23 @@ def read_window(source: TileReader, zoom: int, x0: int, y0: int, x1: int, y1: in
     return out
 
 
+@runtime_checkable
+class PixelReader(Protocol):
+    """A source that warps any pixel rectangle at once (GeoTIFF sources)."""
+
+    def read_pixels(self, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile: ...
+
+
+def read_pixels(source: TileReader, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
+    """:func:`read_window`'s pixels, but a :class:`PixelReader` (a GeoTIFF) warps just the rectangle in one
+    call, cutting and keeping no tiles: for sparse reads, such as the self-test's views, that touch a few
+    pixels of many windows. The pixels agree with the tiles' within the warp's resampling (the mesh cells
+    are placed per call), not bit for bit."""
+    if isinstance(source, PixelReader):
+        return source.read_pixels(zoom, x0, y0, x1, y1)
+    return read_window(source, zoom, x0, y0, x1, y1)
+
+
 def open_tile_source(kind: str, path: Path | Sequence[Path], tile_size: int = 256) -> TileSource:
     """Open an orthophoto source of ``kind`` (one of :data:`SOURCE_KINDS`). A ``geotiff`` may be several
     sheets (a sequence of paths: a :class:`GeoTiffMosaicSource`, composited in the given order) or one file,
@@ -442,6 +459,21 @@ class _WindowGrid:
         x0, y0 = tile.x // columns * columns, tile.y // rows * rows
         return cls(tile.z, x0, y0, min(columns, n - x0), min(rows, n - y0), tile_size)
 
+    @classmethod
+    def around(
+        cls, zoom: int, x0: int, y0: int, x1: int, y1: int, tile_size: int
+    ) -> tuple[_WindowGrid, tuple[int, int, int, int], tuple[int, int, int, int]]:
+        """The tiles under global pixels ``[x0, x1) x [y0, y1)`` at ``zoom``, that rectangle as a box of them,
+        and the part of it inside the world (pixels beyond the world's edge are never warped)."""
+        if x1 <= x0 or y1 <= y0:
+            raise ValueError(f"empty window: x {x0}..{x1}, y {y0}..{y1}")
+        tx0, ty0 = x0 // tile_size, y0 // tile_size
+        grid = cls(zoom, tx0, ty0, -(-x1 // tile_size) - tx0, -(-y1 // tile_size) - ty0, tile_size)
+        ox, oy, world = tx0 * tile_size, ty0 * tile_size, tile_size << zoom
+        box = (x0 - ox, y0 - oy, x1 - ox, y1 - oy)
+        inside = (max(x0, 0) - ox, max(y0, 0) - oy, min(x1, world) - ox, min(y1, world) - oy)
+        return grid, box, inside
+
     @property
     def res(self) -> float:
         """EPSG:3857 metres per pixel."""
@@ -494,22 +526,26 @@ class _Window:
         return sum(pixels.nbytes for _, pixels in self.layers.values())
 
     def cut(self, tile: TileId, keys: Sequence[Hashable], *, first_valid: bool) -> Tile:
-        """``tile``'s pixels from the layers ``keys``, invalid pixels black (a warp's partly covered edge pixels
-        carry colour below the validity threshold). ``first_valid``: composite them, the first valid pixel
-        winning; otherwise one layer is copied."""
-        size = self.grid.tile_size
-        tc0, tr0, tc1, tr1 = self.grid.tile_box(tile)
+        """``tile``'s pixels from the layers ``keys`` (see :meth:`cut_box`)."""
+        return self.cut_box(self.grid.tile_box(tile), keys, first_valid=first_valid)
+
+    def cut_box(self, box: tuple[int, int, int, int], keys: Sequence[Hashable], *, first_valid: bool) -> Tile:
+        """The pixels ``box`` from the layers ``keys``, invalid pixels black (a warp's partly covered edge
+        pixels carry colour below the validity threshold) and pixels no layer covers invalid.
+        ``first_valid``: composite the layers, the first valid pixel winning; otherwise one layer is copied."""
+        tc0, tr0, tc1, tr1 = box
+        width, height = tc1 - tc0, tr1 - tr0
         if len(keys) == 1 and (layer := self.layers.get(keys[0])) is not None:
             (c0, r0, c1, r1), pixels = layer
             if c0 <= tc0 and r0 <= tr0 and tc1 <= c1 and tr1 <= r1:  # the common case: one layer under it all
                 part = pixels[tr0 - r0 : tr1 - r0, tc0 - c0 : tc1 - c0]
                 alpha = part[..., 3] >= _ALPHA_VALID
-                rgb = np.empty((size, size, 3), np.uint8)
+                rgb = np.empty((height, width, 3), np.uint8)
                 for channel in range(3):  # 3-4x faster than one copy of the 3-of-4-bytes view
                     rgb[..., channel] = part[..., channel]
                 return Tile(rgb=rgb if alpha.all() else np.where(alpha[..., None], rgb, 0), valid=alpha)
-        rgb = np.zeros((size, size, 3), np.uint8)
-        valid = np.zeros((size, size), bool)
+        rgb = np.zeros((height, width, 3), np.uint8)
+        valid = np.zeros((height, width), bool)
         for key in keys:
             layer = self.layers.get(key)
             if layer is None:
@@ -928,8 +964,13 @@ class GeoTiffSource(_SourceBase):
         grid = _WindowGrid.of(tile, self.tile_size, self._window_shape)
         return self._windows.get((grid.zoom, grid.x0, grid.y0), lambda: self._render(grid))
 
-    def _render(self, grid: _WindowGrid) -> _Window:
-        box = grid.box_under(self._mercator)
+    def read_pixels(self, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
+        """Global pixels ``[x0, x1) x [y0, y1)`` at ``zoom`` warped at once (:func:`read_pixels`)."""
+        grid, box, inside = _WindowGrid.around(zoom, x0, y0, x1, y1, self.tile_size)
+        return self._render(grid, inside).cut_box(box, (None,), first_valid=False)
+
+    def _render(self, grid: _WindowGrid, region: tuple[int, int, int, int] | None = None) -> _Window:
+        box = _intersect(grid.box_under(self._mercator), region)
         pixels = self._warp(grid, box) if _nonempty(box) else None
         return _Window(grid, {} if pixels is None else {None: (box, pixels)})
 
@@ -1343,6 +1384,13 @@ def _nonempty(box: tuple[int, int, int, int]) -> bool:
     return box[2] > box[0] and box[3] > box[1]
 
 
+def _intersect(box: tuple[int, int, int, int], region: tuple[int, int, int, int] | None) -> tuple[int, int, int, int]:
+    if region is None:
+        return box
+    col0, row0 = max(box[0], region[0]), max(box[1], region[1])
+    return col0, row0, max(col0, min(box[2], region[2])), max(row0, min(box[3], region[3]))
+
+
 def _pixel_grid(sheet: GeoTiffSource) -> tuple[object, ...] | None:
     """What sheets must share to be mosaicked in their own CRS before warping: CRS, pixel size and the
     grid's phase (origins a whole number of pixels apart). None for rotated grids and palette sheets."""
@@ -1405,6 +1453,10 @@ class GeoTiffMosaicSource(_SourceBase):
         west, south, east, north = zip(*(sheet.bounds_lonlat() for sheet in self._sheets), strict=True)
         self._lonlat: Bounds = (min(west), min(south), max(east), max(north))
         self._window_shape = self._sheets[0]._window_shape
+        # Compositing order of window layers when no tile's cover decides it: by first sheet.
+        self._layer_order: dict[Hashable, int] = {("sheet", k): k for k in range(len(self._sheets))}
+        for k in reversed(range(len(self._sheets))):
+            self._layer_order[("grid", self._grids[k])] = k
         self._windows: _WindowCache[tuple[int, int, int]] = _WindowCache(WINDOW_CACHE_BYTES)
 
     def _cover(self, tiles: Sequence[TileId]) -> list[tuple[int, ...]]:
@@ -1443,7 +1495,15 @@ class GeoTiffMosaicSource(_SourceBase):
             keys.extend([merged] if merged in window.layers else [("sheet", k) for k in group])
         return window.cut(tile, keys, first_valid=True)
 
-    def _render(self, grid: _WindowGrid) -> _Window:
+    def read_pixels(self, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
+        """Global pixels ``[x0, x1) x [y0, y1)`` at ``zoom`` warped at once (:func:`read_pixels`), every sheet
+        group under them composited in the order of its first sheet."""
+        grid, box, inside = _WindowGrid.around(zoom, x0, y0, x1, y1, self.tile_size)
+        window = self._render(grid, inside)
+        under = sorted(window.layers, key=lambda key: self._layer_order[key])
+        return window.cut_box(box, under, first_valid=True)
+
+    def _render(self, grid: _WindowGrid, region: tuple[int, int, int, int] | None = None) -> _Window:
         """The window's layers: per group of sheets on one pixel grid, their mosaic warped once (key
         ``("grid", key)``); per sheet of a group that cannot be mosaicked (a decimated read) or of no shared
         grid, its own warp (key ``("sheet", k)``). Each covers only the window's part under its sheets."""
@@ -1452,7 +1512,7 @@ class GeoTiffMosaicSource(_SourceBase):
         under = (sheets[:, 0] < east) & (sheets[:, 2] > west) & (sheets[:, 1] < north) & (sheets[:, 3] > south)
         layers: dict[Hashable, _Layer] = {}
         for group in self._groups(tuple(int(k) for k in np.flatnonzero(under))):
-            box = grid.box_under(self._footprint(group))
+            box = _intersect(grid.box_under(self._footprint(group)), region)
             if not _nonempty(box):
                 continue
             merged = self._warp_group(grid, group, box) if len(group) > 1 else None
@@ -1460,7 +1520,7 @@ class GeoTiffMosaicSource(_SourceBase):
                 layers[("grid", self._grids[group[0]])] = (box, merged)
                 continue
             for k in group:
-                sheet_box = grid.box_under(self._footprint([k]))
+                sheet_box = _intersect(grid.box_under(self._footprint([k])), region)
                 pixels = self._sheets[k]._warp(grid, sheet_box) if _nonempty(sheet_box) else None
                 if pixels is not None:
                     layers[("sheet", k)] = (sheet_box, pixels)

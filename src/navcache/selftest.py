@@ -52,10 +52,10 @@ from navcache_runtime.index import search
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes, verify_artifact, write_artifact_once
 from navcache_runtime.preprocessing import Preprocess
 
-from .imagery import TileSource, read_window
+from .imagery import PixelReader, TileSource, read_window
 from .sortie import SelfTestConfig
 from .tiles import ChunkGrid
-from .types import TileId
+from .types import Tile, TileId
 
 log = logging.getLogger(__name__)
 
@@ -198,9 +198,11 @@ class ViewRenderer:
     """Renders drone-like views of chunks from a tile source, at about the engine's input resolution.
 
     The engine sees a view only after it is resized to its input (often half a chunk or less), so the
-    context around a chunk is read ``levels`` zoom levels coarser (each level halves the pixels), from
-    tiles kept for the whole self-test: neighbouring views share them, and the cost stays a small fraction
-    of the provision that described every chunk at full resolution."""
+    context around a chunk is read ``levels`` zoom levels coarser (each level halves the pixels). A GeoTIFF
+    warps each view's context rectangle at once (:class:`~navcache.imagery.PixelReader`): the views are
+    spread over the area, so warping whole tiles or windows for them would warp mostly pixels no view uses.
+    Tile stores (XYZ, MBTiles) mosaic their tiles, kept for the whole self-test (neighbouring views share
+    them)."""
 
     def __init__(self, source: TileSource, grid: ChunkGrid, input_px: int) -> None:
         self.source = source
@@ -215,6 +217,11 @@ class ViewRenderer:
             self._tiles[tile] = self.source.read_tile(tile)
         return self._tiles[tile]
 
+    def _read(self, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
+        if isinstance(self.source, PixelReader):
+            return self.source.read_pixels(zoom, x0, y0, x1, y1)
+        return read_window(self, zoom, x0, y0, x1, y1)
+
     def render(self, chunk: TileId, params: ViewParams) -> np.ndarray:
         """A view of ``chunk``: the orthophoto around it rotated, scaled and shifted, then brightness/contrast,
         blur and a JPEG round trip; RGB uint8, ``chunk_px >> levels`` square. Nodata stays black."""
@@ -226,7 +233,7 @@ class ViewRenderer:
     def chunk_image(self, chunk: TileId) -> np.ndarray:
         """The chunk itself, unperturbed, at the renderer's resolution (nodata black)."""
         x0, y0, x1, y1 = (v >> self.levels for v in self.grid.chunk_pixel_box(chunk))
-        tile = read_window(self, self.grid.zoom - self.levels, x0, y0, x1, y1)
+        tile = self._read(self.grid.zoom - self.levels, x0, y0, x1, y1)
         return np.where(tile.valid[:, :, None], tile.rgb, 0).astype(np.uint8)
 
     def _render(self, chunk: TileId, params: ViewParams, levels: int) -> np.ndarray | None:
@@ -234,7 +241,7 @@ class ViewRenderer:
         x0, y0, _, _ = (v >> levels for v in self.grid.chunk_pixel_box(chunk))
         reach = c * (params.scale * math.sqrt(2) / 2 + params.max_shift) - c / 2
         margin = max(0, math.ceil(reach)) + 2
-        context = read_window(self, self.grid.zoom - levels, x0 - margin, y0 - margin, x0 + c + margin, y0 + c + margin)
+        context = self._read(self.grid.zoom - levels, x0 - margin, y0 - margin, x0 + c + margin, y0 + c + margin)
         if levels and context.valid_fraction < 0.05:
             return None
         rgb = np.where(context.valid[:, :, None], context.rgb, 0).astype(np.uint8)
