@@ -35,6 +35,7 @@ from navcache.summary import RunResults
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache.types import TileId
 from navcache_runtime import RuntimeConfig
+from navcache_runtime.layout import COVERAGE_DIR, DESCRIPTORS_DIR, ENGINES_DIR, INDEX_DIR
 from navcache_tasks import reporting
 from navcache_tasks.coverage import coverage_gate, coverage_task
 from navcache_tasks.descriptors import collect_shards, describe_shard_task
@@ -116,7 +117,7 @@ def _descriptor_job(
         description=f"Descriptor shards for {sortie.sortie_id}",
     )
     assert isinstance(artifact, UUID)  # called from a sync flow: the id, not a coroutine
-    out_dir = sortie.cache_dir / "descriptors"
+    out_dir = sortie.cache_dir / DESCRIPTORS_DIR
     return DescriptorJob.for_sortie(sortie, runtime_config, engine.entry, grid, out_dir, total, artifact)
 
 
@@ -186,7 +187,7 @@ def provision_sortie(
         if swept:
             log.warning("%s", summarise_temps(swept))  # one line, however many a killed run left
         host = probe_host_task(root)
-        runtime_config = RuntimeConfig(runtime=spec.runtime, engine_dir=root / "engines")
+        runtime_config = RuntimeConfig(runtime=spec.runtime, engine_dir=root / ENGINES_DIR)
         engines = _engines(spec, runtime_config)
         vpr_engine = next(e for e in engines if e.backbone == spec.vpr.name)
 
@@ -194,7 +195,7 @@ def provision_sortie(
         job = _descriptor_job(spec, runtime_config, vpr_engine, grid, plans)
         shards = _describe_shards(plans, job, dask_address, spec.sortie_id)
 
-        index = build_index_task(shards, grid, root / "index", IndexBudget())
+        index = build_index_task(shards, grid, root / INDEX_DIR, IndexBudget())
         upsampling, max_upsampling = checked.imagery.upsampling, spec.tiles.max_upsampling
         self_test = self_test_task(job, shards, index, spec.self_test, upsampling, max_upsampling)
         reporting.index_report(spec.sortie_id, index, self_test)
@@ -207,7 +208,7 @@ def provision_sortie(
             grid,
             _as_is(storage_tiles),
             spec.coverage_threshold,
-            root / "coverage",
+            root / COVERAGE_DIR,
             takeoff_lonlat,
             area=_as_is(spec.area),  # the map's outline (the corridor around a route)
             imagery=(job.source_kind, job.sources),

@@ -28,6 +28,7 @@ from navcache_runtime import EngineCacheEntry, RuntimeConfig, build_inference_ru
 from navcache_runtime.coverage import DEFAULT_BLANK_STD
 from navcache_runtime.index import load_index, load_tile_table
 from navcache_runtime.integrity import read_sidecar
+from navcache_runtime.layout import SELFTEST_DIR
 from navcache_runtime.preprocessing import Preprocess
 
 from . import progress
@@ -241,7 +242,7 @@ def self_test_for_job(
     blank_fraction = sum(s.blank for s in shards) / max(1, chunks)
     source = tile_source(job)
     preprocess = job.preprocessing or Preprocess.for_input_shape(job.input_shape)
-    out_dir = job.out_dir.parent / "selftest"
+    out_dir = job.out_dir.parent / SELFTEST_DIR
     key = memo_key(
         index=read_sidecar(index.index_path),
         engine=job.engine.sha256,
