@@ -28,6 +28,8 @@ from navcache.sortie import load_sortie
 from navcache_runtime.preprocessing import CHANNEL_ORDERS, LAYOUTS, RESIZE_MODES, SCALES, Preprocess
 from navcache_runtime.verify import FailureCode
 from tests.support.byo_models import vit_like
+from tests.support.cli import navcache
+from tests.support.sortie_files import write_document
 from tests.support.sorties import Assets, block_tiles, tiles_polygon
 from tests.test_manifest import AREA, EXPIRES, HOST, ISSUED, TAKEOFF, make_cache
 
@@ -185,44 +187,30 @@ def _sortie(
 ) -> Path:
     area = tiles_polygon(tiles or block_tiles()[0])
     first = area["coordinates"][0][0][0]
-    lines = [
-        f'sortie_id = "byo-{tmp_path.name[:40]}"',
-        f'runtime = "{runtime}"',
-        f'cache_dir = "{tmp_path / "cache"}"',
-        f'signing_key = "{assets.signing_key}"',
-        f'trusted_keys = "{assets.trusted_keys}"',
-        "expires_hours = 24",
-        "[takeoff]",
-        f"lat = {first[1] + 2e-4}",
-        f"lon = {first[0] + 2e-4}",
-        "[area]",
-        f"geojson = '''{json.dumps(area)}'''",
-        "[tiles]",
-        f"zoom = {zoom}",
-        "shard_block = 8",
-        "[orthophoto]",
-        f'geotiff = "{assets.ortho}"',
-        "[descriptors]",
-        "batch_size = 8",
-        "[[backbones]]",
-        'name = "vit_s14"',
-        f'onnx = "{model}"',
-        'role = "vpr"',
-        f'precision = "{precision}"',
-    ]
+    backbone: dict[str, Any] = {"name": "vit_s14", "onnx": str(model), "role": "vpr", "precision": precision}
     if shape is not None:
-        lines.append(f"shape = {shape}")
+        backbone["shape"] = shape
     if output is not None:
-        lines.append(f'output = "{output}"')
+        backbone["output"] = output
     if profile is not None:
-        lines.append("[backbones.profile]")
-        lines += [f"{k} = {v}" for k, v in profile.items()]
+        backbone["profile"] = profile
     if preprocess is not None:
-        lines.append("[backbones.preprocess]")
-        lines += [f"{k} = {json.dumps(v)}" for k, v in preprocess.items()]
-    path = tmp_path / "sortie.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+        backbone["preprocess"] = preprocess
+    doc = {
+        "sortie_id": f"byo-{tmp_path.name[:40]}",
+        "runtime": runtime,
+        "cache_dir": str(tmp_path / "cache"),
+        "signing_key": str(assets.signing_key),
+        "trusted_keys": str(assets.trusted_keys),
+        "expires_hours": 24,
+        "takeoff": {"lat": first[1] + 2e-4, "lon": first[0] + 2e-4},
+        "area": {"geojson": json.dumps(area)},
+        "tiles": {"zoom": zoom, "shard_block": 8},
+        "orthophoto": {"geotiff": str(assets.ortho)},
+        "descriptors": {"batch_size": 8},
+        "backbones": [backbone],
+    }
+    return write_document(tmp_path / "sortie.toml", doc)
 
 
 @pytest.fixture(scope="module")
@@ -422,21 +410,8 @@ def test_a_declared_nhwc_model_is_provisioned_signed_and_applied_onboard(
 def test_the_cli_refuses_a_byo_mistake_with_exit_2_and_writes_nothing(
     tmp_path: Path, assets: Assets, models: dict[str, Path]
 ) -> None:
-    import os
-    import subprocess
-    import sys
-
     sortie = _sortie(tmp_path, assets, models["two"], shape=[8, 3, 224, 224])
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect"), NO_COLOR="1", COLUMNS="300")
-    env.pop("PREFECT_API_URL", None)
-    done = subprocess.run(
-        [sys.executable, "-m", "navcache", "provision", str(sortie)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
+    done = navcache("provision", str(sortie), home=tmp_path / "prefect", columns=300, timeout=120)
     assert done.returncode == 2, done.stderr
     assert 'set output = "descriptor" in sortie.toml [[backbones]][0]' in done.stderr
     assert "'features' [N, 64, 16, 16], 'descriptor' [N, 384]" in done.stderr

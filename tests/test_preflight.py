@@ -7,8 +7,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +20,7 @@ from navcache.errors import SortieError, SourceError
 from navcache.imagery import GeoTiffSource, ground_m_per_px
 from navcache.preflight import COVERAGE_MARGIN, check_cache_dir, run_preflight
 from navcache.sortie import load_sortie
+from tests.support.cli import navcache
 from tests.support.realistic import (
     bending_route,
     coarse_orthophoto,
@@ -238,17 +237,8 @@ def test_provision_refuses_the_sliver_with_exit_2_before_prefect_or_any_write(
     assets: Assets, ortho: Path, tmp_path: Path
 ) -> None:
     sortie = _sortie(tmp_path, assets, ortho, km=300, zoom=16)
-    env = dict(os.environ, PREFECT_HOME=str(tmp_path / "prefect-home"), NO_COLOR="1", COLUMNS="200")
-    env.pop("PREFECT_API_URL", None)
     started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "navcache", "provision", str(sortie)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
+    proc = navcache("provision", str(sortie), home=tmp_path / "prefect-home", timeout=300)
     elapsed = time.perf_counter() - started
     assert proc.returncode == 2, proc.stderr
     assert "valid pixels cover only about" in proc.stderr and "Traceback" not in proc.stderr

@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.support.onnx_files import save_onnx
 
 PATCH = 14
 EMBED = 16  # patch-embedding channels (small: the model only has to tell tiles apart)
@@ -70,12 +71,7 @@ def vit_like(
         graph_outputs,
         init,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(path, graph)
 
 
 __all__ = ["vit_like"]

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import sqlite3
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,8 @@ import rasterio
 from PIL import Image
 from rasterio.transform import from_origin
 
-from tests.support.sorties import Assets
+from tests.support.sortie_files import write_document
+from tests.support.sorties import Assets, demo_backbones
 
 M_PER_DEG_LAT = 110_574.0
 M_PER_DEG_LON_EQUATOR = 111_320.0
@@ -131,51 +133,23 @@ def route_sortie(
     tiles_extra: str = "",
 ) -> Path:
     """A sortie file flying ``route`` (takeoff at its first point) over ``orthophoto`` (``kind``: geotiff,
-    xyz or mbtiles) with the demo's two backbones and keys."""
+    xyz or mbtiles) with the demo's two backbones and keys; ``tiles_extra`` is TOML text whose keys are
+    added to ``[tiles]``."""
     lon, lat = route["coordinates"][0]
-    path.write_text(f"""
-sortie_id = "route-{path.stem}"
-runtime = "onnx_trt_ep"
-cache_dir = "{cache_dir}"
-signing_key = "{assets.signing_key}"
-trusted_keys = "{assets.trusted_keys}"
-coverage_threshold = {threshold}
-
-[takeoff]
-lat = {lat}
-lon = {lon}
-
-[area]
-corridor_m = {corridor_m}
-geojson = '''{json.dumps(route)}'''
-
-[tiles]
-zoom = {zoom}
-size = 256
-budget = {budget}
-{tiles_extra}
-
-[orthophoto]
-{kind} = "{orthophoto}"
-
-[[backbones]]
-name = "tiny_vpr"
-onnx = "{assets.vpr_onnx}"
-role = "vpr"
-precision = "fp32"
-[backbones.profile]
-min = [1, 3, 128, 128]
-opt = [8, 3, 128, 128]
-max = [16, 3, 128, 128]
-
-[[backbones]]
-name = "local_features"
-onnx = "{assets.local_onnx}"
-role = "local"
-precision = "fp32"
-shape = [1, 3, 128, 128]
-""")
-    return path
+    doc: dict[str, Any] = {
+        "sortie_id": f"route-{path.stem}",
+        "runtime": "onnx_trt_ep",
+        "cache_dir": str(cache_dir),
+        "signing_key": str(assets.signing_key),
+        "trusted_keys": str(assets.trusted_keys),
+        "coverage_threshold": threshold,
+        "takeoff": {"lat": lat, "lon": lon},
+        "area": {"corridor_m": corridor_m, "geojson": json.dumps(route)},
+        "tiles": {"zoom": zoom, "size": 256, "budget": budget} | tomllib.loads(tiles_extra),
+        "orthophoto": {kind: str(orthophoto)},
+        "backbones": demo_backbones(assets.vpr_onnx, assets.local_onnx),
+    }
+    return write_document(path, doc)
 
 
 TilePngs = dict[tuple[int, int, int], bytes]

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
+
+from tests.support.onnx_files import save_onnx
 
 GRID = 8
 
@@ -26,12 +27,7 @@ def _save(nodes: list, init: list, path: Path, size: int, dim: int) -> Path:
         [helper.make_tensor_value_info("descriptor", TensorProto.FLOAT, ["N", dim])],
         init,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(path, graph)
 
 
 def thumbnail(path: Path, *, size: int = 128, permute_seed: int | None = None) -> Path:

@@ -1,20 +1,27 @@
-"""Sortie files for the schema and model-check tests, written from Python dicts: a tiny TOML emitter, a valid
-base document over dummy keys and imagery, and tiny ONNX models (the per-channel mean of the image)."""
+"""Sortie files written from Python dicts: the one TOML writer the tests use (:func:`write_document`, also
+behind the templates in tests/support/sorties.py and realistic.py), a valid base document over dummy keys
+and imagery, and tiny ONNX models (the per-channel mean of the image).
+
+The writer emits what a crew would write: top-level keys first, then a ``[table]`` per dict,
+``[[table]]`` per dict in a list of dicts, bare keys wherever TOML allows them, one ``key = value`` a line.
+Tests edit the written text line by line (``zoom = 18`` → ``zom = 18``), so that layout is part of the
+contract."""
 
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import onnx
 import pytest
 from onnx import TensorProto, helper
 
 from navcache.errors import SortieError
 from navcache.sortie import Sortie, load_sortie
+from tests.support.onnx_files import save_onnx
 
 # ~3.7 km x 3.3 km around the takeoff in Munich
 POLYGON = {
@@ -23,9 +30,23 @@ POLYGON = {
 }
 TAKEOFF = {"lat": 48.137, "lon": 11.575}
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_LITERAL_SAFE = re.compile(r"[ -&(-~]*")  # printable ASCII without the apostrophe: fits a '...' literal
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def toml_string(text: str) -> str:
+    """``text`` as a TOML basic string: quotes, backslashes and control characters escaped, the rest as is."""
+    escaped = "".join(_ESCAPES.get(c) or (f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c) for c in text)
+    return f'"{escaped}"'
+
+
+def toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else toml_string(key)
+
 
 def toml_value(value: Any) -> str:
-    """A tiny TOML emitter (inline tables only) so tests can build documents as dicts."""
+    """One value as inline TOML (strings with double quotes inside as '...' literals, so JSON stays legible)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -37,16 +58,44 @@ def toml_value(value: Any) -> str:
             return "inf" if value > 0 else "-inf"
         return repr(value)
     if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, list):
+        return f"'{value}'" if '"' in value and _LITERAL_SAFE.fullmatch(value) else toml_string(value)
+    if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{toml_key(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
     raise TypeError(type(value))
 
 
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(item, dict) for item in value)
+
+
+def _table_lines(table: dict[str, Any], path: tuple[str, ...]) -> list[str]:
+    """``table``'s own keys, then its sub-tables and arrays of tables (TOML wants them in that order)."""
+    lines = [
+        f"{toml_key(k)} = {toml_value(v)}"
+        for k, v in table.items()
+        if not isinstance(v, dict) and not _is_table_array(v)
+    ]
+    for key, value in table.items():
+        header = ".".join(toml_key(part) for part in (*path, key))
+        if isinstance(value, dict):
+            lines += ["", f"[{header}]", *_table_lines(value, (*path, key))]
+        elif _is_table_array(value):
+            for item in value:
+                lines += ["", f"[[{header}]]", *_table_lines(item, (*path, key))]
+    return lines
+
+
 def dump_toml(doc: dict[str, Any]) -> str:
-    return "".join(f"{json.dumps(k)} = {toml_value(v)}\n" for k, v in doc.items())
+    """``doc`` as a TOML document that ``tomllib.loads`` reads back equal (tuples come back as lists)."""
+    return "\n".join(_table_lines(doc, ())).lstrip("\n") + "\n"
+
+
+def write_document(path: Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` to ``path`` as a sortie file (UTF-8) and return the path."""
+    path.write_text(dump_toml(doc), encoding="utf-8")
+    return path
 
 
 def make_onnx(
@@ -65,12 +114,7 @@ def make_onnx(
     graph = helper.make_graph(
         nodes, "tiny", [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, list(dims))], graph_outputs
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    return path
+    return save_onnx(path, graph)
 
 
 @dataclass
@@ -79,9 +123,7 @@ class Flight:
     doc: dict[str, Any]
 
     def write(self, name: str = "sortie.toml") -> Path:
-        path = self.root / name
-        path.write_text(dump_toml(self.doc), encoding="utf-8")
-        return path
+        return write_document(self.root / name, self.doc)
 
     def load(self, **kwargs: Any) -> Sortie:
         return load_sortie(self.write(), **kwargs)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from navcache.tiles import tile_bounds, tile_for_lonlat
 from navcache.types import TileId
+from tests.support.sortie_files import write_document
 
 CENTER_LAT, CENTER_LON = 48.137, 11.575
 
@@ -66,6 +68,29 @@ def block_tiles(zoom: int = 18, block: int = 8) -> tuple[list[TileId], list[Tile
     return first, second
 
 
+def demo_backbones(vpr_onnx: Path, local_onnx: Path, **fields: Any) -> list[dict[str, Any]]:
+    """The demo's two ``[[backbones]]`` in fp32: tiny_vpr over a batch-1-to-16 profile of 128 px images,
+    local_features at batch 1; ``fields`` (e.g. ``input``) go into both."""
+    return [
+        {
+            "name": "tiny_vpr",
+            "onnx": str(vpr_onnx),
+            "role": "vpr",
+            "precision": "fp32",
+            **fields,
+            "profile": {"min": [1, 3, 128, 128], "opt": [8, 3, 128, 128], "max": [16, 3, 128, 128]},
+        },
+        {
+            "name": "local_features",
+            "onnx": str(local_onnx),
+            "role": "local",
+            "precision": "fp32",
+            **fields,
+            "shape": [1, 3, 128, 128],
+        },
+    ]
+
+
 def write_sortie(
     path: Path,
     assets: Assets,
@@ -79,54 +104,24 @@ def write_sortie(
     takeoff: tuple[float, float] | None = None,
     extra: str = "",
 ) -> Path:
+    """A sortie file over ``area`` with the demo's two backbones and keys; ``extra`` is TOML text whose keys
+    and tables are added to the document."""
     if takeoff is None:
         first = area["coordinates"][0][0][0] if area["type"] == "MultiPolygon" else area["coordinates"][0][0]
         takeoff = (first[1] + 2e-4, first[0] + 2e-4)
-    path.write_text(f"""
-sortie_id = "test-{path.stem}"
-runtime = "onnx_trt_ep"
-cache_dir = "{cache_dir}"
-signing_key = "{assets.signing_key}"
-trusted_keys = "{assets.trusted_keys}"
-coverage_threshold = {threshold}
-expires_hours = 24
-{extra}
-[takeoff]
-lat = {takeoff[0]}
-lon = {takeoff[1]}
-
-[area]
-geojson = '''{json.dumps(area)}'''
-
-[tiles]
-zoom = {zoom}
-size = 256
-shard_block = 8
-budget = 5000
-
-[orthophoto]
-geotiff = "{assets.ortho}"
-
-[descriptors]
-batch_size = 8
-
-[[backbones]]
-name = "tiny_vpr"
-onnx = "{vpr_onnx or assets.vpr_onnx}"
-role = "vpr"
-precision = "fp32"
-input = "image"
-[backbones.profile]
-min = [1, 3, 128, 128]
-opt = [8, 3, 128, 128]
-max = [16, 3, 128, 128]
-
-[[backbones]]
-name = "local_features"
-onnx = "{local_onnx or assets.local_onnx}"
-role = "local"
-precision = "fp32"
-input = "image"
-shape = [1, 3, 128, 128]
-""")
-    return path
+    doc: dict[str, Any] = {
+        "sortie_id": f"test-{path.stem}",
+        "runtime": "onnx_trt_ep",
+        "cache_dir": str(cache_dir),
+        "signing_key": str(assets.signing_key),
+        "trusted_keys": str(assets.trusted_keys),
+        "coverage_threshold": threshold,
+        "expires_hours": 24,
+        "takeoff": {"lat": takeoff[0], "lon": takeoff[1]},
+        "area": {"geojson": json.dumps(area)},
+        "tiles": {"zoom": zoom, "size": 256, "shard_block": 8, "budget": 5000},
+        "orthophoto": {"geotiff": str(assets.ortho)},
+        "descriptors": {"batch_size": 8},
+        "backbones": demo_backbones(vpr_onnx or assets.vpr_onnx, local_onnx or assets.local_onnx, input="image"),
+    }
+    return write_document(path, doc | tomllib.loads(extra))
