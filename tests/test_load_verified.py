@@ -9,9 +9,7 @@ gate, right after its read-and-hash returns (``navcache_runtime.gate.read_hashed
 from __future__ import annotations
 
 import hashlib
-import importlib
 import os
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
@@ -21,15 +19,13 @@ import numpy as np
 import pytest
 
 import navcache_runtime as nr
-import navcache_runtime.strategies as strategies_pkg
 from navcache_runtime import gate as gate_module
 from navcache_runtime.integrity import copy_hashed, private_directory, read_hashed, sidecar_path
 from tests.conftest import TinyModel
 from tests.fakes import HostMemory
-from tests.fakes import tensorrt as fake_trt
 from tests.support.models import export_models, make_model
+from tests.support.tensorrt_strategy import strategy_over_fake_tensorrt
 
-STRATEGY = "navcache_runtime.strategies.tensorrt"
 ORIN = nr.HostFields(sm="87", jetpack="6.2", trt="10.3.0", device="nvidia-jetson-agx-orin")
 
 
@@ -129,16 +125,7 @@ def test_an_engine_or_sidecar_that_is_not_a_file_is_a_typed_error(
 
 @pytest.fixture
 def trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    fake_trt.reset()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
-    monkeypatch.delitem(sys.modules, STRATEGY, raising=False)
-    monkeypatch.delattr(strategies_pkg, "tensorrt", raising=False)
-    module = importlib.import_module(STRATEGY)
-    yield module
-    sys.modules.pop(STRATEGY, None)
-    if getattr(strategies_pkg, "tensorrt", None) is module:
-        delattr(strategies_pkg, "tensorrt")
-    fake_trt.reset()
+    yield from strategy_over_fake_tensorrt(monkeypatch)
 
 
 def test_tensorrt_deserialises_the_bytes_the_gate_hashed_not_a_file_swapped_in_after(

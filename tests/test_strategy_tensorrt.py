@@ -8,7 +8,6 @@ so numeric results are checked against the ONNX reference.
 
 from __future__ import annotations
 
-import importlib
 import logging
 import sys
 import time
@@ -20,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import navcache_runtime.strategies as strategies_pkg
 from navcache_runtime import (
     BuildConfig,
     CalibrationCacheError,
@@ -44,8 +42,8 @@ from navcache_runtime import (
 from navcache_runtime.integrity import TEMP_PREFIX
 from tests.fakes import HostMemory
 from tests.fakes import tensorrt as fake_trt
+from tests.support.tensorrt_strategy import strategy_over_fake_tensorrt
 
-STRATEGY = "navcache_runtime.strategies.tensorrt"
 FAKES_DIR = Path(__file__).parent / "fakes"
 ORIN = HostFields(sm="87", jetpack="6.2", trt="10.3.0", device="nvidia-jetson-agx-orin")
 CALIBRATION = b"TRT-100300-EntropyCalibration2\nimage: 3c010a14\ndescriptor: 3c00a0b1\n"
@@ -53,18 +51,7 @@ CALIBRATION = b"TRT-100300-EntropyCalibration2\nimage: 3c010a14\ndescriptor: 3c0
 
 @pytest.fixture
 def trt(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    """The strategy module, imported with the fake installed as ``tensorrt``; removed again afterwards so no
-    strategy bound to the fake outlives the test."""
-    fake_trt.reset()
-    monkeypatch.setitem(sys.modules, "tensorrt", fake_trt)
-    monkeypatch.delitem(sys.modules, STRATEGY, raising=False)
-    monkeypatch.delattr(strategies_pkg, "tensorrt", raising=False)
-    module = importlib.import_module(STRATEGY)
-    yield module
-    sys.modules.pop(STRATEGY, None)
-    if getattr(strategies_pkg, "tensorrt", None) is module:
-        delattr(strategies_pkg, "tensorrt")
-    fake_trt.reset()
+    yield from strategy_over_fake_tensorrt(monkeypatch)
 
 
 def make_runtime(trt: ModuleType, engine_dir: Path, host: HostFields = ORIN, memory: Any = None, **cfg: Any) -> Any:
