@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 from pyproj import Geod
 
 from navcache.errors import SortieError, TileBudgetError
+from navcache.keys import generate_keypair, load_public_key, load_signer
+from navcache.preflight import check_keys
 from navcache.sortie import Sortie, TileSpec, load_sortie
+from navcache.summary import trusted_keys
 from navcache_runtime.types import BuildConfig, InputProfile
 from tests.support.sortie_files import (
     BASE_DOC,
@@ -165,6 +168,19 @@ def test_absolute_paths_are_kept(flight: Flight) -> None:
     assert flight.load().signing_key == (flight.root / "keys" / "operator.key").resolve()
 
 
+def test_a_securesystemslib_signer_is_kept_as_written_and_signs(flight: Flight) -> None:
+    flight.doc["signing_key"] = "sslib:3f2a9c1e:file2:keys/operator.key"
+    assert flight.load().signing_key == "sslib:3f2a9c1e:file2:keys/operator.key"  # a URI, not a sortie path
+    keys = generate_keypair(flight.root / "ops")
+    uri = f"sslib:{keys.keyid[:10]}:file2:{keys.private_key}"
+    flight.doc.update(signing_key=uri, trusted_keys=str(keys.trusted_keys))
+    sortie = flight.load()
+    assert sortie.signing_key == uri and trusted_keys(sortie) == keys.trusted_keys
+    check_keys(sortie)
+    signer = load_signer(sortie.signing_key, public_keys=[(keys.keyid, load_public_key(keys.public_key))])
+    signer.public_key().verify(signer.sign(b"payload"), b"payload")
+
+
 def test_cache_dir_override_wins_and_is_relative_to_the_cwd(
     flight: Flight, tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -279,6 +295,12 @@ def test_unknown_field_lists_every_valid_field(flight: Flight) -> None:
         (lambda d: d.update(signing_key="keys/missing.key"), "sortie.toml signing_key", "does not exist"),
         (lambda d: d.update(trusted_keys="keys"), "sortie.toml trusted_keys", "is not a file"),
         (lambda d: d.update(signing_key=""), "sortie.toml signing_key", "not a usable path"),
+        (lambda d: d.update(signing_key="sslib:3f2a9c1e"), "sortie.toml signing_key", "not a securesystemslib"),
+        (
+            lambda d: (d.update(signing_key="sslib:3f2a9c1e:hsm:"), d.pop("trusted_keys")),
+            "sortie.toml signing_key",
+            "needs trusted_keys",
+        ),
     ],
 )
 def test_bad_values_name_the_field(flight: Flight, mutate: Any, where: str, text: str) -> None:

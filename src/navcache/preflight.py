@@ -153,7 +153,7 @@ def run_preflight(sortie_path: Path, cache_dir: Path | None = None, *, refuse: b
 
 def check_keys(sortie: Sortie) -> None:
     for path, what in ((sortie.signing_key, "signing_key"), (sortie.trusted_keys, "trusted_keys")):
-        if path is not None and not path.is_file():
+        if isinstance(path, Path) and not path.is_file():  # an sslib: signer is checked when it is loaded
             raise SourceError(
                 f"{what} {path} does not exist",
                 where=f"{sortie.path} {what}",

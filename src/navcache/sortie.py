@@ -7,6 +7,9 @@ Layout (every field, with its default; relative paths are resolved against this 
     runtime = "onnx_trt_ep"           # tensorrt | onnx_trt_ep | pytorch_fp16       (required)
     cache_dir = "cache"               # default "cache"; --cache-dir overrides
     signing_key = "keys/operator.key" # Ed25519 operator key, must exist            (required)
+    # signing_key = "sslib:3f2a9c1e:hsm:"   # or a securesystemslib signer (the ``signers`` extra):
+    #                                 # sslib:<keyid>:<private key URI>, kept as written for
+    #                                 # navcache.keys.load_signer; needs trusted_keys (its keyid is looked up there)
     trusted_keys = "keys/trusted_keys.json"   # optional; must exist when given
     coverage_threshold = 99.0         # percent of the area's tiles that must be covered
     expires_hours = 72                # the manifest expires this long after signing
@@ -145,6 +148,7 @@ from navcache_runtime.types import (
 
 from .area import area_geometry, area_shape, check_signable, check_takeoff, geojson_of, parse_geojson
 from .errors import SortieError, TileBudgetError, short_repr, type_phrase
+from .keys import SSLIB_PREFIX
 from .tiles import ChunkGrid
 
 logger = logging.getLogger(__name__)
@@ -328,7 +332,7 @@ class Sortie:
     orthophoto: OrthophotoSpec
     backbones: tuple[BackboneSpec, ...]
     runtime: RuntimeLabel
-    signing_key: Path
+    signing_key: Path | str  # a key file, or an ``sslib:<keyid>:<private key URI>`` signer as written
     trusted_keys: Path | None
     cache_dir: Path
     coverage_threshold: float = 99.0
@@ -472,6 +476,23 @@ class _Table:
         return sub
 
 
+def _signing_key(top: _Table) -> Path | str:
+    """A key file (a path like any other), or an ``sslib:<keyid>:<private key URI>`` signer kept exactly as
+    written: :func:`navcache.keys.load_signer` builds the signer from it, and a URI is no path to resolve
+    against the sortie's folder (its scheme decides what the rest means)."""
+    value = top.data.get("signing_key")
+    if not (isinstance(value, str) and value.startswith(SSLIB_PREFIX)):
+        return cast(Path, top.path("signing_key", what="signing key"))
+    keyid, _, uri = value[len(SSLIB_PREFIX) :].partition(":")
+    if not keyid or not uri:
+        raise top.error(
+            "signing_key",
+            f"signing_key {value!r} is not a securesystemslib signer URI",
+            hint="write sslib:<keyid>:<private key URI>, e.g. sslib:3f2a9c1e:hsm:",
+        )
+    return value
+
+
 def _resolve(base: Path, value: str | Path) -> Path:
     path = Path(value).expanduser()
     return (path if path.is_absolute() else base / path).resolve()
@@ -515,8 +536,14 @@ def load_sortie(path: Path, *, cache_dir_override: Path | None = None) -> Sortie
             hint="use 1-64 characters from letters, digits, '.', '_' and '-'",
         )
     runtime = cast(RuntimeLabel, top.string("runtime", choices=RUNTIME_LABELS))
-    signing_key = top.path("signing_key", what="signing key")
+    signing_key = _signing_key(top)
     trusted_keys = top.path("trusted_keys", None, what="trusted keys file")
+    if isinstance(signing_key, str) and trusted_keys is None:
+        raise top.error(
+            "signing_key",
+            "a securesystemslib signer needs trusted_keys: its keyid is looked up in that allowlist",
+            hint='add trusted_keys = "keys/trusted_keys.json" (the operator allowlist holding the signer\'s key)',
+        )
     if cache_dir_override is not None:
         cache_dir = Path(cache_dir_override).expanduser().resolve()
         cache_where = "--cache-dir"

@@ -233,5 +233,5 @@ class RunResults:
 
 def trusted_keys(sortie: Sortie) -> Path:
     """The trusted-keys file the new cache is verified against: the sortie's, else the one beside the
-    signing key."""
-    return sortie.trusted_keys or sortie.signing_key.with_name("trusted_keys.json")
+    signing key file (a sortie naming an sslib: signer always gives trusted_keys)."""
+    return sortie.trusted_keys or Path(sortie.signing_key).with_name("trusted_keys.json")
