@@ -38,7 +38,7 @@ from navcache.imagery import (
     read_window,
     tile_content_hash,
 )
-from navcache.tiles import in_grid, mercator_bounds, tile_bounds
+from navcache.tiles import mercator_bounds
 from navcache.types import Tile, TileId
 
 TMS = morecantile.tms.get("WebMercatorQuad")  # the independent oracle for tile geometry
@@ -202,22 +202,6 @@ def all_sources(
         "xyz": lambda: open_tile_source("xyz", xyz, 256),
         "mbtiles": lambda: open_tile_source("mbtiles", mbtiles, 256),
     }
-
-
-# --------------------------------------------------------------------------------------------------
-# Tile geometry
-
-
-@pytest.mark.parametrize("tile", [TileId(0, 0, 0), TileId(17, 69752, 45470), TileId(12, 4095, 0)])
-def test_tile_geometry_matches_morecantile(tile: TileId) -> None:
-    assert mercator_bounds(tile) == pytest.approx(tuple(TMS.xy_bounds(tile.x, tile.y, tile.z)), abs=1e-6)
-    assert tile_bounds(tile) == pytest.approx(tuple(TMS.bounds(tile.x, tile.y, tile.z)), abs=1e-9)
-
-
-def test_in_grid() -> None:
-    assert in_grid(TileId(2, 3, 3))
-    assert not in_grid(TileId(2, 4, 0))
-    assert not in_grid(TileId(2, 0, -1))
 
 
 # --------------------------------------------------------------------------------------------------

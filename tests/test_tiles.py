@@ -17,6 +17,8 @@ from navcache.tiles import (
     ChunkGrid,
     ShardPlan,
     array_to_tiles,
+    in_grid,
+    mercator_bounds,
     plan_shards,
     tile_bounds,
     tile_for_lonlat,
@@ -26,6 +28,18 @@ from navcache.types import TileId
 
 TMS = morecantile.tms.get("WebMercatorQuad")
 GEOD = Geod(ellps="WGS84")
+
+
+@pytest.mark.parametrize("tile", [TileId(0, 0, 0), TileId(17, 69752, 45470), TileId(12, 4095, 0)])
+def test_tile_bounds_in_degrees_and_mercator_metres_match_morecantile(tile: TileId) -> None:
+    assert mercator_bounds(tile) == pytest.approx(tuple(TMS.xy_bounds(tile.x, tile.y, tile.z)), abs=1e-6)
+    assert tile_bounds(tile) == pytest.approx(tuple(TMS.bounds(tile.x, tile.y, tile.z)), abs=1e-9)
+
+
+def test_in_grid() -> None:
+    assert in_grid(TileId(2, 3, 3))
+    assert not in_grid(TileId(2, 4, 0))
+    assert not in_grid(TileId(2, 0, -1))
 
 
 def square_km(lon: float, lat: float, km: float) -> shapely.Polygon:

@@ -484,9 +484,8 @@ class _WindowGrid:
 
     def transform(self, box: tuple[int, int, int, int]) -> Affine:
         res = self.res
-        west = -MERCATOR_HALF_WORLD + (self.x0 * self.tile_size + box[0]) * res
-        north = MERCATOR_HALF_WORLD - (self.y0 * self.tile_size + box[1]) * res
-        return Affine(res, 0.0, west, 0.0, -res, north)
+        west, _, _, north = mercator_bounds(TileId(self.zoom, self.x0, self.y0))
+        return Affine(res, 0.0, west + box[0] * res, 0.0, -res, north - box[1] * res)
 
     def box_bounds(self, box: tuple[int, int, int, int]) -> tuple[float, float, float, float]:
         """(west, south, east, north) of ``box`` in EPSG:3857 metres."""
