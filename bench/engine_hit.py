@@ -20,8 +20,8 @@ GOAL_RATIO = 1.3
 def setup(directory: Path, size: int) -> tuple[Any, Any, Path]:
     """A real engine entry for a tiny model, whose artifact is then replaced by ``size`` random bytes (with a
     fresh sidecar): the hit path only hashes it, so the bytes need not be a real engine."""
+    from navcache.demo.backbones import export_models, make_model
     from navcache.engines import BackboneBuild, compile_or_reuse
-    from navcache.synthetic_models import export_models, make_model
 
     onnx_path, _ = export_models(make_model(0), directory / "models", "tiny_vpr", size=64)
     profile = nr.InputProfile("image", (1, 3, 64, 64), (8, 3, 64, 64), (16, 3, 64, 64))

@@ -36,7 +36,7 @@ def bench_factory(labels: list[str], repeat: int) -> list[dict[str, Any]]:
 
 
 def _export(name: str, directory: Path) -> tuple[Path, Path, int]:
-    from navcache.synthetic_models import export_models, make_model
+    from navcache.demo.backbones import export_models, make_model
 
     width, depth, size, dim = MODELS[name]
     onnx_path, pt2_path = export_models(make_model(0, dim, width, depth), directory, name.replace("-", "_"), size=size)

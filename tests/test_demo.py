@@ -17,6 +17,8 @@ import rasterio.warp
 from shapely.geometry import Point, shape
 
 from navcache import demo
+from navcache.demo import landscape
+from navcache.demo import models as demo_models
 from navcache.imagery import GeoTiffSource, is_blank
 from navcache.types import TileId
 
@@ -64,9 +66,9 @@ def test_orthophoto_is_georeferenced_in_utm_with_a_nodata_border(small_ortho: Pa
         assert lon == pytest.approx(11.575, abs=1e-5) and lat == pytest.approx(48.137, abs=1e-5)
         data = ds.read()
         valid = ds.dataset_mask()
-    assert (data[:, :, -demo.NODATA_BORDER_PX :] == 0).all()
-    assert not valid[:, -demo.NODATA_BORDER_PX :].any()
-    assert valid[:, : -demo.NODATA_BORDER_PX].all()  # 0 is reserved: no hole inside the image
+    assert (data[:, :, -landscape.NODATA_BORDER_PX :] == 0).all()
+    assert not valid[:, -landscape.NODATA_BORDER_PX :].any()
+    assert valid[:, : -landscape.NODATA_BORDER_PX].all()  # 0 is reserved: no hole inside the image
     assert data.std() > 10  # textured, not a flat fill
 
 
@@ -112,9 +114,9 @@ def test_sortie_points_at_the_generated_files(sortie: dict) -> None:
         "budget": None,
     }
     backbones = {b["name"]: b for b in sortie["backbones"]}
-    assert backbones["tiny_vpr"]["onnx"] == f"generated/{demo.MODELS_DIR}/{demo.VPR_STEM}.onnx"
+    assert backbones["tiny_vpr"]["onnx"] == f"generated/{demo.MODELS_DIR}/{demo_models.VPR_STEM}.onnx"
     assert backbones["tiny_vpr"]["role"] == "vpr" and backbones["tiny_vpr"]["shape"] == [16, 3, 128, 128]
-    assert backbones["local_features"]["onnx"] == f"generated/{demo.MODELS_DIR}/{demo.LOCAL_STEM}.onnx"
+    assert backbones["local_features"]["onnx"] == f"generated/{demo.MODELS_DIR}/{demo_models.LOCAL_STEM}.onnx"
     assert backbones["local_features"]["role"] == "local"
     assert backbones["local_features"]["shape"] == [1, 3, 128, 128]
     assert all(b["input"] == "image" for b in backbones.values())
@@ -129,7 +131,7 @@ def test_sortie_area_tiles_lie_inside_the_valid_orthophoto(sortie: dict) -> None
     # Every tile touching the area must be fully valid in the default orthophoto (for 99 % coverage).
     grid = demo.orthophoto_grid()
     left, bottom, right, top = grid.bounds
-    right -= (demo.NODATA_BORDER_PX + 2) * grid.transform.a
+    right -= (landscape.NODATA_BORDER_PX + 2) * grid.transform.a
     for t in tiles:
         xb = TMS.xy_bounds(t)
         x0, y0, x1, y1 = rasterio.warp.transform_bounds("EPSG:3857", grid.crs, *xb, densify_pts=21)
@@ -148,7 +150,7 @@ def test_models_run_in_onnxruntime_with_the_declared_outputs(models: dict[str, P
     vpr = ort.InferenceSession(str(models["tiny_vpr.onnx"]), providers=["CPUExecutionProvider"])
     assert [i.name for i in vpr.get_inputs()] == ["image"]
     (descriptor,) = vpr.run(["descriptor"], {"image": image})
-    assert descriptor.shape == (3, demo.VPR_DESCRIPTOR_DIM)
+    assert descriptor.shape == (3, demo_models.VPR_DESCRIPTOR_DIM)
     np.testing.assert_allclose(np.linalg.norm(descriptor, axis=1), 1.0, rtol=1e-5)
 
     local = ort.InferenceSession(str(models["local_features.onnx"]), providers=["CPUExecutionProvider"])
@@ -156,7 +158,7 @@ def test_models_run_in_onnxruntime_with_the_declared_outputs(models: dict[str, P
     for batch in (1, 3):  # dynamic batch
         heatmap, features = local.run(None, {"image": image[:batch]})
         assert heatmap.shape == (batch, 1, 128, 128)
-        assert features.shape == (batch, demo.LOCAL_DESCRIPTOR_DIM, 16, 16)
+        assert features.shape == (batch, demo_models.LOCAL_DESCRIPTOR_DIM, 16, 16)
         assert heatmap.min() >= 0 and heatmap.max() <= 1
         np.testing.assert_allclose(np.linalg.norm(features, axis=1), 1.0, rtol=1e-4)
 
@@ -166,7 +168,7 @@ def test_pt2_programs_match_the_onnx_models(models: dict[str, Path]) -> None:
     import torch
 
     image = np.random.default_rng(1).standard_normal((2, 3, 128, 128), dtype=np.float32)
-    for stem in (demo.VPR_STEM, demo.LOCAL_STEM):
+    for stem in (demo_models.VPR_STEM, demo_models.LOCAL_STEM):
         program = torch.export.load(models[f"{stem}.pt2"]).module()
         with torch.no_grad():
             out = program(torch.from_numpy(image))
@@ -182,7 +184,7 @@ def test_models_present_and_valid_are_kept(
     for path in models.values():
         shutil.copy(path, tmp_path)
     exported: list[str] = []
-    monkeypatch.setattr(demo, "_export_atomically", lambda stem, directory: exported.append(stem))
+    monkeypatch.setattr(demo_models, "_export_atomically", lambda stem, directory: exported.append(stem))
     demo.generate_demo_models(tmp_path)
     assert exported == []
     (tmp_path / "local_features.onnx").write_bytes(b"truncated")

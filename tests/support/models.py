@@ -1,3 +1,3 @@
-from navcache.synthetic_models import TinyVPR, export_models, make_model
+from navcache.demo.backbones import TinyVPR, export_models, make_model
 
 __all__ = ["TinyVPR", "export_models", "make_model"]

@@ -1,25 +1,22 @@
-"""Deterministic demo assets, generated on first use with no downloads: a synthetic orthophoto GeoTIFF in
-a UTM CRS (so provisioning has to reproject), a VPR backbone and a local-features backbone (ONNX + .pt2).
+"""The demo's orthophoto: a procedural rural landscape written as a GeoTIFF in a UTM CRS (so provisioning
+has to reproject it to Web-Mercator tiles, as it must for real orthophotos).
 
-The orthophoto is built as vector geometry (Voronoi land parcels, roads, farm tracks, a river, a lake,
+:func:`generate_orthophoto` writes a 3-band uint8 GeoTIFF (tiled, DEFLATE), ``NODATA_BORDER_PX`` columns of
+nodata (0) along the east edge and no 0 anywhere else; :func:`orthophoto_grid` gives its pixel grid without
+rendering. The scene is vector geometry (Voronoi land parcels, roads, farm tracks, a river, a lake,
 buildings with shadows) burned with ``rasterio.features.rasterize`` and textured with vectorised numpy, so
 a 4000x4000 px scene takes a few seconds. The same arguments give a byte-identical file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import math
 import os
-import shutil
-import tempfile
-import zipfile
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -33,30 +30,10 @@ from shapely.geometry import LineString, MultiPoint, Point, Polygon, box
 
 from navcache_runtime.integrity import fsync_dir, fsync_file, temp_path_for
 
-if TYPE_CHECKING:
-    from torch import nn
-
 logger = logging.getLogger(__name__)
 
-ORTHO_NAME = "ortho.tif"
-MODELS_DIR = "models"
-KEYS_DIR = "keys"
-OPERATOR_KEY = "operator.key"
-VPR_STEM = "tiny_vpr"
-LOCAL_STEM = "local_features"
-MODEL_INPUT_SIZE = 128
-MODEL_MAX_BATCH = 16
-VPR_DESCRIPTOR_DIM = 128
-LOCAL_DESCRIPTOR_DIM = 64
 NODATA = 0
 NODATA_BORDER_PX = 12  # columns of nodata along the east edge, to exercise nodata handling
-
-# What each demo model's ONNX graph must expose to count as valid (checked before skipping a rebuild).
-MODEL_OUTPUTS: dict[str, tuple[str, ...]] = {VPR_STEM: ("descriptor",), LOCAL_STEM: ("heatmap", "features")}
-
-
-# --------------------------------------------------------------------------------------------------
-# Orthophoto
 
 
 @dataclass(frozen=True)
@@ -408,170 +385,3 @@ def _render_scene(width: int, height: int, gsd: float, rng: np.random.Generator)
         np.clip(value, 1, 255, out=value)
         out[band] = value
     return out
-
-
-# --------------------------------------------------------------------------------------------------
-# Models
-
-
-def generate_demo_models(directory: Path) -> dict[str, Path]:
-    """Export the demo backbones into ``directory``: ``tiny_vpr`` (global descriptor, via
-    :mod:`navcache.synthetic_models`) and ``local_features`` (keypoint heatmap + dense descriptors), each
-    as ``.onnx`` and ``.pt2``. Models already present and valid are kept. Returns ``{name.ext: path}``."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for stem in (VPR_STEM, LOCAL_STEM):
-        onnx_path, pt2_path = directory / f"{stem}.onnx", directory / f"{stem}.pt2"
-        if _model_is_valid(onnx_path, pt2_path, MODEL_OUTPUTS[stem]):
-            logger.debug("demo model %s present, kept", stem)
-        else:
-            logger.info("exporting demo model %s to %s", stem, directory)
-            _export_atomically(stem, directory)
-        paths[f"{stem}.onnx"], paths[f"{stem}.pt2"] = onnx_path, pt2_path
-    return paths
-
-
-def _model_is_valid(onnx_path: Path, pt2_path: Path, outputs: tuple[str, ...]) -> bool:
-    if not (onnx_path.is_file() and pt2_path.is_file() and zipfile.is_zipfile(pt2_path)):
-        return False
-    try:
-        import onnx
-
-        model = onnx.load(str(onnx_path), load_external_data=False)
-    except Exception:
-        logger.warning("demo model %s is unreadable; exporting it again", onnx_path)
-        return False
-    names_in = [i.name for i in model.graph.input]
-    names_out = tuple(o.name for o in model.graph.output)
-    return names_in == ["image"] and names_out == outputs
-
-
-def _export_atomically(stem: str, directory: Path) -> None:
-    """Export into a private temp folder beside the targets, then move the files into place."""
-    tmp_dir = Path(tempfile.mkdtemp(prefix=".navcache-tmp-", dir=directory))
-    try:
-        with _quiet_exporter():
-            _export(stem, tmp_dir)
-        # .pt2 first: the validity check needs both, so a crash between the two renames re-exports.
-        for ext in ("pt2", "onnx"):
-            final = directory / f"{stem}.{ext}"
-            fsync_file(tmp_dir / final.name)
-            os.replace(tmp_dir / final.name, final)
-        fsync_dir(directory)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """The ONNX exporter logs warnings (e.g. "torchvision is not installed") straight to stderr through
-    torch's own handler; the demo should print nothing, so hold those loggers at ERROR meanwhile."""
-    import torch  # noqa: F401 - importing torch resets its loggers' levels, so it must come first
-
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-
-
-def _export(stem: str, tmp_dir: Path) -> None:
-    if stem == VPR_STEM:
-        from .synthetic_models import export_models, make_model
-
-        vpr = make_model(seed=0, descriptor_dim=VPR_DESCRIPTOR_DIM, width=32, depth=4)
-        export_models(vpr, tmp_dir, stem, size=MODEL_INPUT_SIZE, max_batch=MODEL_MAX_BATCH)
-    else:
-        _export_local_features(make_local_features_model(seed=0), tmp_dir, stem)
-
-
-def make_local_features_model(seed: int = 0) -> nn.Module:
-    """A SuperPoint-shaped local-feature network: ``image`` [B,3,H,W] → ``heatmap`` [B,1,H,W] (keypoint
-    probability per pixel) and ``features`` [B,64,H/8,W/8] (L2-normalised descriptors)."""
-    import torch
-    from torch import nn
-
-    class LocalFeatures(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            layers: list[nn.Module] = []
-            channels = 3
-            for out in (16, 32, 64):  # three stride-2 stages: 1/8 resolution
-                layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.BatchNorm2d(out), nn.ReLU()]
-                channels = out
-            self.encoder = nn.Sequential(*layers)
-            self.detector = nn.Conv2d(channels, 65, 1)  # 64 cells of an 8x8 patch + "no keypoint"
-            self.descriptor = nn.Conv2d(channels, LOCAL_DESCRIPTOR_DIM, 1)
-
-        def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            x = self.encoder(image)
-            scores = torch.softmax(self.detector(x), dim=1)[:, :64]
-            heatmap = nn.functional.pixel_shuffle(scores, 8)
-            features = nn.functional.normalize(self.descriptor(x), dim=1)
-            return heatmap, features
-
-    torch.manual_seed(seed)
-    model = LocalFeatures()
-    for module in model.modules():  # non-trivial BN statistics, as in synthetic_models
-        if isinstance(module, nn.BatchNorm2d):
-            assert module.running_mean is not None and module.running_var is not None
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-    return model.eval()
-
-
-def _export_local_features(model: nn.Module, directory: Path, stem: str) -> None:
-    """Same interface as ``synthetic_models.export_models``, with two named outputs."""
-    import warnings
-
-    import torch
-
-    example = (torch.zeros(2, 3, MODEL_INPUT_SIZE, MODEL_INPUT_SIZE),)
-    dynamic = {"image": {0: torch.export.Dim("batch", min=1, max=MODEL_MAX_BATCH)}}
-    program = torch.export.export(model, example, dynamic_shapes=dynamic)  # traced once, saved twice
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            program,
-            example,
-            directory / f"{stem}.onnx",
-            input_names=["image"],
-            output_names=list(MODEL_OUTPUTS[LOCAL_STEM]),
-            dynamic_shapes=dynamic,
-            dynamo=True,
-            verbose=False,
-            external_data=False,
-        )
-    torch.export.save(program, directory / f"{stem}.pt2")
-
-
-# --------------------------------------------------------------------------------------------------
-# Everything the demo sortie needs
-
-
-def ensure_demo_assets(demo_dir: Path, make_keys: Callable[[Path], None] | None = None) -> None:
-    """Create ``demo_dir/generated/`` with the orthophoto and the models when missing (idempotent).
-
-    Keys: when ``generated/keys`` lacks ``operator.key`` and ``make_keys`` is given, it is called with
-    that folder (key generation lives with the signing code)."""
-    generated = Path(demo_dir) / "generated"
-    generated.mkdir(parents=True, exist_ok=True)
-    ortho = generated / ORTHO_NAME
-    if ortho.is_file():
-        logger.debug("demo orthophoto %s present, kept", ortho)
-    else:
-        generate_orthophoto(ortho)
-    generate_demo_models(generated / MODELS_DIR)
-    keys = generated / KEYS_DIR
-    if not (keys / OPERATOR_KEY).is_file():
-        if make_keys is None:
-            logger.info("demo keys missing in %s and no key generator given; signing will need them", keys)
-        else:
-            keys.mkdir(parents=True, exist_ok=True)
-            make_keys(keys)
-            logger.info("generated demo keys in %s", keys)
