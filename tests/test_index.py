@@ -344,6 +344,20 @@ def test_the_onboard_search_meets_the_recall_target_on_fresh_camera_like_queries
     assert recall >= report["budget"]["min_recall_at_10"] == 0.95
 
 
+def test_a_restricted_search_probes_enough_lists_to_find_the_allowed_tiles(ivf: IndexResult, big: Corpus) -> None:
+    index, table = load_index(ivf.index_path), load_tile_table(ivf.table_path)
+    stored = faiss.extract_index_ivf(index).nprobe
+    window = np.sort(np.random.default_rng(5).choice(len(big.x), len(big.x) // 100, replace=False))  # 1 % of tiles
+    queries, _ = camera_queries(big.x, 200, seed=6)
+    exact = faiss.IndexFlatIP(64)
+    exact.add(unit(big.x[window]))
+    truth = window[exact.search(queries, 10)[1]]
+    hits = search(index, table, queries, 10, allowed_ids=window)  # no nprobe: what OnboardCache.query(near=...) does
+    recall = np.mean([len({row for row, _ in h} & set(t)) / 10 for h, t in zip(hits, truth.tolist(), strict=True)])
+    assert recall >= 0.95, "the stored nprobe alone probes lists that hold few of the window's tiles"
+    assert faiss.extract_index_ivf(index).nprobe == stored
+
+
 def test_search_rejects_a_query_of_the_wrong_shape(flat: IndexResult) -> None:
     index, table = load_index(flat.index_path), load_tile_table(flat.table_path)
     with pytest.raises(CacheIndexError, match=r"query must have shape \(64,\)"):

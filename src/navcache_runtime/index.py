@@ -238,9 +238,12 @@ def search(
     """Top-``k`` (row id, cosine score) per query, best first; fewer than ``k`` when fewer rows are allowed.
 
     ``query`` is (D,) or (Q, D) and is L2-normalised here. ``nprobe`` overrides the value stored in an
-    IVF index (the tuned one from the report); the index itself is not modified, so concurrent searches
-    with different settings are safe. ``allowed_ids`` (row ids) restricts the search, e.g. to
-    ``ids_near(...)`` around a dead-reckoned position.
+    IVF index (the one the build chose for its recall target); the index itself is not modified, so
+    concurrent searches with different settings are safe. ``allowed_ids`` (row ids) restricts the search,
+    e.g. to ``ids_near(...)`` around a dead-reckoned position; without an explicit ``nprobe`` a restricted
+    IVF search probes the stored nprobe scaled by ``ntotal / len(allowed)`` (at most every list), so it
+    scans about as many allowed vectors as an unrestricted search scans vectors (the stored value alone
+    would reach few of a small window's tiles: most of the lists it probes hold none of them).
     """
     faiss = faiss_module()
     if len(table) != index.ntotal:
@@ -284,7 +287,9 @@ def search(
     params = None
     if ivf is not None and (sel is not None or nprobe is not None):
         # SearchParametersIVF defaults to nprobe 1, not the index's value, so always pass it.
-        params = faiss.SearchParametersIVF(nprobe=int(nprobe if nprobe is not None else ivf.nprobe))
+        if nprobe is None:  # here only for a restricted search without an override
+            nprobe = _restricted_nprobe(ivf.nprobe, ivf.nlist, index.ntotal, allowed.size)
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe))
         if sel is not None:
             params.sel = sel
     elif sel is not None:
@@ -296,6 +301,13 @@ def search(
         [(int(i), float(s)) for i, s in zip(row_ids, row_scores, strict=True) if i >= 0]
         for row_ids, row_scores in zip(ids, scores, strict=True)
     ]
+
+
+def _restricted_nprobe(nprobe: int, nlist: int, ntotal: int, n_allowed: int) -> int:
+    """Lists to probe when only ``n_allowed`` of ``ntotal`` vectors may be returned: ``nprobe`` scaled by
+    ``ntotal / n_allowed``, so as many allowed vectors are scanned as an unrestricted search scans, capped
+    at every list (an exhaustive scan of the allowed vectors)."""
+    return max(1, min(nlist, math.ceil(nprobe * ntotal / max(1, n_allowed))))
 
 
 def _find_ivf(faiss: Any, index: FaissIndex) -> Any | None:
