@@ -1,7 +1,17 @@
-"""Onboard command line: ``python -m navcache_runtime verify|inspect`` (also ``navcache verify|inspect``).
+"""Onboard command line: ``python -m navcache_runtime verify|inspect|selftest`` (also ``navcache-onboard``;
+on the ground ``navcache verify|inspect``).
 
 Standard library only (argparse, plain text), so it runs on the drone with just the runtime package.
-Exit codes: 0 verified, 1 refused, 2 usage or configuration error.
+
+Exit codes, the same for every command:
+
+- 0: verified (``selftest``: and the signed views found their tiles; ``inspect`` without keys: read);
+- 1: refused: the cache was checked and did not verify, or the self-test failed;
+- 2: a usage or configuration error on this side, nothing checked: argparse's usage errors, a malformed
+  option value (``--now`` not an ISO 8601 time with a zone, a ``--runtime-config`` missing or invalid), a
+  cache directory that does not exist, a trusted-keys file or trust root that is missing or invalid. Each
+  is one ``error:`` line on stderr, except the trusted keys: those are the report's one failure
+  (``trusted_keys_invalid``).
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import FailureCode, InferenceRuntimeError, printable
+from .config import load_runtime_config
+from .errors import FailureCode, InferenceRuntimeError, RuntimeConfigError, printable
 from .integrity import open_regular
 from .layout import ENGINES_DIR, INDEX_DIR, MANIFEST_NAME, SIDECAR_SUFFIX
 from .manifest_format import loads_strict
@@ -68,14 +79,15 @@ def _print_report(report: VerificationReport) -> None:
 
 
 def _parse_now(text: str | None) -> datetime | None:
+    """``--now`` as an aware datetime; ValueError with the message to print when it is not one."""
     if text is None:
         return None
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
-        raise SystemExit(f"error: --now {text!r} is not an ISO 8601 time (e.g. 2026-11-23T08:00:00Z)") from None
+        raise ValueError(f"--now {text!r} is not an ISO 8601 time (e.g. 2026-11-23T08:00:00Z)") from None
     if moment.tzinfo is None:
-        raise SystemExit("error: --now needs a time zone (e.g. 2026-11-23T08:00:00Z)")
+        raise ValueError("--now needs a time zone (e.g. 2026-11-23T08:00:00Z)")
     return moment
 
 
@@ -84,11 +96,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"error: cache directory {printable(args.cache)} does not exist", file=sys.stderr)
         return 2
     try:
+        now = _parse_now(args.now)
+    except ValueError as exc:  # the message quotes the argument with repr: terminal-safe as it stands
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
         report = verify_cache(
             args.cache,
             args.trusted_keys,
             mode=args.mode,
-            now=_parse_now(args.now),
+            now=now,
             state_path=None if args.no_state else (args.state or default_state_path()),
             strict_extra=args.strict_extra or None,
         )
@@ -99,7 +116,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(report.to_json())
     else:
         _print_report(report)
-    if "trusted_keys_invalid" in {str(code) for code in report.codes}:
+    return _exit_code(report)
+
+
+def _exit_code(report: VerificationReport) -> int:
+    if FailureCode.TRUSTED_KEYS_INVALID in report.codes:
         return 2  # a configuration problem on this side, not a verdict on the cache
     return 0 if report.ok else 1
 
@@ -127,7 +148,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.trusted_keys is not None:
         report = verify_cache(args.cache, args.trusted_keys, mode="operator")
         status = "VERIFIED" if report.ok else f"REFUSED ({len(report.failures)} failures: run verify for details)"
-        code = 0 if report.ok else 1
+        code = _exit_code(report)
         if report.statement is not None:  # show what was verified, not a second read of the file
             statement, predicate = report.statement, report.predicate
     # Without --trusted-keys nothing here is verified: every field may have any JSON type, so each is
@@ -226,16 +247,21 @@ def cmd_selftest(args: argparse.Namespace) -> int:
         print(f"error: cache directory {printable(args.cache)} does not exist", file=sys.stderr)
         return 2
     try:
+        runtime_config = None if args.runtime_config is None else load_runtime_config(args.runtime_config)
+    except RuntimeConfigError as exc:
+        print(f"error: {printable(exc)}", file=sys.stderr)
+        return 2
+    try:
         with open_cache(
             args.cache,
             args.trusted_keys,
-            runtime_config=args.runtime_config,
+            runtime_config=runtime_config,
             state_path=None if args.no_state else (args.state or default_state_path()),
         ) as cache:
             result = cache.self_test()
     except CacheVerificationError as exc:
         _print_report(exc.report)
-        return 1
+        return _exit_code(exc.report)
     except InferenceRuntimeError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)
         return 1
