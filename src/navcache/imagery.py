@@ -102,6 +102,9 @@ WINDOW_CACHE_BYTES = 96 << 20
 #: window reads about 2,048 x 8,192 source px, 48 MB of RGB), so twice that keeps the blocks that
 #: neighbouring windows share without letting the cache grow with the area.
 GDAL_CACHE_BYTES = 128 << 20
+#: Tiles whose read plans (and a mosaic's sheet covers) a source remembers: 16 shards of 64 x 64 chunks, about
+#: 25 MB; a run asks for a tile's plan within one shard's work.
+MEMO_TILES = 1 << 16
 
 
 # --------------------------------------------------------------------------------------------------
@@ -619,6 +622,34 @@ class _WindowCache(Generic[K]):
             self._bytes = 0
 
 
+V = TypeVar("V")
+
+
+class _Memo(Generic[K, V]):
+    """Values by key for the latest ``size`` keys (oldest dropped first), so a source's per-tile plans stay
+    bounded however large the area. Thread-safe; a race only computes a value twice, with the same result."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._lock = threading.Lock()
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def get_many(self, keys: Sequence[K], compute: Callable[[list[K]], list[V]]) -> list[V]:
+        """The value of every key, ``compute`` called once with the keys not remembered (in order, unique)."""
+        unique = list(dict.fromkeys(keys))
+        with self._lock:
+            found = {k: self._items[k] for k in unique if k in self._items}
+        missing = [k for k in unique if k not in found]
+        if missing:
+            values = compute(missing)
+            found.update(zip(missing, values, strict=True))
+            with self._lock:
+                self._items.update(zip(missing, values, strict=True))
+                while len(self._items) > self._size:
+                    self._items.popitem(last=False)
+        return [found[k] for k in keys]
+
+
 def _warp_to_window(
     src: np.ndarray,
     src_transform: Affine,
@@ -817,7 +848,7 @@ class GeoTiffSource(_SourceBase):
         _bound_gdal_block_cache()
         self._handles: _PerThread[Any] = _PerThread(self._open, lambda ds: ds.close())
         self._blocks: _TiffBlocks | _VrtSources | None = None
-        self._plans: dict[TileId, _ReadPlan | None] = {}
+        self._plans: _Memo[TileId, _ReadPlan | None] = _Memo(MEMO_TILES)
         self._transformers = threading.local()
         ds = self._handles.get(self._where)
         try:
@@ -913,14 +944,10 @@ class GeoTiffSource(_SourceBase):
 
     def _read_plans(self, tiles: Sequence[TileId]) -> list[_ReadPlan | None]:
         """Per tile, the source window ``read_tile`` reads, its output size and whether the read is
-        decimated; None when the tile lies outside the raster. Remembered per tile (it depends only on the
-        raster's georeferencing, and a run asks up to three times: digest, read, digest again) and computed
-        for all missing tiles in one vectorised transform."""
-        missing = [t for t in dict.fromkeys(tiles) if t not in self._plans]
-        if missing:
-            # dict assignment is atomic; a race only computes a plan twice, with the same result
-            self._plans.update(zip(missing, self._plan_many(missing), strict=True))
-        return [self._plans[t] for t in tiles]
+        decimated; None when the tile lies outside the raster. Remembered for the latest :data:`MEMO_TILES`
+        tiles (a plan depends only on the raster's georeferencing, and a shard asks up to three times: digest,
+        read, digest again) and computed for all missing tiles in one vectorised transform."""
+        return self._plans.get_many(tiles, self._plan_many)
 
     def _plan_many(self, tiles: list[TileId]) -> list[_ReadPlan | None]:
         plans: list[_ReadPlan | None] = [None] * len(tiles)
@@ -1450,7 +1477,7 @@ class GeoTiffMosaicSource(_SourceBase):
         self._sheet_ids = [
             hashlib.sha256(sheet.raw_identity().encode()).hexdigest()[:32].encode() for sheet in self._sheets
         ]
-        self._covers: dict[TileId, tuple[int, ...]] = {}
+        self._covers: _Memo[TileId, tuple[int, ...]] = _Memo(MEMO_TILES)
         self._grids = [_pixel_grid(sheet) for sheet in self._sheets]
         west, south, east, north = zip(*(sheet.bounds_lonlat() for sheet in self._sheets), strict=True)
         self._lonlat: Bounds = (min(west), min(south), max(east), max(north))
@@ -1463,10 +1490,15 @@ class GeoTiffMosaicSource(_SourceBase):
 
     def _cover(self, tiles: Sequence[TileId]) -> list[tuple[int, ...]]:
         """Per tile, the indices of the sheets it reads (those with a read window under it), in order.
-        Remembered per tile; computed for all missing tiles at once, one vectorised plan per sheet."""
-        missing = [t for t in dict.fromkeys(tiles) if t not in self._covers and in_grid(t)]
-        if missing:
-            boxes = np.asarray([mercator_bounds(t) for t in missing], np.float64)
+        Remembered for the latest :data:`MEMO_TILES` tiles; computed for all missing tiles at once, one
+        vectorised plan per sheet."""
+        return self._covers.get_many(tiles, self._find_covers)
+
+    def _find_covers(self, tiles: list[TileId]) -> list[tuple[int, ...]]:
+        inside = [t for t in tiles if in_grid(t)]
+        found: dict[TileId, list[int]] = {t: [] for t in inside}
+        if inside:
+            boxes = np.asarray([mercator_bounds(t) for t in inside], np.float64)
             sheets = self._mercator
             touches = (
                 (boxes[:, None, 0] < sheets[None, :, 2])
@@ -1474,16 +1506,13 @@ class GeoTiffMosaicSource(_SourceBase):
                 & (boxes[:, None, 1] < sheets[None, :, 3])
                 & (boxes[:, None, 3] > sheets[None, :, 1])
             )
-            found: dict[TileId, list[int]] = {t: [] for t in missing}
             for k in np.flatnonzero(touches.any(axis=0)):
                 rows = np.flatnonzero(touches[:, k])
-                candidates = [missing[i] for i in rows]
+                candidates = [inside[i] for i in rows]
                 for tile, plan in zip(candidates, self._sheets[k]._read_plans(candidates), strict=True):
                     if plan is not None:
                         found[tile].append(int(k))
-            # dict assignment is atomic; a race only computes a cover twice, with the same result
-            self._covers.update((t, tuple(sorted(ks))) for t, ks in found.items())
-        return [self._covers.get(t, ()) for t in tiles]
+        return [tuple(sorted(found.get(t, ()))) for t in tiles]
 
     def read_tile(self, tile: TileId) -> Tile | None:
         cover = self._cover([tile])[0]
