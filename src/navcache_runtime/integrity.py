@@ -257,36 +257,39 @@ def commit_artifact(tmp: Path, final: Path) -> str:
 
 
 @contextlib.contextmanager
+def _temp_beside(final: Path) -> Iterator[Path]:
+    """Create ``final``'s directory and yield a fresh temp path in it (see :func:`temp_path_for`); on exit
+    the temp file is removed if it is still there, so a failed write leaves no debris and ``final`` as it was.
+    The caller writes the temp file and moves it into place inside the ``with``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(final)
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+@contextlib.contextmanager
 def staged_artifact(final: Path | str) -> Iterator[Path]:
     """Yield a temp path beside ``final``; the caller writes it; on clean exit it is committed with its
     sidecar, on error it is removed and nothing at ``final`` changes. Use :func:`write_artifact` when
     the bytes are already in memory.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
+    with _temp_beside(final) as tmp:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"the builder wrote nothing to {tmp}")
         commit_artifact(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def write_artifact(final: Path | str, data: bytes) -> str:
     """Atomically write ``data`` to ``final`` with its sidecar; return the digest."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+    with _temp_beside(final) as tmp:
+        tmp.write_bytes(data)
         return commit_artifact(tmp, final)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def write_artifact_once(final: Path | str, data: bytes) -> str:
@@ -304,13 +307,7 @@ def write_artifact_once(final: Path | str, data: bytes) -> str:
 def atomic_write_bytes(final: Path | str, data: bytes) -> None:
     """Atomically replace ``final`` with ``data`` (no sidecar): for caches such as TensorRT timing caches."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path_for(final)
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
+    with _temp_beside(final) as tmp:
+        tmp.write_bytes(data)
         _replace_durably(tmp, final)
         fsync_dir(final.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
