@@ -205,6 +205,15 @@ def summarise_temps(items: list[GcItem], verb: str = "removed") -> str:
     )
 
 
+def _drop_stale(
+    path: Path, stat: os.stat_result, cache_root: Path, reason: str, *, dry_run: bool, now: float
+) -> GcItem:
+    """Remove one stale memo (unless ``dry_run``; one already gone counts as removed) and describe it."""
+    if not dry_run:
+        path.unlink(missing_ok=True)
+    return GcItem(path.relative_to(cache_root).as_posix(), stat.st_size, (now - stat.st_mtime) / DAY_S, reason)
+
+
 def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
     """Scan-memo entries pointing at a shard that is gone (or that this gc removes), or unreadable."""
     directory = cache_root / DESCRIPTORS_DIR
@@ -223,10 +232,7 @@ def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now
             table = shard_paths(directory, memo.key)[1]
             if table.is_file() and table.relative_to(cache_root).as_posix() not in removed:
                 continue
-        if not dry_run:
-            path.unlink(missing_ok=True)
-        rel = path.relative_to(cache_root).as_posix()
-        stale.append(GcItem(rel, stat.st_size, (now - stat.st_mtime) / DAY_S, "scan memo of a shard that is gone"))
+        stale.append(_drop_stale(path, stat, cache_root, "scan memo of a shard that is gone", dry_run=dry_run, now=now))
     return stale
 
 
@@ -245,10 +251,9 @@ def _stale_self_test_memos(cache_root: Path, removed: set[str], *, dry_run: bool
         onboard = record.get("onboard_name") if isinstance(record, dict) else None
         if isinstance(onboard, str) and (directory / onboard).is_file() and f"{SELFTEST_DIR}/{onboard}" not in removed:
             continue
-        if not dry_run:
-            path.unlink(missing_ok=True)
-        rel = path.relative_to(cache_root).as_posix()
-        stale.append(GcItem(rel, stat.st_size, (now - stat.st_mtime) / DAY_S, "self-test memo whose views are gone"))
+        stale.append(
+            _drop_stale(path, stat, cache_root, "self-test memo whose views are gone", dry_run=dry_run, now=now)
+        )
     return stale
 
 
