@@ -50,7 +50,7 @@ def sign_manifest_task(
     expires_hours: int,
     preprocess: Mapping[str, Preprocess] | None = None,
     self_test: dict[str, Any] | None = None,
-    signing_key: Path,
+    signing_key: Path | str,
     trusted_keys: Path,
 ) -> tuple[Path, int]:
     issued = datetime.now(UTC).replace(microsecond=0)

@@ -3,12 +3,14 @@ coarse EPSG:4326 imagery with a ragged nodata border, long bending routes."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
 import time
+import tomllib
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,8 +18,9 @@ import numpy as np
 import pytest
 import rasterio
 
-from navcache.errors import SortieError, SourceError
+from navcache.errors import ManifestError, SortieError, SourceError
 from navcache.imagery import GeoTiffSource, ground_m_per_px
+from navcache.keys import KeyPaths, generate_keypair
 from navcache.preflight import COVERAGE_MARGIN, check_cache_dir, run_preflight
 from navcache.sortie import load_sortie
 from tests.support.cli import navcache
@@ -30,6 +33,7 @@ from tests.support.realistic import (
     truncated_copy,
     xyz_folder,
 )
+from tests.support.sortie_files import write_document
 from tests.support.sorties import Assets
 
 # A 22 x 22 km orthophoto at 100 m/px; routes start inside it and fly east.
@@ -132,6 +136,71 @@ def test_a_cache_dir_below_a_file_is_refused_creating_nothing(assets: Assets, or
     with pytest.raises(SortieError, match="--cache-dir: cache directory"):
         run_preflight(sortie, cache_dir=blocker / "cache")
     assert blocker.is_file() and not (tmp_path / "cache").exists()
+
+
+def _signed_by(sortie: Path, signing_key: str, trusted_keys: Path) -> Path:
+    doc = tomllib.loads(sortie.read_text(encoding="utf-8"))
+    return write_document(sortie, doc | {"signing_key": signing_key, "trusted_keys": str(trusted_keys)})
+
+
+@pytest.fixture
+def operator(tmp_path: Path) -> KeyPaths:
+    return generate_keypair(tmp_path / "ops", passphrase=None)
+
+
+# Each securesystemslib signer that would fail at signing time, after the whole run: (private key URI after
+# "sslib:<keyid>:", with {key} for the operator's key file and {other} for another key's; what the error says).
+BAD_SIGNERS = {
+    "unknown keyid": ("deadbeef:file2:{key}", "no allowed key matches keyid 'deadbeef'"),
+    "missing key file": ("{keyid}:file2:{key}.gone", "cannot read the private key: No such file or directory"),
+    "another key's file": ("{keyid}:file2:{other}", "the private key does not match the allowlisted key"),
+    "unknown scheme": ("{keyid}:nokms:projects/p/keys/k", "securesystemslib has no signer for private key URIs"),
+    "backend not installed": (
+        "{keyid}:gcpkms:projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1",
+        "the securesystemslib backend for gcpkms: keys is not installed",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SIGNERS)
+def test_a_securesystemslib_signer_that_would_not_sign_is_refused_in_preflight(
+    case: str, assets: Assets, ortho: Path, operator: KeyPaths, tmp_path: Path
+) -> None:
+    if case == "backend not installed" and importlib.util.find_spec("google.cloud") is not None:
+        pytest.skip("google-cloud-kms is installed here")
+    other = generate_keypair(tmp_path / "other", passphrase=None)
+    uri, says = BAD_SIGNERS[case]
+    spec = "sslib:" + uri.format(keyid=operator.keyid[:10], key=operator.private_key, other=other.private_key)
+    sortie = _signed_by(_sortie(tmp_path, assets, ortho), spec, operator.trusted_keys)
+    with pytest.raises(ManifestError) as refused:
+        run_preflight(sortie)
+    text = str(refused.value)
+    assert text.startswith(f"s.toml signing_key: cannot use the signer {spec}: {says}"), text
+    assert "(fix: " in text and "\n" not in text and refused.value.exit_code == 2
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_securesystemslib_signer_that_loads_passes_preflight(
+    assets: Assets, ortho: Path, operator: KeyPaths, tmp_path: Path
+) -> None:
+    spec = f"sslib:{operator.keyid[:10]}:file2:{operator.private_key}"
+    sortie = _signed_by(_sortie(tmp_path, assets, ortho, km=25, threshold=0.0), spec, operator.trusted_keys)
+    assert run_preflight(sortie).sortie.signing_key == spec
+
+
+def test_provision_refuses_a_wrong_signer_keyid_with_exit_2_before_prefect_or_any_write(
+    assets: Assets, ortho: Path, operator: KeyPaths, tmp_path: Path
+) -> None:
+    sortie = _signed_by(
+        _sortie(tmp_path, assets, ortho, km=25, threshold=0.0),
+        f"sslib:deadbeef:file2:{operator.private_key}",
+        operator.trusted_keys,
+    )
+    proc = navcache("provision", str(sortie), home=tmp_path / "prefect-home", timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "signing_key: cannot use the signer sslib:deadbeef:" in proc.stderr, proc.stderr
+    assert "no allowed key matches keyid 'deadbeef'" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "prefect-home").exists()
 
 
 def _unprivileged(check: object) -> str | None:

@@ -295,5 +295,53 @@ def load_signer(
     try:
         signer = SslibSignerApi.from_priv_key_uri(uri, SSlibKey.from_crypto(public, keyid=keyid), secrets_handler)
     except Exception as exc:  # unknown scheme, missing backend library, unreachable KMS, …
-        raise ManifestError(f"cannot load the securesystemslib signer: {exc}", where=uri) from None
+        message, hint = _signer_load_failure(exc, uri, keyid)
+        raise ManifestError(message, where=uri, hint=hint) from None
     return SslibSigner(signer, public, uri)
+
+
+#: securesystemslib's pip extra for each private-key URI scheme whose backend is an optional library.
+_SSLIB_EXTRAS = {
+    "awskms": "awskms",
+    "azurekms": "azurekms",
+    "file2": "crypto",
+    "gcpkms": "gcpkms",
+    "hsm": "hsm",
+    "hv": "vault",
+    "tkey": "tkey",
+}
+
+
+def _signer_load_failure(exc: Exception, uri: str, keyid: str) -> tuple[str, str | None]:
+    """What went wrong loading the signer behind ``uri`` (one line) and how to fix it, for the failures an
+    operator can act on; anything else (a KMS that is unreachable, refuses, …) is passed on as it is."""
+    from securesystemslib.exceptions import KeyMismatchError, UnsupportedLibraryError
+    from securesystemslib.signer import SIGNER_FOR_URI_SCHEME
+
+    scheme = uri.partition(":")[0]
+    if scheme not in SIGNER_FOR_URI_SCHEME:
+        return (
+            f"securesystemslib has no signer for private key URIs starting {scheme + ':'!r}",
+            f"use one of {', '.join(s + ':' for s in sorted(SIGNER_FOR_URI_SCHEME))}",
+        )
+    if isinstance(exc, UnsupportedLibraryError):
+        extra = _SSLIB_EXTRAS.get(scheme)
+        return (
+            f"the securesystemslib backend for {scheme}: keys is not installed ({' '.join(str(exc).split())})",
+            f"pip install 'securesystemslib[{extra}]' on the provisioning host"
+            if extra
+            else "install the library named above on the provisioning host",
+        )
+    if isinstance(exc, KeyMismatchError):
+        return (
+            f"the private key does not match the allowlisted key {keyid[:12]}…",
+            "give the keyid of the key this URI holds, or the URI of that key's private part",
+        )
+    if isinstance(exc, OSError):
+        # securesystemslib re-raises a missing key file with a garbled message; the original says it plainly
+        original = exc.__cause__ if isinstance(exc.__cause__, OSError) else exc
+        return (
+            f"cannot read the private key: {original.strerror or original}",
+            "check the file path in the private key URI",
+        )
+    return f"cannot load the securesystemslib signer: {' '.join(str(exc).split())}", None

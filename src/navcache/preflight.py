@@ -3,7 +3,9 @@
 :func:`preflight` (what ``navcache provision`` and the flow run first) loads the sortie file and then refuses,
 with a :class:`~navcache.errors.NavcacheError` of exit code 2 naming the problem, the place and the fix:
 
-* models that do not fit the sortie (:func:`navcache.model_checks.validate_models`); signing keys that do not exist;
+* models that do not fit the sortie (:func:`navcache.model_checks.validate_models`); signing keys that do not exist,
+  and an ``sslib:`` signer that does not load (unknown keyid, backend not installed, private key missing or
+  not the allowlisted key);
 * a cache directory that cannot be written: the directory (or, when it does not exist yet, the nearest
   existing folder above it, which must let us create it) is checked with ``os.access`` and the file
   system's read-only flag, creating nothing;
@@ -43,7 +45,10 @@ from affine import Affine
 from rasterio.features import rasterize
 from shapely.geometry import box
 
-from .errors import NavcacheError, SortieError, SourceError
+from navcache_runtime.trust import TrustedKeysError
+from navcache_runtime.trustroot import TrustRoot, load_trust_anchor
+
+from .errors import ManifestError, NavcacheError, SortieError, SourceError
 from .imagery import (
     TileSource,
     ground_m_per_px,
@@ -53,6 +58,7 @@ from .imagery import (
     valid_at,
     zoom_levels,
 )
+from .keys import load_signer
 from .model_checks import validate_models
 from .sortie import Sortie, load_sortie
 from .tiles import lat_to_px, lon_to_px, px_to_lat, px_to_lon
@@ -152,13 +158,40 @@ def run_preflight(sortie_path: Path, cache_dir: Path | None = None, *, refuse: b
 
 
 def check_keys(sortie: Sortie) -> None:
+    """Refuse key files that do not exist, and load an ``sslib:`` signer now (its backend, its private key
+    and the match with the allowlisted public key), so a bad one is refused before the run, not after it."""
     for path, what in ((sortie.signing_key, "signing_key"), (sortie.trusted_keys, "trusted_keys")):
-        if isinstance(path, Path) and not path.is_file():  # an sslib: signer is checked when it is loaded
+        if isinstance(path, Path) and not path.is_file():
             raise SourceError(
                 f"{what} {path} does not exist",
                 where=f"{sortie.path} {what}",
                 hint="create a key pair with `navcache keygen --dir DIR` and point the sortie at it",
             )
+    if isinstance(sortie.signing_key, str):
+        _check_sslib_signer(sortie, sortie.signing_key)
+
+
+def _check_sslib_signer(sortie: Sortie, spec: str) -> None:
+    """Load the signer as signing will (same allowlist, no secrets handler); loading signs nothing."""
+    if sortie.trusted_keys is None:  # load_sortie requires trusted_keys beside an sslib: signer
+        raise SortieError("an sslib: signing_key needs trusted_keys", where=f"{sortie.path.name} trusted_keys")
+    try:
+        anchor = load_trust_anchor(sortie.trusted_keys)
+    except TrustedKeysError as exc:
+        raise ManifestError(
+            str(exc),
+            where=f"{sortie.path.name} trusted_keys",
+            hint="point trusted_keys at the operator allowlist or trust root the signer's key is on",
+        ) from None
+    trusted = anchor.operator_keys() if isinstance(anchor, TrustRoot) else anchor
+    try:
+        load_signer(spec, public_keys=trusted.keys.items())
+    except ManifestError as exc:
+        raise ManifestError(
+            f"cannot use the signer {spec}: {exc.message}",
+            where=f"{sortie.path.name} signing_key",
+            hint=exc.hint or "check the keyid and the private key URI",
+        ) from None
 
 
 def check_cache_dir(sortie: Sortie, *, from_option: bool = False) -> None:
