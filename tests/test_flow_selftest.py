@@ -4,15 +4,21 @@ and the drone's own check catching an engine with other weights that the operato
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import rasterio
+from rasterio.warp import transform_bounds
 
 import navcache_runtime as nr
 from navcache.errors import SelfTestError
 from navcache.manifest import next_version, sign_manifest
-from navcache.tiles import tile_for_lonlat
+from navcache.selftest import VIEW_MEMO_PREFIX, ViewParams, ViewRenderer
+from navcache.tiles import tile_bounds, tile_for_lonlat
 from navcache.types import TileId
 from navcache_runtime import BuildConfig, InputProfile, RuntimeConfig, build_inference_runtime
 from navcache_runtime.integrity import sha256_file, write_artifact
@@ -90,8 +96,6 @@ def test_min_recall_at_5_fails_the_run_before_signing(assets: Assets, tmp_path: 
 def test_the_onboard_self_test_refuses_an_engine_with_other_weights_even_when_re_signed(
     healthy_cache: Path, assets: Assets, tmp_path: Path
 ) -> None:
-    import shutil
-
     cache = tmp_path / "cache"
     shutil.copytree(healthy_cache, cache)
     engine = next((cache / "engines").glob("tiny_vpr__*.onnx"))
@@ -143,9 +147,60 @@ def test_a_warm_run_takes_the_self_test_from_its_memo_and_gc_keeps_only_live_mem
     assert warm["self_test"] == cold["self_test"]
 
     selftest = tmp_path / "cache" / "selftest"
-    (live,) = selftest.glob(".navcache-scan-selftest-*")
+    (live,) = (p for p in selftest.glob(".navcache-scan-selftest-*") if not p.name.startswith(VIEW_MEMO_PREFIX))
+    (live_views,) = selftest.glob(f"{VIEW_MEMO_PREFIX}*")
+    assert json.loads(live.read_text())["view_memo_name"] == live_views.name
     stale = selftest / ".navcache-scan-selftest-0000"
-    stale.write_text('{"onboard_name": "queries-gone.npz"}')
+    stale.write_text(json.dumps({"onboard_name": "queries-gone.npz", "view_memo_name": f"{VIEW_MEMO_PREFIX}0000"}))
+    stale_views = selftest / f"{VIEW_MEMO_PREFIX}0000"
+    stale_views.write_bytes(live_views.read_bytes())
     report = collect_garbage(tmp_path / "cache", ttl_days=None)
-    assert "selftest/.navcache-scan-selftest-0000" in [item.path for item in report.removed]
-    assert live.is_file() and not stale.exists()
+    removed = [item.path for item in report.removed]
+    assert "selftest/.navcache-scan-selftest-0000" in removed and f"selftest/{stale_views.name}" in removed
+    assert live.is_file() and live_views.is_file() and not stale.exists() and not stale_views.exists()
+
+
+def test_a_re_provision_over_changed_imagery_renders_only_the_views_over_the_change(
+    assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two 2 x 2 groups of z18 tiles 16 tiles apart (farther than a view's context reaches); then the
+    # imagery under the second group changes in place, as a re-flown patch would
+    centre = tile_for_lonlat(CENTER_LON, CENTER_LAT, 18)
+    kept = [TileId(18, centre.x - 9 + dx, centre.y + dy) for dx in (0, 1) for dy in (0, 1)]
+    changed = [TileId(18, centre.x + 7 + dx, centre.y + dy) for dx in (0, 1) for dy in (0, 1)]
+    ortho = tmp_path / "ortho.tif"
+    shutil.copy(assets.ortho, ortho)
+    imagery = dataclasses.replace(assets, ortho=ortho)
+    area = tiles_polygon(kept + changed)
+
+    def sortie(cache: str) -> Path:
+        return write_sortie(tmp_path / f"{cache}.toml", imagery, area=area, cache_dir=tmp_path / cache, extra=SELF_TEST)
+
+    provision(sortie("cache"))
+    west, south = tile_bounds(changed[0])[:2]
+    east, north = tile_bounds(changed[-1])[2:]
+    with rasterio.open(ortho, "r+") as ds:
+        left, bottom, right, top = transform_bounds("EPSG:4326", ds.crs, west, south, east, north)
+        window = ds.window(left, bottom, right, top).round_offsets().round_lengths()
+        pixels = ds.read(window=window)
+        ds.write(np.where(pixels == 0, 0, 255 - pixels).astype(np.uint8), window=window)  # nodata stays nodata
+
+    rendered: list[tuple[int, int]] = []
+    render_at = ViewRenderer.render_at
+
+    def counting(renderer: ViewRenderer, chunk: TileId, params: ViewParams) -> tuple[np.ndarray, int]:
+        rendered.append((chunk.x, chunk.y))
+        return render_at(renderer, chunk, params)
+
+    monkeypatch.setattr(ViewRenderer, "render_at", counting)
+    incremental = provision(sortie("cache"))
+    assert sorted(rendered) == sorted((t.x, t.y) for t in changed)  # the kept group's views came from the memo
+    rendered.clear()
+    fresh = provision(sortie("fresh"))
+    assert len(rendered) == 8
+
+    def figures(summary: dict) -> dict:
+        return {k: v for k, v in summary["self_test"].items() if k != "seconds"}
+
+    assert figures(incremental) == figures(fresh)
+    assert predicate(tmp_path / "cache")["self_test"] == predicate(tmp_path / "fresh")["self_test"]

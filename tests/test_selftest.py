@@ -12,13 +12,23 @@ from typing import Any
 import numpy as np
 import pytest
 import rasterio
+from rasterio.warp import transform_bounds
 from shapely.geometry import box
 
 from navcache.descriptors import DESCRIBED, ChunkReader, DescriptorEngine, classify
 from navcache.imagery import open_tile_source
 from navcache.index import build_index
-from navcache.selftest import SelfTestConfig, SelfTestResult, run_self_test, sample_chunks
+from navcache.selftest import (
+    SelfTestConfig,
+    SelfTestResult,
+    ViewMemo,
+    ViewParams,
+    ViewRenderer,
+    run_self_test,
+    sample_chunks,
+)
 from navcache.tiles import ChunkGrid
+from navcache.types import TileId
 from navcache_runtime import BuildConfig, InputProfile, RuntimeConfig, build_inference_runtime
 from navcache_runtime.index import load_index, load_tile_table
 from navcache_runtime.preprocessing import Preprocess
@@ -72,7 +82,12 @@ def build(model: Path, ortho: Path, tmp: Path, zoom: int = 17, half: float = HAL
 
 
 def self_test(
-    built: Built, out_dir: Path | None = None, *, upsampling: float | None = None, **options: Any
+    built: Built,
+    out_dir: Path | None = None,
+    *,
+    upsampling: float | None = None,
+    view_memo: ViewMemo | None = None,
+    **options: Any,
 ) -> SelfTestResult:
     return run_self_test(
         source=built.source,
@@ -87,6 +102,7 @@ def self_test(
         out_dir=out_dir,
         upsampling=upsampling,
         blank_fraction=built.blank_fraction,
+        view_memo=view_memo,
     )
 
 
@@ -184,3 +200,53 @@ def test_stratified_sampling_spreads_over_the_area_and_takes_all_when_few() -> N
     picked = xy[sample_chunks(xy, 20, 0)]
     assert len({tuple(p) for p in picked}) == 20
     assert sorted(set(picked[:, 1])) == list(range(20))  # one per row of the grid: stratified in (y, x) order
+
+
+def figures(result: SelfTestResult) -> dict[str, Any]:
+    """What a memoised run must reproduce exactly: every figure, the onboard set and the preview."""
+    summary = {k: v for k, v in result.summary().items() if k != "seconds"}
+    onboard = result.onboard_path.name if result.onboard_path is not None else None
+    return {**summary, "onboard": onboard, "preview": result.preview_png}
+
+
+def test_the_per_view_memo_renders_only_the_views_over_changed_imagery(
+    assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The whole demo orthophoto at z17 (~12 x 12 chunks); then one corner chunk's imagery changes
+    model = thumbnail(tmp_path / "thumbnail.onnx")
+    before_ortho, after_ortho = tmp_path / "before.tif", tmp_path / "after.tif"
+    shutil.copy(assets.ortho, before_ortho)
+    shutil.copy(assets.ortho, after_ortho)
+    options = {"samples": 64, "onboard_samples": 8}
+    before = build(model, before_ortho, tmp_path / "before", half=0.02)
+    memo_dir = tmp_path / "memo"
+    cold = self_test(before, memo_dir, view_memo=ViewMemo(memo_dir, "thumbnail"), **options)
+    assert cold.views_rendered == cold.samples == 64 and cold.view_memo_name is not None
+    warm = self_test(before, memo_dir, view_memo=ViewMemo(memo_dir, "thumbnail"), **options)
+    assert warm.views_rendered == 0 and figures(warm) == figures(cold)
+    assert warm.view_memo_name == cold.view_memo_name  # content-addressed
+
+    corner = before.chunks[np.lexsort((before.chunks[:, 0], before.chunks[:, 1]))[-1]]
+    west, south, east, north = before.grid.chunk_bounds(TileId(17, int(corner[0]), int(corner[1])))
+    with rasterio.open(after_ortho, "r+") as ds:
+        left, bottom, right, top = transform_bounds("EPSG:4326", ds.crs, west, south, east, north)
+        window = ds.window(left, bottom, right, top).round_offsets().round_lengths()
+        pixels = ds.read(window=window)
+        ds.write(np.where(pixels == 0, 0, 255 - pixels).astype(np.uint8), window=window)  # nodata stays nodata
+    after = build(model, after_ortho, tmp_path / "after", half=0.02)
+    rendered: list[tuple[int, int]] = []
+    render_at = ViewRenderer.render_at
+
+    def counting(renderer: ViewRenderer, chunk: TileId, params: ViewParams) -> tuple[np.ndarray, int]:
+        rendered.append((chunk.x, chunk.y))
+        return render_at(renderer, chunk, params)
+
+    monkeypatch.setattr(ViewRenderer, "render_at", counting)
+    incremental = self_test(after, memo_dir, view_memo=ViewMemo(memo_dir, "thumbnail"), **options)
+    assert incremental.views_rendered == len(rendered)
+    assert 0 < len(rendered) < 64 // 2, rendered  # the views near the changed corner only
+    assert all(max(abs(x - int(corner[0])), abs(y - int(corner[1]))) <= 6 for x, y in rendered), rendered
+    rendered.clear()
+    fresh = self_test(after, tmp_path / "fresh", **options)
+    assert len(rendered) == 64
+    assert figures(incremental) == figures(fresh)

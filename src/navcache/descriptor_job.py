@@ -36,7 +36,7 @@ from .descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_
 from .errors import SelfTestError
 from .imagery import TileSource, open_tile_source, source_version
 from .index import IndexResult
-from .selftest import SelfTestResult, memo_key, remembered, run_self_test
+from .selftest import SelfTestResult, ViewMemo, memo_key, remembered, run_self_test
 from .shard_set import described_rows
 from .sortie import SelfTestConfig, Sortie
 from .tiles import ChunkGrid, ShardPlan
@@ -237,7 +237,9 @@ def self_test_for_job(
 ) -> SelfTestResult:
     """Render, describe and query the views (:mod:`navcache.selftest`) with the job's engine and imagery;
     writes the onboard query set beside the shards. The figures come from the memo when the index, engine,
-    preprocessing, imagery, grid, config and hints are unchanged (a warm run then reads no shard)."""
+    preprocessing, imagery, grid, config and hints are unchanged (a warm run then reads no shard); otherwise
+    the views whose imagery, engine and preprocessing are unchanged come from the per-view memo
+    (:class:`~navcache.selftest.ViewMemo`) and only the others are rendered and described."""
     chunks = sum(s.described + s.blank + s.missing for s in shards)
     blank_fraction = sum(s.blank for s in shards) / max(1, chunks)
     source = tile_source(job)
@@ -272,6 +274,10 @@ def self_test_for_job(
             upsampling=upsampling,
             max_upsampling=max_upsampling,
             blank_fraction=blank_fraction,
+            view_memo=ViewMemo(
+                out_dir,
+                repr((job.engine.sha256, job.engine.runtime_label, job.engine.host, preprocess.spec(), job.grid)),
+            ),
         )
 
     return remembered(out_dir, key, run)

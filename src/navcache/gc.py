@@ -4,8 +4,9 @@ What is considered: regular files directly in the artifact folders (``engines/``
 ``index/``, ``coverage/``, ``selftest/``) with a known artifact suffix (both from
 :data:`navcache_runtime.layout.ARTIFACT_SUFFIXES`), each together with its ``.sha256`` sidecar (a sidecar whose artifact
 is gone is its own unit), plus orphaned ``.navcache-tmp-*`` files anywhere under the cache whose writer is dead,
-scan-memo entries (``descriptors/.navcache-scan-*``) whose shard is gone, and self-test memos
-(``selftest/.navcache-scan-selftest-*``) whose onboard query set is gone.
+scan-memo entries (``descriptors/.navcache-scan-*``) whose shard is gone, self-test memos
+(``selftest/.navcache-scan-selftest-*``) whose onboard query set is gone, and per-view self-test memos
+(``selftest/.navcache-scan-selftest-views-*``) that no remaining self-test memo names.
 What is never removed: anything the current manifest names (artifact or sidecar), the manifest, lock files,
 sub-directories (compile caches) and files gc does not recognise. gc holds the cache lock while it works,
 so it waits for a running provision and a provision waits for it.
@@ -38,6 +39,7 @@ from navcache_runtime.layout import (
 
 from .errors import NavcacheError
 from .lock import cache_lock
+from .selftest import VIEW_MEMO_PREFIX
 
 log = logging.getLogger(__name__)
 _PID = re.compile(r"\(pid (\d+)\)")
@@ -237,10 +239,15 @@ def _stale_scan_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now
 
 
 def _stale_self_test_memos(cache_root: Path, removed: set[str], *, dry_run: bool, now: float) -> list[GcItem]:
-    """Self-test memos whose onboard query set is gone (or that this gc removes), or unreadable."""
+    """Self-test memos whose onboard query set is gone (or that this gc removes), or unreadable; then the
+    per-view memos (:class:`navcache.selftest.ViewMemo`) that no remaining self-test memo names."""
     directory = cache_root / SELFTEST_DIR
     stale = []
-    for path in sorted(directory.glob(f"{SELFTEST_MEMO_PREFIX}*")) if directory.is_dir() else []:
+    paths = sorted(directory.glob(f"{SELFTEST_MEMO_PREFIX}*")) if directory.is_dir() else []
+    named_views: set[str] = set()
+    for path in paths:
+        if path.name.startswith(VIEW_MEMO_PREFIX):
+            continue
         try:
             stat = path.stat()
             record = json.loads(path.read_bytes())
@@ -248,12 +255,25 @@ def _stale_self_test_memos(cache_root: Path, removed: set[str], *, dry_run: bool
             continue
         except ValueError:
             record = None
-        onboard = record.get("onboard_name") if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            record = {}
+        onboard, views = record.get("onboard_name"), record.get("view_memo_name")
         if isinstance(onboard, str) and (directory / onboard).is_file() and f"{SELFTEST_DIR}/{onboard}" not in removed:
+            if isinstance(views, str):
+                named_views.add(views)
             continue
         stale.append(
             _drop_stale(path, stat, cache_root, "self-test memo whose views are gone", dry_run=dry_run, now=now)
         )
+    for path in paths:
+        if not path.name.startswith(VIEW_MEMO_PREFIX) or path.name in named_views:
+            continue
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        reason = "per-view self-test memo no live self-test memo names"
+        stale.append(_drop_stale(path, stat, cache_root, reason, dry_run=dry_run, now=now))
     return stale
 
 

@@ -25,6 +25,13 @@ one the descriptors were made with.
    them the ground found in its top 5. The manifest signs the file and a floor (``min_hits_at_5``, 80 % of
    the ground's hits); ``navcache_runtime.selftest`` re-runs them on the drone's own engine and index.
 
+**Memos.** A warm re-provision (index, engine, preprocessing, imagery, grid, config and hints unchanged)
+takes the whole result from a whole-run memo (:func:`remembered`). Otherwise the per-view memo
+(:class:`ViewMemo`) supplies every view whose pixels and descriptor cannot have changed — keyed on the
+raw digests of the source tiles under its context, its parameters, the engine and the preprocessing — so a
+re-provision over partly changed imagery renders and describes only the views over the change and re-runs
+the search (milliseconds) for the rest; the figures are those of a run without memos.
+
 ``min_recall_at_5`` (``[self_test]`` in the sortie) turns the report into a gate: below it the run fails
 before signing and the previous manifest stays in force. Without it the figures are reported only.
 """
@@ -39,6 +46,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -50,6 +58,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from navcache_runtime.errors import EngineHashMismatchError, EngineSidecarMissingError
 from navcache_runtime.index import search
 from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes, verify_artifact, write_artifact_once
+from navcache_runtime.layout import SELFTEST_MEMO_PREFIX
 from navcache_runtime.preprocessing import Preprocess
 
 from .imagery import PixelReader, TileSource, read_window
@@ -106,6 +115,8 @@ class SelfTestResult:
     onboard_queries: int
     onboard_min_hits_at_5: int
     seconds: float
+    views_rendered: int = 0  # the rest came from the per-view memo
+    view_memo_name: str | None = None  # the per-view memo this run wrote (gc keeps it while this result lives)
     preview_png: bytes = field(repr=False, default=b"")
 
     @property
@@ -211,6 +222,7 @@ class ViewRenderer:
         self.levels = min(fit, 3, grid.zoom)
         self._tiles: dict[TileId, Any] = {}
         self.tile_size = source.tile_size
+        self.rendered = 0  # views rendered (the per-view memo's hits are not)
 
     def read_tile(self, tile: TileId) -> Any:
         if tile not in self._tiles:
@@ -225,10 +237,17 @@ class ViewRenderer:
     def render(self, chunk: TileId, params: ViewParams) -> np.ndarray:
         """A view of ``chunk``: the orthophoto around it rotated, scaled and shifted, then brightness/contrast,
         blur and a JPEG round trip; RGB uint8, ``chunk_px >> levels`` square. Nodata stays black."""
+        return self.render_at(chunk, params)[0]
+
+    def render_at(self, chunk: TileId, params: ViewParams) -> tuple[np.ndarray, int]:
+        """:meth:`render`'s view and the levels its context was read at (0 when the coarser zoom was missing)."""
+        self.rendered += 1
         view = self._render(chunk, params, self.levels)
+        levels = self.levels
         if view is None:  # the source lacks the coarser zoom (XYZ/MBTiles cut at one level): full resolution
-            view = self._render(chunk, params, 0)
-        return _photometric(view if view is not None else np.zeros((self.grid.chunk_px,) * 2 + (3,), np.uint8), params)
+            view, levels = self._render(chunk, params, 0), 0
+        pixels = view if view is not None else np.zeros((self.grid.chunk_px,) * 2 + (3,), np.uint8)
+        return _photometric(pixels, params), levels
 
     def chunk_image(self, chunk: TileId) -> np.ndarray:
         """The chunk itself, unperturbed, at the renderer's resolution (nodata black)."""
@@ -236,12 +255,36 @@ class ViewRenderer:
         tile = self._read(self.grid.zoom - self.levels, x0, y0, x1, y1)
         return np.where(tile.valid[:, :, None], tile.rgb, 0).astype(np.uint8)
 
-    def _render(self, chunk: TileId, params: ViewParams, levels: int) -> np.ndarray | None:
+    def context_box(self, chunk: TileId, params: ViewParams, levels: int) -> tuple[int, int, int, int, int]:
+        """(zoom, x0, y0, x1, y1): the global pixels a view of ``chunk`` read ``levels`` coarser is cut from."""
         c = self.grid.chunk_px >> levels
         x0, y0, _, _ = (v >> levels for v in self.grid.chunk_pixel_box(chunk))
         reach = c * (params.scale * math.sqrt(2) / 2 + params.max_shift) - c / 2
         margin = max(0, math.ceil(reach)) + 2
-        context = self._read(self.grid.zoom - levels, x0 - margin, y0 - margin, x0 + c + margin, y0 + c + margin)
+        return self.grid.zoom - levels, x0 - margin, y0 - margin, x0 + c + margin, y0 + c + margin
+
+    def input_digest(self, chunk: TileId, params: ViewParams, levels: int) -> str | None:
+        """A digest of the encoded source bytes a view read ``levels`` coarser is made from
+        (:meth:`TileSource.raw_digests` of the tiles under its context rectangle and one ring of tiles
+        around it, which holds any resampling kernel's reach), or None when the source cannot digest them."""
+        zoom, x0, y0, x1, y1 = self.context_box(chunk, params, levels)
+        size, last = self.tile_size, (1 << zoom) - 1
+        xs = range(max(0, x0 // size - 1), min(last, (x1 - 1) // size + 1) + 1)
+        ys = range(max(0, y0 // size - 1), min(last, (y1 - 1) // size + 1) + 1)
+        tiles = [TileId(zoom, x, y) for y in ys for x in xs]
+        digests = self.source.raw_digests(tiles)
+        if digests is None:
+            return None
+        text = f"{self.source.raw_identity()}|{zoom}:{x0}:{y0}:{x1}:{y1}|" + ";".join(
+            f"{t.x},{t.y}={d}" for t, d in zip(tiles, digests, strict=True)
+        )
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def _render(self, chunk: TileId, params: ViewParams, levels: int) -> np.ndarray | None:
+        c = self.grid.chunk_px >> levels
+        zoom, x0, y0, x1, y1 = self.context_box(chunk, params, levels)
+        margin = (x1 - x0 - c) // 2
+        context = self._read(zoom, x0, y0, x1, y1)
         if levels and context.valid_fraction < 0.05:
             return None
         rgb = np.where(context.valid[:, :, None], context.rgb, 0).astype(np.uint8)
@@ -289,13 +332,16 @@ def run_self_test(
     upsampling: float | None = None,
     max_upsampling: float | None = None,
     blank_fraction: float = 0.0,
+    view_memo: ViewMemo | None = None,
 ) -> SelfTestResult:
     """Run the self-test over the built index (see the module docstring).
 
     ``chunks`` (N, 2) and ``descriptors`` (N, D) are the described chunks and their stored (normalised)
     rows; ``index``/``table`` the built FAISS index and its tile table; ``describe`` runs the VPR engine on a
     preprocessed batch and returns normalised (B, D) rows. ``out_dir`` receives the onboard query set (None:
-    none is written). ``upsampling``/``max_upsampling`` and ``blank_fraction`` only sharpen the finding."""
+    none is written). ``upsampling``/``max_upsampling`` and ``blank_fraction`` only sharpen the finding.
+    ``view_memo`` (see :class:`ViewMemo`) supplies the descriptors of views whose inputs are unchanged and
+    remembers this run's; without it every view is rendered and described."""
     started = time.perf_counter()
     if len(chunks) == 0:
         raise ValueError("the self-test needs at least one described chunk")
@@ -304,8 +350,9 @@ def run_self_test(
     params = [draw_params(rng, config) for _ in picked]
     targets = chunks[picked]
     renderer = ViewRenderer(source, grid, max(preprocess.height, preprocess.width))
-    views = [renderer.render(TileId(grid.zoom, int(x), int(y)), p) for (x, y), p in zip(targets, params, strict=True)]
-    query = _describe_all(views, describe, preprocess, batch_size)
+    onboard_n = min(config.onboard_samples, len(picked)) if out_dir is not None else 0
+    views = _views(renderer, targets, params, describe, preprocess, batch_size, onboard_n, view_memo)
+    query = np.stack([v.query for v in views]).astype(np.float32, copy=False)
     hits = search(index, table, query, 5)
     found = np.full((len(views), 5), -1, np.int64)
     for row, ranked in enumerate(hits):
@@ -329,18 +376,10 @@ def run_self_test(
         blank_fraction,
     )
 
-    onboard_path, onboard_n, floor = None, 0, 0
-    if out_dir is not None and config.onboard_samples > 0:
-        onboard_path, onboard_n, floor = _write_onboard_set(
-            out_dir,
-            views[: config.onboard_samples],
-            targets[: config.onboard_samples],
-            describe,
-            preprocess,
-            index,
-            table,
-            batch_size,
-        )
+    onboard_path, floor = None, 0
+    if out_dir is not None and onboard_n > 0:
+        onboard_path, floor = _write_onboard_set(out_dir, views[:onboard_n], targets[:onboard_n], index, table)
+    memo_name = view_memo.save(views) if view_memo is not None else None
     result = SelfTestResult(
         samples=len(views),
         recall_at_1=float(exact[:, 0].mean()),
@@ -354,14 +393,18 @@ def run_self_test(
         finding=finding,
         min_recall_at_5=config.min_recall_at_5,
         onboard_path=onboard_path,
-        onboard_queries=onboard_n,
+        onboard_queries=onboard_n if onboard_path is not None else 0,
         onboard_min_hits_at_5=floor,
         seconds=time.perf_counter() - started,
-        preview_png=preview_png(views, found_xy, exact, renderer),
+        views_rendered=renderer.rendered,
+        view_memo_name=memo_name,
+        preview_png=preview_png([v.view for v in views], found_xy, exact, renderer),
     )
     log.info(
-        "self-test: %d views, recall@1 %.3f, recall@5 %.3f (within one chunk: %.3f / %.3f); %s",
+        "self-test: %d views (%d rendered, the rest from the per-view memo), recall@1 %.3f, recall@5 %.3f "
+        "(within one chunk: %.3f / %.3f); %s",
         result.samples,
+        result.views_rendered,
         result.recall_at_1,
         result.recall_at_5,
         result.near_recall_at_1,
@@ -374,11 +417,11 @@ def run_self_test(
 def _describe_all(
     views: Sequence[np.ndarray], describe: Callable[[np.ndarray], np.ndarray], preprocess: Preprocess, batch: int
 ) -> np.ndarray:
-    rows = []
+    rows = [np.zeros((0, 0), np.float32)]
     for start in range(0, len(views), batch):
         inputs = np.stack([preprocess(v) for v in views[start : start + batch]])
         rows.append(np.asarray(describe(inputs), np.float32))
-    return np.concatenate(rows)
+    return np.concatenate(rows[1:]) if len(rows) > 1 else rows[0]
 
 
 def _space_health(chunks: np.ndarray, descriptors: np.ndarray, seed: int) -> tuple[float, float]:
@@ -450,19 +493,14 @@ def _finding(
 
 
 def _write_onboard_set(
-    out_dir: Path,
-    views: Sequence[np.ndarray],
-    targets: np.ndarray,
-    describe: Callable[[np.ndarray], np.ndarray],
-    preprocess: Preprocess,
-    index: Any,
-    table: np.ndarray,
-    batch: int,
-) -> tuple[Path, int, int]:
+    out_dir: Path, views: Sequence[DescribedView], targets: np.ndarray, index: Any, table: np.ndarray
+) -> tuple[Path, int]:
     """Store the views at the engine's input size (so the file stays small and the drone's resize is the
     identity), count the ground's top-5 hits on exactly those arrays, and derive the onboard floor."""
-    stored = np.stack([preprocess.resized(v) for v in views]).astype(np.uint8)
-    query = _describe_all(list(stored), describe, preprocess, batch)
+    stored = np.stack([v.stored for v in views if v.stored is not None]).astype(np.uint8)
+    query = np.stack([v.onboard for v in views if v.onboard is not None]).astype(np.float32, copy=False)
+    if len(stored) != len(views) or len(query) != len(views):
+        raise ValueError("every onboard view needs its stored pixels and their descriptor")
     hits = search(index, table, query, 5)
     got = sum(
         any((int(table["x"][rid]), int(table["y"][rid])) == (int(x), int(y)) for rid, _ in ranked)
@@ -474,7 +512,7 @@ def _write_onboard_set(
     data = buffer.getvalue()  # deterministic: numpy's zip entries carry a fixed date
     path = out_dir / f"queries-{hashlib.sha256(data).hexdigest()[:16]}.npz"
     write_artifact_once(path, data)
-    return path, len(stored), floor
+    return path, floor
 
 
 # --------------------------------------------------------------------------------------------- memo
@@ -539,23 +577,197 @@ def remembered(out_dir: Path, key: str, run: Callable[[], SelfTestResult]) -> Se
     return result
 
 
+# --------------------------------------------------------------------------------------------- per-view memo
+
+#: Bump when a view's pixels or descriptor would change for the same inputs (rendering, photometrics).
+VIEW_MEMO_VERSION = "navcache-selftest-views-v1"
+#: Per-view memos are ground-side files beside the whole-run memos (gc keeps those a live whole-run memo names).
+VIEW_MEMO_PREFIX = f"{SELFTEST_MEMO_PREFIX}views-"
+
+
+@dataclass(frozen=True)
+class DescribedView:
+    """One view as the self-test uses it: its descriptor, and what the onboard set and the preview need."""
+
+    key: str | None  # the per-view memo's key (None: the source cannot digest its bytes; never remembered)
+    query: np.ndarray  # (D,) the view's descriptor
+    full_digest: str = ""  # the view fell back to full resolution: the input digest of that read
+    view: np.ndarray | None = None  # the rendered view, kept for the preview's views
+    stored: np.ndarray | None = None  # the view at the engine's input size (onboard views)
+    onboard: np.ndarray | None = None  # (D,) the descriptor of ``stored`` (onboard views)
+
+
+class ViewMemo:
+    """Per-view memo: a view's descriptor is reused when everything its pixels and its descriptor depend on
+    is unchanged, so a re-provision over partly changed imagery renders and describes only the views over
+    the change, and re-runs just the search (milliseconds) against the new index for the others.
+
+    A view's key is a digest of :data:`VIEW_MEMO_VERSION`, ``identity`` (the engine's digest and
+    runtime, the preprocessing, the grid — the caller's), the renderer's levels, the chunk, the view's
+    parameters (geometry and photometrics, drawn from the seed) and the raw digests of the source tiles
+    under its context rectangle plus a ring (:meth:`ViewRenderer.input_digest`). A view that fell back to
+    full resolution also records the input digest of that read, checked on reuse. Sources that cannot
+    digest their bytes give no keys: every view is rendered.
+
+    Each run writes one content-addressed file ``selftest/.navcache-scan-selftest-views-{sha40}`` (an
+    ``.npz``, written atomically) holding its views' entries; a run looks its views up in every such file
+    present. The whole-run memo names the file it wrote, and gc removes the files no live whole-run memo
+    names."""
+
+    def __init__(self, directory: Path, identity: str) -> None:
+        self.directory = directory
+        self.identity = identity
+        self._entries: dict[str, DescribedView] = {}
+        for path in sorted(directory.glob(f"{VIEW_MEMO_PREFIX}*")) if directory.is_dir() else []:
+            self._entries.update(_read_view_memo(path))
+
+    def key(self, renderer: ViewRenderer, chunk: TileId, params: ViewParams) -> str | None:
+        digest = renderer.input_digest(chunk, params, renderer.levels)
+        if digest is None:
+            return None
+        text = f"{VIEW_MEMO_VERSION}|{self.identity}|{renderer.levels}|{chunk}|{params!r}|{digest}"
+        return hashlib.sha256(text.encode()).hexdigest()[:40]
+
+    def lookup(
+        self, key: str, renderer: ViewRenderer, chunk: TileId, params: ViewParams, *, view: bool, onboard: bool
+    ) -> DescribedView | None:
+        """The remembered view for ``key`` when it holds what this run needs of it and, for a view read at
+        full resolution, that read's input is unchanged too."""
+        entry = self._entries.get(key)
+        if entry is None or (view and entry.view is None):
+            return None
+        if onboard and (entry.onboard is None or entry.stored is None):
+            return None
+        if entry.full_digest and renderer.input_digest(chunk, params, 0) != entry.full_digest:
+            return None
+        return entry
+
+    def save(self, views: Sequence[DescribedView]) -> str | None:
+        """Remember the views that have keys in one content-addressed file; its name (None: nothing to keep)."""
+        kept = [v for v in views if v.key is not None]
+        if not kept:
+            return None
+        dim = kept[0].query.shape[0]
+        arrays: dict[str, np.ndarray] = {
+            "keys": np.asarray([v.key for v in kept], "U40"),
+            "full": np.asarray([v.full_digest for v in kept], "U64"),
+            "query": np.stack([v.query for v in kept]).astype(np.float32),
+            "onboard": np.stack([v.onboard if v.onboard is not None else np.full(dim, np.nan) for v in kept]).astype(
+                np.float32
+            ),
+        }
+        for row, v in enumerate(kept):
+            if v.view is not None:
+                arrays[f"view_{row}"] = v.view
+            if v.stored is not None:
+                arrays[f"stored_{row}"] = v.stored
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type]  # the stub types allow_pickle into **kwds
+        data = buffer.getvalue()  # deterministic: numpy's zip entries carry a fixed date
+        name = f"{VIEW_MEMO_PREFIX}{hashlib.sha256(data).hexdigest()[:40]}"
+        if not (self.directory / name).is_file():
+            atomic_write_bytes(self.directory / name, data)
+        return name
+
+
+def _read_view_memo(path: Path) -> dict[str, DescribedView]:
+    """A per-view memo file's entries by key; none when it is unreadable (then its views are rendered)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            keys, full, query, onboard = (data[k] for k in ("keys", "full", "query", "onboard"))
+            if not len(keys) == len(full) == len(query) == len(onboard) or query.ndim != 2:
+                return {}
+            return {
+                str(key): DescribedView(
+                    key=str(key),
+                    query=query[row],
+                    full_digest=str(full[row]),
+                    view=data[f"view_{row}"] if f"view_{row}" in data.files else None,
+                    stored=data[f"stored_{row}"] if f"stored_{row}" in data.files else None,
+                    onboard=None if np.isnan(onboard[row]).any() else onboard[row],
+                )
+                for row, key in enumerate(keys)
+            }
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        log.warning("self-test: ignoring the unreadable per-view memo %s", path)
+        return {}
+
+
+def _views(
+    renderer: ViewRenderer,
+    targets: np.ndarray,
+    params: Sequence[ViewParams],
+    describe: Callable[[np.ndarray], np.ndarray],
+    preprocess: Preprocess,
+    batch: int,
+    onboard_n: int,
+    memo: ViewMemo | None,
+) -> list[DescribedView]:
+    """Every view described: from ``memo`` where its inputs are unchanged, else rendered and described
+    (the onboard views' resized pixels described as well)."""
+    shown = set(preview_rows(len(targets)))
+    chunks = [TileId(renderer.grid.zoom, int(x), int(y)) for x, y in targets]
+    keys = [memo.key(renderer, c, p) if memo is not None else None for c, p in zip(chunks, params, strict=True)]
+    views: list[DescribedView | None] = [
+        memo.lookup(key, renderer, c, p, view=i in shown, onboard=i < onboard_n)
+        if memo is not None and key is not None
+        else None
+        for i, (key, c, p) in enumerate(zip(keys, chunks, params, strict=True))
+    ]
+    missing = [i for i, v in enumerate(views) if v is None]
+    rendered = {i: renderer.render_at(chunks[i], params[i]) for i in missing}
+    query = _describe_all([rendered[i][0] for i in missing], describe, preprocess, batch)
+    onboard_rows = [i for i in missing if i < onboard_n]
+    stored = {i: preprocess.resized(rendered[i][0]).astype(np.uint8) for i in onboard_rows}
+    onboard = _describe_all([stored[i] for i in onboard_rows], describe, preprocess, batch)
+    onboard_of = dict(zip(onboard_rows, onboard, strict=True))
+    for row, i in enumerate(missing):
+        view, levels = rendered[i]
+        key, full_digest = keys[i], ""
+        if key is not None and levels != renderer.levels:  # read at full resolution: that input counts too
+            full_digest = renderer.input_digest(chunks[i], params[i], 0) or ""
+            key = key if full_digest else None
+        views[i] = DescribedView(
+            key=key,
+            query=query[row],
+            full_digest=full_digest,
+            view=view if i in shown else None,
+            stored=stored.get(i),
+            onboard=onboard_of.get(i),
+        )
+    return [v for v in views if v is not None]
+
+
 # --------------------------------------------------------------------------------------------- picture
 
 
+def preview_rows(count: int) -> list[int]:
+    """The views (of ``count``) the preview shows: a few spread evenly from the first."""
+    shown = min(_PREVIEW, count)
+    step = max(1, count // max(1, shown))
+    return list(range(0, step * shown, step))
+
+
 def preview_png(
-    views: Sequence[np.ndarray], found_xy: np.ndarray, exact: np.ndarray, renderer: ViewRenderer, thumb: int = 96
+    views: Sequence[np.ndarray | None],
+    found_xy: np.ndarray,
+    exact: np.ndarray,
+    renderer: ViewRenderer,
+    thumb: int = 96,
 ) -> bytes:
-    """A few query views (left) beside their top-1 chunks (right), framed green when that is the view's own
-    chunk and red when it is not."""
-    count = min(_PREVIEW, len(views))
-    if count == 0:
+    """A few query views (left, those of :func:`preview_rows`; the others may be None) beside their top-1
+    chunks (right), framed green when that is the view's own chunk and red when it is not."""
+    rows = preview_rows(len(views))
+    if not rows:
         return b""
-    canvas = Image.new("RGB", (2 * thumb + 12, count * (thumb + 6) + 6), (40, 40, 40))
+    canvas = Image.new("RGB", (2 * thumb + 12, len(rows) * (thumb + 6) + 6), (40, 40, 40))
     draw = ImageDraw.Draw(canvas)
-    step = max(1, len(views) // count)
-    for row, k in enumerate(range(0, step * count, step)):
+    for row, k in enumerate(rows):
         top = 6 + row * (thumb + 6)
-        canvas.paste(Image.fromarray(views[k]).resize((thumb, thumb)), (4, top))
+        view = views[k]
+        if view is None:
+            raise ValueError(f"the preview shows view {k}, but its pixels were not kept")
+        canvas.paste(Image.fromarray(view).resize((thumb, thumb)), (4, top))
         fx, fy = (int(v) for v in found_xy[k, 0])
         if fx >= 0:
             found = renderer.chunk_image(TileId(renderer.grid.zoom, fx, fy))
