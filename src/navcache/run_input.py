@@ -11,8 +11,8 @@ directory and imagery) happens once, wherever the run starts:
 
 What is kept is taken by the body: each run validates afresh. Kept results are keyed by the sortie path
 and cache-directory override as given, and by the sortie file's size and modification time, so an edited
-file is never served from a stale result. The body logs the report's lines again (the survey line and any
-warnings), so the flow run's log has them whoever validated.
+file is never served from a stale result. When the CLI validated, the body logs the report's lines again
+(the survey line and any warnings), so the flow run's log has them either way, once.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .preflight import PreflightReport, run_preflight
 log = logging.getLogger("navcache.preflight")
 
 _Key = tuple[str, str | None, tuple[int, int] | None]
-_kept: dict[_Key, PreflightReport | NavcacheError] = {}
+# The report (and whether the run must log its lines again: checked outside the run) or the refusal.
+_kept: dict[_Key, tuple[PreflightReport, bool] | NavcacheError] = {}
 _lock = threading.Lock()
 
 
@@ -41,11 +42,12 @@ def _key(sortie_path: Path, cache_dir: Path | None) -> _Key:
     return (str(sortie_path), None if cache_dir is None else str(cache_dir), version)
 
 
-def check_input(sortie_path: Path, cache_dir: Path | None = None) -> PreflightReport:
-    """Validate the run's input (raising the refusal) and keep the report for the run that follows."""
+def check_input(sortie_path: Path, cache_dir: Path | None = None, *, relog: bool = True) -> PreflightReport:
+    """Validate the run's input (raising the refusal) and keep the report for the run that follows (which
+    logs its lines again when ``relog``: the check ran outside the run's log)."""
     report = run_preflight(sortie_path, cache_dir)
     with _lock:
-        _kept[_key(sortie_path, cache_dir)] = report
+        _kept[_key(sortie_path, cache_dir)] = (report, relog)
     return report
 
 
@@ -54,14 +56,16 @@ def run_name(sortie_path: Path, cache_dir: Path | None = None) -> str:
     stem when it is refused; the run's body then raises the refusal)."""
     with _lock:
         kept = _kept.get(_key(sortie_path, cache_dir))
-    if kept is None:
-        try:
-            kept = check_input(sortie_path, cache_dir)
-        except NavcacheError as exc:
-            with _lock:
-                _kept[_key(sortie_path, cache_dir)] = exc  # the body raises it, without validating again
-            return sortie_path.stem
-    return kept.sortie.sortie_id if isinstance(kept, PreflightReport) else sortie_path.stem
+    if isinstance(kept, NavcacheError):
+        return sortie_path.stem
+    if kept is not None:
+        return kept[0].sortie.sortie_id
+    try:  # inside the flow run: its lines are in the run log already
+        return check_input(sortie_path, cache_dir, relog=False).sortie.sortie_id
+    except NavcacheError as exc:
+        with _lock:
+            _kept[_key(sortie_path, cache_dir)] = exc  # the body raises it, without validating again
+        return sortie_path.stem
 
 
 def take_input(sortie_path: Path, cache_dir: Path | None = None) -> PreflightReport:
@@ -72,7 +76,9 @@ def take_input(sortie_path: Path, cache_dir: Path | None = None) -> PreflightRep
         return run_preflight(sortie_path, cache_dir)
     if isinstance(kept, NavcacheError):
         raise kept
-    log.info("%s", kept.imagery.line())
-    for warning in kept.warnings:
-        log.warning("%s", warning)
-    return kept
+    report, relog = kept
+    if relog:
+        log.info("%s", report.imagery.line())
+        for warning in report.warnings:
+            log.warning("%s", warning)
+    return report
