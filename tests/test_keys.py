@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import securesystemslib.signer as sslib_signer
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import (
@@ -19,9 +20,19 @@ from cryptography.hazmat.primitives.serialization import (
     PublicFormat,
     load_pem_public_key,
 )
+from securesystemslib.signer import SecretsHandler
 
 from navcache.errors import ManifestError
-from navcache.keys import TRUSTED_KEYS_NAME, add_trusted_key, generate_keypair, load_private_key, load_public_key
+from navcache.keys import (
+    SIGNER_SECRET_ENV,
+    TRUSTED_KEYS_NAME,
+    EnvironmentSecrets,
+    add_trusted_key,
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    load_signer,
+)
 from navcache_runtime.trust import (
     MAX_TRUSTED_KEYS_BYTES,
     TrustedKeys,
@@ -223,3 +234,94 @@ def test_trusted_keys_object_checks_itself() -> None:
         TrustedKeys({keyid_for(other): a})
     pem = a.public_bytes(Encoding.PEM, PublicFormat.SubjectPublicKeyInfo)
     assert keyid_for(load_pem_public_key(pem)) == keyid_for(a)  # type: ignore[arg-type]
+
+
+# --- securesystemslib signers that need a secret ------------------------------------------------------------
+
+PIN_SCHEME = "testpin"
+
+
+class PinToken(sslib_signer.Signer):
+    """Stands in for a PKCS#11 token that holds an Ed25519 key (the hardware boundary): like securesystemslib's
+    HSMSigner it declares ``SECRETS_HANDLER_MSG`` and asks the secrets handler for its PIN at each signature,
+    and it signs only with the right PIN. ``testpin:<PKCS#8 file>`` names the key it holds."""
+
+    SECRETS_HANDLER_MSG = "pin"
+    PIN = "246810"
+
+    def __init__(self, private: Ed25519PrivateKey, public_key: sslib_signer.SSlibKey, pin: SecretsHandler) -> None:
+        self._private, self._public_key, self._pin = private, public_key, pin
+
+    @classmethod
+    def from_priv_key_uri(
+        cls, priv_key_uri: str, public_key: sslib_signer.Key, secrets_handler: SecretsHandler | None = None
+    ) -> PinToken:
+        assert isinstance(public_key, sslib_signer.SSlibKey) and secrets_handler is not None
+        return cls(load_private_key(priv_key_uri.partition(":")[2]), public_key, secrets_handler)
+
+    @property
+    def public_key(self) -> sslib_signer.SSlibKey:
+        return self._public_key
+
+    def sign(self, payload: bytes) -> sslib_signer.Signature:
+        if self._pin(self.SECRETS_HANDLER_MSG) != self.PIN:
+            raise ValueError("CKR_PIN_INCORRECT")
+        return sslib_signer.Signature(self._public_key.keyid, self._private.sign(payload).hex())
+
+
+def test_environment_secrets_answer_with_the_variable_and_refuse_it_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(SIGNER_SECRET_ENV, "246810")
+    assert EnvironmentSecrets()("pin") == "246810"
+    monkeypatch.setenv("OPS_TOKEN_PIN", "1357")
+    assert EnvironmentSecrets("OPS_TOKEN_PIN")("passphrase") == "1357"
+    for unset in (lambda: monkeypatch.delenv(SIGNER_SECRET_ENV), lambda: monkeypatch.setenv(SIGNER_SECRET_ENV, "")):
+        unset()
+        with pytest.raises(ManifestError) as refused:
+            EnvironmentSecrets()("pin")
+        assert refused.value.where == "$NAVCACHE_SIGNER_SECRET"
+        assert "needs its pin from $NAVCACHE_SIGNER_SECRET, which is unset or empty" in refused.value.message
+        assert "set NAVCACHE_SIGNER_SECRET to the pin" in (refused.value.hint or "")
+
+
+def test_a_signer_gets_its_pin_from_the_environment_and_is_refused_at_load_without_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sslib_signer.SIGNER_FOR_URI_SCHEME, PIN_SCHEME, PinToken)
+    keys = generate_keypair(tmp_path)
+    allowed = [(keys.keyid, load_public_key(keys.public_key))]
+    spec = f"sslib:{keys.keyid[:10]}:{PIN_SCHEME}:{keys.private_key}"
+    monkeypatch.setenv(SIGNER_SECRET_ENV, PinToken.PIN)
+    signer = load_signer(spec, public_keys=allowed)
+    signer.public_key().verify(signer.sign(b"payload"), b"payload")
+
+    monkeypatch.setenv(SIGNER_SECRET_ENV, "0000")  # a wrong PIN is the token's refusal, at signing time
+    with pytest.raises(ManifestError, match="securesystemslib signer failed: CKR_PIN_INCORRECT"):
+        signer.sign(b"payload")
+    monkeypatch.delenv(SIGNER_SECRET_ENV)
+    with pytest.raises(ManifestError, match=r"needs its pin from \$NAVCACHE_SIGNER_SECRET"):
+        signer.sign(b"payload")  # the variable went away after loading: still named, not wrapped
+    with pytest.raises(ManifestError, match=r"needs its pin from \$NAVCACHE_SIGNER_SECRET"):
+        load_signer(spec, public_keys=allowed)  # declared SECRETS_HANDLER_MSG: refused before any signing
+    asked: list[str] = []
+    given = load_signer(spec, public_keys=allowed, secrets_handler=lambda what: asked.append(what) or PinToken.PIN)
+    assert asked == []  # a caller's own handler is asked only when the signer needs the secret
+    given.sign(b"payload")
+    assert asked == ["pin"]
+
+
+@pytest.mark.parametrize("scheme", ["hsm", "gcpkms", "awskms", "azurekms", "gnupg", "tkey"])
+def test_securesystemslib_signers_that_cannot_hold_an_ed25519_key_are_refused_with_the_fix(
+    scheme: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # securesystemslib 1.6's HSMSigner, given a secrets handler, refuses the key itself ("unsupported scheme
+    # ed25519") once python-pkcs11 is installed; navcache says so before any backend is needed.
+    keys = generate_keypair(tmp_path)
+    allowed = [(keys.keyid, load_public_key(keys.public_key))]
+    monkeypatch.setenv(SIGNER_SECRET_ENV, PinToken.PIN)
+    with pytest.raises(ManifestError) as refused:
+        load_signer(f"sslib:{keys.keyid[:10]}:{scheme}:x", public_keys=allowed)
+    assert f"securesystemslib's {scheme}: signer cannot sign with an Ed25519 key" in refused.value.message
+    assert "hv:<key name>/<version>" in (refused.value.hint or "")
+    monkeypatch.setitem(sslib_signer.SIGNER_FOR_URI_SCHEME, scheme, PinToken)  # a site's own Ed25519 signer
+    signer = load_signer(f"sslib:{keys.keyid[:10]}:{scheme}:{keys.private_key}", public_keys=allowed)
+    signer.public_key().verify(signer.sign(b"payload"), b"payload")

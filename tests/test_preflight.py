@@ -17,11 +17,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import rasterio
+import securesystemslib.signer as sslib_signer
 
 from navcache.errors import ManifestError, SortieError, SourceError
 from navcache.imagery import GeoTiffSource, ground_m_per_px
-from navcache.keys import KeyPaths, generate_keypair
-from navcache.preflight import COVERAGE_MARGIN, check_cache_dir, run_preflight
+from navcache.keys import SIGNER_SECRET_ENV, KeyPaths, generate_keypair
+from navcache.preflight import COVERAGE_MARGIN, check_cache_dir, check_keys, run_preflight
 from navcache.sortie import load_sortie
 from tests.support.cli import navcache
 from tests.support.realistic import (
@@ -35,6 +36,7 @@ from tests.support.realistic import (
 )
 from tests.support.sortie_files import write_document
 from tests.support.sorties import Assets
+from tests.test_keys import PIN_SCHEME, PinToken
 
 # A 22 x 22 km orthophoto at 100 m/px; routes start inside it and fly east.
 BOX = {"west": 11.0, "south": 47.6, "east": 11.3, "north": 47.8}
@@ -155,10 +157,8 @@ BAD_SIGNERS = {
     "missing key file": ("{keyid}:file2:{key}.gone", "cannot read the private key: No such file or directory"),
     "another key's file": ("{keyid}:file2:{other}", "the private key does not match the allowlisted key"),
     "unknown scheme": ("{keyid}:nokms:projects/p/keys/k", "securesystemslib has no signer for private key URIs"),
-    "backend not installed": (
-        "{keyid}:gcpkms:projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1",
-        "the securesystemslib backend for gcpkms: keys is not installed",
-    ),
+    "backend not installed": ("{keyid}:hv:ops/1", "the securesystemslib backend for hv: keys is not installed"),
+    "HSM (ECDSA keys only)": ("{keyid}:hsm:", "securesystemslib's hsm: signer cannot sign with an Ed25519 key"),
 }
 
 
@@ -166,8 +166,8 @@ BAD_SIGNERS = {
 def test_a_securesystemslib_signer_that_would_not_sign_is_refused_in_preflight(
     case: str, assets: Assets, ortho: Path, operator: KeyPaths, tmp_path: Path
 ) -> None:
-    if case == "backend not installed" and importlib.util.find_spec("google.cloud") is not None:
-        pytest.skip("google-cloud-kms is installed here")
+    if case == "backend not installed" and importlib.util.find_spec("hvac") is not None:
+        pytest.skip("hvac (the vault backend) is installed here")
     other = generate_keypair(tmp_path / "other", passphrase=None)
     uri, says = BAD_SIGNERS[case]
     spec = "sslib:" + uri.format(keyid=operator.keyid[:10], key=operator.private_key, other=other.private_key)
@@ -186,6 +186,36 @@ def test_a_securesystemslib_signer_that_loads_passes_preflight(
     spec = f"sslib:{operator.keyid[:10]}:file2:{operator.private_key}"
     sortie = _signed_by(_sortie(tmp_path, assets, ortho, km=25, threshold=0.0), spec, operator.trusted_keys)
     assert run_preflight(sortie).sortie.signing_key == spec
+
+
+def test_a_signer_that_needs_a_pin_is_refused_in_preflight_until_the_variable_gives_it(
+    assets: Assets, ortho: Path, operator: KeyPaths, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sslib_signer.SIGNER_FOR_URI_SCHEME, PIN_SCHEME, PinToken)
+    spec = f"sslib:{operator.keyid[:10]}:{PIN_SCHEME}:{operator.private_key}"
+    sortie = _signed_by(_sortie(tmp_path, assets, ortho, km=25, threshold=0.0), spec, operator.trusted_keys)
+    monkeypatch.delenv(SIGNER_SECRET_ENV, raising=False)
+    with pytest.raises(ManifestError) as refused:
+        run_preflight(sortie)
+    assert str(refused.value) == (
+        f"s.toml signing_key: cannot use the signer {spec}: the signer needs its pin from $NAVCACHE_SIGNER_SECRET, "
+        "which is unset or empty (fix: set NAVCACHE_SIGNER_SECRET to the pin in the environment of the process "
+        "that signs (the shell that runs navcache, or the Prefect worker's environment))"
+    )
+    assert refused.value.exit_code == 2 and not (tmp_path / "cache").exists()
+    monkeypatch.setenv(SIGNER_SECRET_ENV, PinToken.PIN)
+    assert run_preflight(sortie).sortie.signing_key == spec
+
+
+def test_a_key_file_gone_since_the_sortie_was_loaded_is_named_by_the_sortie_file_name(
+    assets: Assets, ortho: Path, operator: KeyPaths, tmp_path: Path
+) -> None:
+    sortie = load_sortie(_signed_by(_sortie(tmp_path, assets, ortho), str(operator.private_key), operator.trusted_keys))
+    operator.private_key.unlink()
+    with pytest.raises(SourceError) as refused:
+        check_keys(sortie)
+    assert refused.value.where == "s.toml signing_key" and refused.value.exit_code == 2
+    assert str(refused.value).startswith(f"s.toml signing_key: signing_key {operator.private_key} does not exist")
 
 
 def test_provision_refuses_a_wrong_signer_keyid_with_exit_2_before_prefect_or_any_write(

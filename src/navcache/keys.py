@@ -13,11 +13,23 @@ the openssl recipe is in ``docs/verify-with-openssl.md``).
 
 Signers (:class:`Signer`: ``public_key()`` and ``sign(message) -> 64-byte Ed25519 signature``) come from
 :func:`load_signer`: a PKCS#8 PEM file (``operator.key``, encrypted with a passphrase by ``navcache keygen``
-unless ``--no-passphrase``), or, with the ``signers`` extra, any signer of securesystemslib's Signer API
-(HSM/PKCS#11, cloud KMS, HashiCorp Vault, …) named by ``sslib:<keyid>:<private key URI>``, e.g.
-``sslib:3f2a9c1e:hsm:`` or ``sslib:3f2a9c1e:gcpkms:projects/p/locations/l/keyRings/r/cryptoKeys/k/cryptoKeyVersions/1``.
-The keyid (or a unique prefix of it) names the public key in the allowlist or trust root that the signer
-must match; securesystemslib needs it to build the signer, and navcache checks each signature against it.
+unless ``--no-passphrase``), or, with the ``signers`` extra, a signer of securesystemslib's Signer API named
+by ``sslib:<keyid>:<private key URI>``, e.g. ``sslib:3f2a9c1e:hv:navcache-ops/1`` (HashiCorp Vault transit)
+or ``sslib:3f2a9c1e:file2:/secure/operator.key``. The keyid (or a unique prefix of it) names the public key
+in the allowlist or trust root that the signer must match; securesystemslib needs it to build the signer,
+and navcache checks each signature against it.
+
+Manifests and trust roots are Ed25519 only (that is what drones verify). securesystemslib 1.6's own signers
+for ``hsm:`` (ECDSA P-256/P-384), ``gcpkms:``, ``awskms:``, ``azurekms:``, ``gnupg:`` and ``tkey:`` (ML-DSA-44)
+cannot sign with an Ed25519 key, so :func:`load_signer` refuses those schemes before loading anything; a
+signer a site registers in their place (``securesystemslib.signer.SIGNER_FOR_URI_SCHEME["hsm"] = ...``, e.g.
+a PKCS#11 signer for Ed25519 keys) is loaded like any other.
+
+A signer that needs a secret (a PKCS#11 token's PIN, a token's passphrase) asks securesystemslib's secrets
+handler for it; :func:`load_signer` gives it :class:`EnvironmentSecrets`, which answers with the value of
+``$NAVCACHE_SIGNER_SECRET`` (:data:`SIGNER_SECRET_ENV`): a Prefect worker has no terminal to type a PIN on.
+An unset variable is refused when the signer asks, and when the signer is loaded if it declares, as
+securesystemslib's HSM signer does (``SECRETS_HANDLER_MSG``), that it will ask at signing time.
 """
 
 from __future__ import annotations
@@ -64,9 +76,14 @@ _MAX_KEY_FILE_BYTES = 64 << 10
 
 SSLIB_PREFIX = "sslib:"
 
+#: The environment variable :class:`EnvironmentSecrets` reads a signer's secret (PIN, passphrase) from.
+SIGNER_SECRET_ENV = "NAVCACHE_SIGNER_SECRET"
+
 __all__ = [
+    "SIGNER_SECRET_ENV",
     "SSLIB_PREFIX",
     "TRUSTED_KEYS_NAME",
+    "EnvironmentSecrets",
     "KeyPaths",
     "Signer",
     "SslibSigner",
@@ -244,6 +261,8 @@ class SslibSigner:
 
         try:
             signature = bytes.fromhex(self._signer.sign(data).signature)
+        except ManifestError:
+            raise  # a secret the signer asked for is missing; EnvironmentSecrets says which and how to give it
         except Exception as exc:  # the Signer API wraps many backends; each raises its own errors
             raise ManifestError(f"securesystemslib signer failed: {exc}", where=self.uri) from None
         try:
@@ -257,6 +276,26 @@ class SslibSigner:
         return signature
 
 
+@dataclass(frozen=True)
+class EnvironmentSecrets:
+    """securesystemslib's secrets handler for a process with no terminal (a Prefect worker, CI): every secret
+    a signer asks for (``"pin"``, ``"passphrase"``) is the value of the environment variable ``variable``.
+    Unset or empty is refused with a :class:`~navcache.errors.ManifestError` naming the variable."""
+
+    variable: str = SIGNER_SECRET_ENV
+
+    def __call__(self, secret: str) -> str:
+        value = os.environ.get(self.variable)
+        if not value:
+            raise ManifestError(
+                f"the signer needs its {secret} from ${self.variable}, which is unset or empty",
+                where=f"${self.variable}",
+                hint=f"set {self.variable} to the {secret} in the environment of the process that signs "
+                "(the shell that runs navcache, or the Prefect worker's environment)",
+            )
+        return value
+
+
 def load_signer(
     spec: Path | str,
     passphrase: bytes | None = None,
@@ -267,7 +306,9 @@ def load_signer(
     """A PKCS#8 key file (see :func:`load_private_key`) or ``sslib:<keyid>:<private key URI>``.
 
     ``public_keys`` are the (keyid, key) pairs the keyid is looked up in (the operator allowlist for a
-    manifest, the root keys for a trust root)."""
+    manifest, the root keys for a trust root). ``secrets_handler`` answers a signer that asks for a secret;
+    ``None`` means :class:`EnvironmentSecrets` (``$NAVCACHE_SIGNER_SECRET``), which is also asked once here
+    when the signer declares that it will ask at signing time, so a missing secret fails before the run."""
     text = str(spec)
     if not text.startswith(SSLIB_PREFIX):
         return load_private_key(spec, passphrase)
@@ -275,15 +316,26 @@ def load_signer(
     if not wanted or not uri:
         raise ManifestError(
             f"{text!r} is not an sslib signer URI",
-            hint="write sslib:<keyid>:<private key URI>, e.g. sslib:3f2a9c1e:hsm:",
+            hint="write sslib:<keyid>:<private key URI>, e.g. sslib:3f2a9c1e:hv:navcache-ops/1",
         )
     try:
+        from securesystemslib.signer import SIGNER_FOR_URI_SCHEME, SSlibKey
         from securesystemslib.signer import Signer as SslibSignerApi
-        from securesystemslib.signer import SSlibKey
     except ImportError:
         raise ManifestError(
             "signing through securesystemslib needs the 'signers' extra", hint="pip install 'navcache[signers]'"
         ) from None
+    scheme = uri.partition(":")[0]
+    registered = SIGNER_FOR_URI_SCHEME.get(scheme)
+    if scheme in _NOT_ED25519 and getattr(registered, "__module__", "").startswith("securesystemslib."):
+        raise ManifestError(
+            f"securesystemslib's {scheme}: signer cannot sign with an Ed25519 key (it signs with "
+            f"{_NOT_ED25519[scheme]}); navcache manifests and trust roots are signed with Ed25519 keys only",
+            where=uri,
+            hint="keep the Ed25519 key in HashiCorp Vault transit (hv:<key name>/<version>) or a key file "
+            "(file2:<path>, or the path itself), or register a signer for Ed25519 keys under this scheme",
+        )
+    handler = EnvironmentSecrets() if secrets_handler is None else secrets_handler
     matches = [(keyid, key) for keyid, key in public_keys if keyid.startswith(wanted)]
     if len(matches) != 1:
         raise ManifestError(
@@ -293,11 +345,28 @@ def load_signer(
         )
     keyid, public = matches[0]
     try:
-        signer = SslibSignerApi.from_priv_key_uri(uri, SSlibKey.from_crypto(public, keyid=keyid), secrets_handler)
+        signer = SslibSignerApi.from_priv_key_uri(uri, SSlibKey.from_crypto(public, keyid=keyid), handler)
+    except ManifestError:
+        raise  # EnvironmentSecrets: the secret the signer asked for while loading is missing
     except Exception as exc:  # unknown scheme, missing backend library, unreachable KMS, …
         message, hint = _signer_load_failure(exc, uri, keyid)
         raise ManifestError(message, where=uri, hint=hint) from None
+    asks_when_signing = getattr(signer, "SECRETS_HANDLER_MSG", None)  # securesystemslib's HSMSigner: "pin"
+    if isinstance(handler, EnvironmentSecrets) and isinstance(asks_when_signing, str):
+        handler(asks_when_signing)
     return SslibSigner(signer, public, uri)
+
+
+#: What securesystemslib's own signer for each of these schemes signs with (securesystemslib 1.6): none of
+#: them can hold the Ed25519 keys drones verify with. Re-check on a securesystemslib upgrade.
+_NOT_ED25519 = {
+    "awskms": "ECDSA P-256/P-384 and RSA keys",
+    "azurekms": "ECDSA P-256/P-384/P-521 keys",
+    "gcpkms": "ECDSA P-256/P-384 and RSA keys",
+    "gnupg": "OpenPGP keys, whose signatures are not raw Ed25519",
+    "hsm": "ECDSA P-256/P-384 keys",
+    "tkey": "ML-DSA-44 keys",
+}
 
 
 #: securesystemslib's pip extra for each private-key URI scheme whose backend is an optional library.

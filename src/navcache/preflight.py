@@ -158,13 +158,14 @@ def run_preflight(sortie_path: Path, cache_dir: Path | None = None, *, refuse: b
 
 
 def check_keys(sortie: Sortie) -> None:
-    """Refuse key files that do not exist, and load an ``sslib:`` signer now (its backend, its private key
-    and the match with the allowlisted public key), so a bad one is refused before the run, not after it."""
+    """Refuse key files that do not exist, and load an ``sslib:`` signer now (its backend, its private key,
+    the match with the allowlisted public key, and the secret from ``$NAVCACHE_SIGNER_SECRET`` when the
+    signer needs one), so a bad one is refused before the run, not after it."""
     for path, what in ((sortie.signing_key, "signing_key"), (sortie.trusted_keys, "trusted_keys")):
         if isinstance(path, Path) and not path.is_file():
             raise SourceError(
                 f"{what} {path} does not exist",
-                where=f"{sortie.path} {what}",
+                where=f"{sortie.path.name} {what}",
                 hint="create a key pair with `navcache keygen --dir DIR` and point the sortie at it",
             )
     if isinstance(sortie.signing_key, str):
@@ -172,7 +173,8 @@ def check_keys(sortie: Sortie) -> None:
 
 
 def _check_sslib_signer(sortie: Sortie, spec: str) -> None:
-    """Load the signer as signing will (same allowlist, no secrets handler); loading signs nothing."""
+    """Load the signer as signing will (same allowlist, same secrets from the environment); loading signs
+    nothing."""
     if sortie.trusted_keys is None:  # load_sortie requires trusted_keys beside an sslib: signer
         raise SortieError("an sslib: signing_key needs trusted_keys", where=f"{sortie.path.name} trusted_keys")
     try:

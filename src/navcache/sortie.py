@@ -7,9 +7,10 @@ Layout (every field, with its default; relative paths are resolved against this 
     runtime = "onnx_trt_ep"           # tensorrt | onnx_trt_ep | pytorch_fp16       (required)
     cache_dir = "cache"               # default "cache"; --cache-dir overrides
     signing_key = "keys/operator.key" # Ed25519 operator key, must exist            (required)
-    # signing_key = "sslib:3f2a9c1e:hsm:"   # or a securesystemslib signer (the ``signers`` extra):
-    #                                 # sslib:<keyid>:<private key URI>, kept as written for
-    #                                 # navcache.keys.load_signer; needs trusted_keys (its keyid is looked up there)
+    # signing_key = "sslib:3f2a9c1e:hv:navcache-ops/1"   # or a securesystemslib signer (the ``signers``
+    #                                 # extra): sslib:<keyid>:<private key URI>, kept as written for
+    #                                 # navcache.keys.load_signer; needs trusted_keys (its keyid is looked up
+    #                                 # there); preflight loads it; a PIN comes from $NAVCACHE_SIGNER_SECRET
     trusted_keys = "keys/trusted_keys.json"   # optional; must exist when given
     coverage_threshold = 99.0         # percent of the area's tiles that must be covered
     expires_hours = 72                # the manifest expires this long after signing
@@ -488,7 +489,7 @@ def _signing_key(top: _Table) -> Path | str:
         raise top.error(
             "signing_key",
             f"signing_key {value!r} is not a securesystemslib signer URI",
-            hint="write sslib:<keyid>:<private key URI>, e.g. sslib:3f2a9c1e:hsm:",
+            hint="write sslib:<keyid>:<private key URI>, e.g. sslib:3f2a9c1e:hv:navcache-ops/1",
         )
     return value
 
