@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
 import platform
 from pathlib import Path
 from typing import Any, Optional, TypeVar, cast
@@ -20,6 +21,8 @@ from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
+from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
 from navcache import progress
@@ -52,7 +55,56 @@ log = logging.getLogger(__name__)
 # engine builds (GPU memory) per companion computer; `navcache-compile` alone caps them fleet-wide.
 COMPILE_TAG = "navcache-compile"
 
+# How many shards the run's own thread pool describes at once (Prefect's PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS,
+# when set, wins): see shards_in_flight.
+SHARDS_IN_FLIGHT_ENV = "NAVCACHE_SHARDS_IN_FLIGHT"
+
 install()  # navcache's own lines in the run log; failures as one readable message (see navcache_tasks.runlog)
+
+
+def shards_in_flight() -> int:
+    """How many describe-shard tasks the flow's thread pool runs at once.
+
+    Each shard in flight holds its own working set (decode threads, prefetched batches, warped windows:
+    ~250 MiB), and Prefect's thread pool is otherwise unbounded, so every mapped shard would run at once and
+    peak memory would grow with the area. One shard already keeps every core busy (ONNX Runtime's threads
+    plus the decode threads); a second overlaps one shard's decoding and writing with the other's
+    inference. Hosts with many cores get a few more (one per 4 cores, at most 4), still a fixed bound.
+
+    Order: Prefect's own ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`` when set (the user's explicit
+    thread-pool size), then ``NAVCACHE_SHARDS_IN_FLIGHT`` (a positive integer), then the host default.
+    """
+    prefect_workers = get_current_settings().tasks.runner.thread_pool_max_workers
+    if prefect_workers is not None:
+        return int(prefect_workers)
+    raw = os.environ.get(SHARDS_IN_FLIGHT_ENV, "").strip()
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise ValueError(
+                f"{SHARDS_IN_FLIGHT_ENV}={raw!r} is not a positive integer: set it to how many shards to describe at"
+                " once (e.g. 2), or unset it for the host's default"
+            )
+        return value
+    return max(2, min(4, (os.cpu_count() or 1) // 4))
+
+
+class ShardThreadPool(ThreadPoolTaskRunner[Any]):
+    """The provision flow's task runner: Prefect's thread pool, sized by :func:`shards_in_flight` each time a
+    flow run starts (Prefect duplicates the flow's runner per run), so the run's environment decides, not the
+    import's; an explicit ``max_workers`` is kept. Only the mapped describe-shard tasks go through it: every
+    other task runs in the flow's own thread, so a full pool never holds back a gate, and shards described on
+    Dask go through that sub-flow's own runner."""
+
+    def __init__(self, max_workers: int | None = None):
+        self._explicit_workers = max_workers
+        super().__init__(max_workers=shards_in_flight() if max_workers is None else max_workers)
+
+    def duplicate(self) -> ShardThreadPool:
+        return type(self)(self._explicit_workers)
 
 
 def _run_name() -> str:
@@ -160,7 +212,7 @@ def _describe_shards(
     return subflow(plans, job)
 
 
-@flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False)
+@flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False, task_runner=ShardThreadPool())
 @clean_failures
 def provision_sortie(
     sortie: str,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +20,12 @@ def provision(sortie: Path) -> dict:
     from navcache_flows.provision_sortie import provision_sortie
 
     return provision_sortie(str(sortie))
+
+
+def provision_state(sortie: Path) -> Any:  # a Prefect State
+    from navcache_flows.provision_sortie import provision_sortie
+
+    return provision_sortie(str(sortie), return_state=True)
 
 
 def descriptor_progress(sortie_id: str) -> float:
@@ -88,6 +95,57 @@ def test_adding_tiles_computes_only_the_new_shard(assets: Assets, tmp_path: Path
     assert descriptor_progress(grown["sortie_id"]) == 100.0  # updates are throttled, the last one is not
     assert grown["shards"] == {"total": 2, "computed": 1, "reused": 1, "inference_batches": 1, "inferred_chunks": 4}
     assert grown["tiles"]["chunks"] == 8 and grown["index"]["vectors"] == 8
+
+
+def test_shards_are_described_at_most_the_set_number_at_once(
+    assets: Assets, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    first, second = block_tiles()
+    sortie = write_sortie(tmp_path / "s.toml", assets, area=tiles_polygon(first + second), cache_dir=tmp_path / "c")
+    monkeypatch.setenv("NAVCACHE_SHARDS_IN_FLIGHT", "1")
+    state = provision_state(sortie)
+    summary = state.result()
+    assert summary["shards"]["total"] == 2
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    spans = sorted((r.start_time, r.end_time) for r in runs if r.name.startswith("shard-"))
+    assert len(spans) == 2 and all(start and end for start, end in spans)
+    assert spans[0][1] <= spans[1][0]  # the second shard starts after the first has finished
+    # The coverage table is the canonical compact JSON of its document (written without a list per tile).
+    (table_path,) = (tmp_path / "c").rglob("coverage-*.json")
+    table = table_path.read_bytes()
+    assert table == json.dumps(json.loads(table), separators=(",", ":")).encode()
+
+
+def test_shards_in_flight_prefers_prefects_setting_then_navcaches_then_the_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prefect.settings import PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS, temporary_settings
+
+    from navcache_flows.provision_sortie import ShardThreadPool, provision_sortie, shards_in_flight
+
+    monkeypatch.delenv("NAVCACHE_SHARDS_IN_FLIGHT", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS}):
+        assert 2 <= shards_in_flight() <= 4  # bounded whatever the host
+        monkeypatch.setenv("NAVCACHE_SHARDS_IN_FLIGHT", "3")
+        assert shards_in_flight() == 3
+        runner = provision_sortie.task_runner
+        assert isinstance(runner, ShardThreadPool)
+        assert runner.duplicate()._max_workers == 3  # sized per run, from the run's environment
+        assert ShardThreadPool(5).duplicate()._max_workers == 5
+        for bad in ("0", "-1", "two"):
+            monkeypatch.setenv("NAVCACHE_SHARDS_IN_FLIGHT", bad)
+            with pytest.raises(ValueError, match="NAVCACHE_SHARDS_IN_FLIGHT=.* is not a positive integer"):
+                shards_in_flight()
+    with temporary_settings({PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS: 7}):
+        assert shards_in_flight() == 7  # Prefect's own thread-pool setting, when set, wins
 
 
 def test_coverage_below_threshold_fails_and_keeps_the_previous_manifest(assets: Assets, tmp_path: Path) -> None:

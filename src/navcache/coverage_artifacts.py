@@ -17,7 +17,6 @@ picture the manifest names.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -62,7 +61,7 @@ def write_coverage(
     the orthophoto drawn underneath; ``area``: the outline, shapely, lon/lat)."""
     described, blank = chunk_statuses(shards)
     report = coverage_walk(grid, storage_tiles, described, blank, threshold)
-    table = json.dumps(report.to_json(), separators=(",", ":")).encode()
+    table = report.to_json_bytes()  # the same bytes as json.dumps(report.to_json()), without a list per tile
     table_path = out_dir / f"coverage-{hashlib.sha256(table).hexdigest()[:16]}.json"
     write_artifact_once(table_path, table)
     png_path = table_path.with_suffix(".png")
