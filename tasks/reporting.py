@@ -1,4 +1,10 @@
-"""Prefect artifacts the ground crew read in the UI. Keys: lowercase letters, digits and dashes."""
+"""Prefect artifacts the ground crew read in the UI. Keys: lowercase letters, digits and dashes.
+
+Every picture is embedded through :func:`navcache.coverage_map.compact_png`: Prefect puts an artifact's whole
+markdown into its ``prefect.artifact-collection.*`` event, and the server drops events above
+``PREFECT_EVENTS_MAXIMUM_SIZE_BYTES`` (1.5 MB by default), so an artifact stays a fraction of that whatever
+the sortie's size. The full-size coverage map stays in the cache, named in the artifact.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from typing import Any
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from navcache.coverage_artifacts import CoverageArtifacts
+from navcache.coverage_map import compact_png
 from navcache.engines import EngineRow
 from navcache.index import IndexResult
 from navcache.selftest import SelfTestResult
@@ -69,7 +76,6 @@ def self_test_report(sortie_id: str, result: SelfTestResult) -> None:
     """The self-test's figures, its finding and a few query views beside their top-1 chunks (green: own chunk)."""
     figures = result.summary()  # the figures as rounded for every report
     gate = "report only" if result.min_recall_at_5 is None else f"min_recall_at_5 {result.min_recall_at_5}"
-    picture = base64.b64encode(result.preview_png).decode("ascii")
     markdown = "\n".join(
         [
             f"# Self-test for {sortie_id}: recall@5 {figures['recall_at_5']:.3f} ({gate}) — "
@@ -87,10 +93,11 @@ def self_test_report(sortie_id: str, result: SelfTestResult) -> None:
             "",
             f"Onboard: {result.onboard_queries} signed views, at least {result.onboard_min_hits_at_5} must "
             "find their chunk in the top 5 (`python -m navcache_runtime selftest`).",
-            "",
-            f"![query views (left) and their top-1 chunks (right)](data:image/png;base64,{picture})",
         ]
     )
+    if result.preview_png:
+        picture = base64.b64encode(compact_png(result.preview_png)).decode("ascii")
+        markdown += f"\n\n![query views (left) and their top-1 chunks (right)](data:image/png;base64,{picture})"
     create_markdown_artifact(
         key=artifact_key("self-test", sortie_id),
         markdown=markdown,
@@ -99,10 +106,11 @@ def self_test_report(sortie_id: str, result: SelfTestResult) -> None:
 
 
 def coverage_report(sortie_id: str, coverage: CoverageArtifacts) -> None:
-    """The coverage figures, the map the manifest names, and the missing tiles (the first 50)."""
+    """The coverage figures, the map the manifest names (a compact copy; the path of the full-size one), and
+    the missing tiles (the first 50)."""
     report = coverage.report
     missing = [str(tile) for tile in report.missing_tiles]
-    picture = base64.b64encode(coverage.png).decode("ascii")
+    picture = base64.b64encode(compact_png(coverage.png)).decode("ascii")
     shown = ", ".join(missing[:50]) + (f" … ({len(missing)} in all)" if len(missing) > 50 else "")
     markdown = "\n".join(
         [
@@ -112,6 +120,8 @@ def coverage_report(sortie_id: str, coverage: CoverageArtifacts) -> None:
             f"of {report.total} tiles — {'PASSED' if report.passed else 'FAILED'}",
             "",
             f"![coverage map](data:image/png;base64,{picture})",
+            "",
+            f"Full-size map: `{coverage.map_path}`",
             "",
             f"Missing tiles: {shown or 'none'}",
         ]

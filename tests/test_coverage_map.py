@@ -1,5 +1,6 @@
 """The coverage map for people: the orthophoto under the tile statuses, grid, area outline, takeoff,
-coordinates and scale bar; the same bytes in the cache and in the artifact."""
+coordinates and scale bar; the same bytes in the cache as the coverage task returns; a compact copy for the
+run's artifact."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from shapely.geometry import shape
 
@@ -73,3 +75,23 @@ def test_the_artifact_bytes_are_the_map_in_the_cache(assets: Assets, tmp_path: P
     assert one[2] == png_path.read_bytes()
     two = coverage_task.fn([], grid, first, 99.0, shards_dir / "coverage", (11.0, 48.0), area=area, imagery=imagery)
     assert two[1] == one[1] and two[2] == png_path.read_bytes()  # the map the manifest names, never another
+
+
+def test_compact_png_fits_the_budget_at_full_size_or_shrunk_and_is_deterministic() -> None:
+    from navcache.coverage_map import MAX_EMBEDDED_PNG_BYTES, compact_png
+
+    first, second = block_tiles()
+    grid, report = _report(first, second)
+    flat = render_coverage_map(report, grid, max_px=1024)  # flat tints and text: fits at full size
+    compact = compact_png(flat)
+    assert len(compact) <= MAX_EMBEDDED_PNG_BYTES and compact == compact_png(flat)
+    assert Image.open(io.BytesIO(compact)).size == Image.open(io.BytesIO(flat)).size
+    noise = np.random.default_rng(0).integers(0, 256, (1100, 1024, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, format="PNG")
+    shrunk = compact_png(buffer.getvalue())  # nothing compresses noise: only a smaller picture fits
+    assert len(shrunk) <= MAX_EMBEDDED_PNG_BYTES
+    width, height = Image.open(io.BytesIO(shrunk)).size
+    assert width < 1024 and abs(width / height - 1024 / 1100) < 0.01
+    with pytest.raises(ValueError, match="raise max_bytes"):
+        compact_png(buffer.getvalue(), max_bytes=100)

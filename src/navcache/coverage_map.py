@@ -1,7 +1,14 @@
 """The coverage map people can read: the orthophoto underneath, each tile tinted by its status (green covered,
 grey blank, red and hatched missing), the tile grid, the area or corridor outline, the takeoff, corner
-coordinates and a scale bar. The coverage task writes it next to the coverage table and shows the same bytes
-in the run's artifact.
+coordinates and a scale bar. The coverage task writes it next to the coverage table; the run's artifact
+shows the same picture through :func:`compact_png`.
+
+:func:`compact_png` re-encodes a picture for embedding (base64, in a Prefect markdown artifact): a 256-colour
+palette PNG, shrunk until it fits a byte budget. Prefect sends an artifact's whole markdown in its
+``prefect.artifact-collection.*`` event, and the server drops any event above
+``PREFECT_EVENTS_MAXIMUM_SIZE_BYTES`` (1.5 MB by default); the full-colour map of a 1024 px photo is larger
+than that once base64-encoded. :data:`MAX_EMBEDDED_PNG_BYTES` keeps every embedded picture at a third of that
+limit, whatever the sortie's size or the photo's detail.
 
 :func:`navcache.coverage.render_coverage_png` stays the flat, exact-colour map (one colour per tile, for
 machines and tests); this draws the picture for the crew over the same layout.
@@ -26,6 +33,10 @@ MAX_BACKGROUND_TILES = 256
 _FOOTER_PX = 38
 _TINT_ALPHA = 0.45
 _EARTH_CIRCUMFERENCE_M = 40_075_016.686
+#: The most bytes :func:`compact_png` returns (before base64, which adds a third).
+MAX_EMBEDDED_PNG_BYTES = 400_000
+#: Each shrinking step of :func:`compact_png` scales both sides by this much.
+_SHRINK = 0.75
 
 
 def render_coverage_map(
@@ -90,6 +101,28 @@ def render_coverage_map(
     buffer = io.BytesIO()
     canvas.save(buffer, format="PNG", optimize=False)
     return buffer.getvalue()
+
+
+def compact_png(png: bytes, max_bytes: int = MAX_EMBEDDED_PNG_BYTES) -> bytes:
+    """``png`` as a 256-colour palette PNG (no dithering: flat tints and text stay crisp) of at most
+    ``max_bytes``: at full size when it fits, else shrunk step by step (a noisy 1024 px photo needs one or
+    two steps). Same input → same bytes. Raises ValueError when ``max_bytes`` cannot hold even a 16 px
+    picture."""
+    original = Image.open(io.BytesIO(png)).convert("RGB")
+    image, (width, height) = original, original.size
+    while True:
+        palette = image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+        buffer = io.BytesIO()
+        palette.save(buffer, format="PNG", optimize=True)
+        if buffer.tell() <= max_bytes:
+            return buffer.getvalue()
+        width, height = int(width * _SHRINK), int(height * _SHRINK)
+        if min(width, height) < 16:
+            raise ValueError(
+                f"compact_png: a {original.width}x{original.height} picture does not fit {max_bytes} bytes even at "
+                "16 px; raise max_bytes"
+            )
+        image = original.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def _thumbnail(
