@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, TypeVar, cast
 from uuid import UUID
 
+import numpy as np
 from prefect import flow, get_run_logger, task, unmapped
 from prefect.artifacts import create_progress_artifact
 from prefect.cache_policies import NO_CACHE
@@ -36,7 +37,6 @@ from navcache.run_input import run_name, take_input
 from navcache.sortie import Sortie
 from navcache.summary import RunResults
 from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
-from navcache.types import TileId
 from navcache_runtime import RuntimeConfig
 from navcache_runtime.layout import COVERAGE_DIR, DESCRIPTORS_DIR, ENGINES_DIR, INDEX_DIR
 from navcache_tasks import reporting
@@ -114,11 +114,13 @@ def _run_name() -> str:
 
 
 @task(name="plan-tiles", cache_policy=NO_CACHE)
-def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, list[TileId], list[ShardPlan]]:
+def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, np.ndarray, list[ShardPlan]]:
+    """The chunk grid, the area's storage tiles as an ``(N, 2)`` [x, y] array (held until the coverage walk:
+    an array, not a ``TileId`` per tile), and the shard plans."""
     spec = sortie.tiles
     grid = ChunkGrid(spec.zoom, spec.size, spec.chunk_span, spec.overlap)
     chunks = grid.chunks_for_area(sortie.area, spec.budget)
-    storage = grid.storage_tiles_for_area(sortie.area)
+    storage = grid.storage_tile_array_for_area(sortie.area)
     return grid, storage, plan_shards(chunks, spec.shard_block)
 
 
@@ -212,7 +214,8 @@ def _describe_shards(
     return subflow(plans, job)
 
 
-@flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False, task_runner=ShardThreadPool())
+# task_runner is typed for TaskRunner[PrefectFuture]; the thread pool's futures are a subclass of it.
+@flow(name="provision-sortie", flow_run_name=_run_name, log_prints=False, task_runner=ShardThreadPool())  # type: ignore[arg-type]
 @clean_failures
 def provision_sortie(
     sortie: str,

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
@@ -24,7 +25,7 @@ from .runlog import gate
 def coverage_task(
     shards: list[ShardResult],
     grid: ChunkGrid,
-    storage_tiles: list[TileId],
+    storage_tiles: Sequence[TileId] | np.ndarray,
     threshold: float,
     out_dir: Path,
     takeoff_lonlat: tuple[float, float],

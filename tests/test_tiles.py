@@ -195,6 +195,18 @@ def test_area_drawn_on_tile_edges_gets_exactly_those_tiles() -> None:
     assert tiles == [TileId(15, x, y) for x in (100, 101, 102) for y in (200, 201)]
 
 
+def test_storage_tile_array_is_the_storage_tile_list_as_rows_in_the_same_order() -> None:
+    grid = ChunkGrid(17, 256, 2, 0.5)
+    area = square_km(11.5, 48.1, 3).difference(square_km(11.5, 48.1, 1))
+    tiles = grid.storage_tiles_for_area(area)
+    array = grid.storage_tile_array_for_area(area)
+    assert len(tiles) > 100 and array.shape == (len(tiles), 2) and array.dtype == np.int64
+    assert np.array_equal(array, tiles_to_array(tiles))
+    assert array_to_tiles(array, 17) == tiles
+    with pytest.raises(TileBudgetError):
+        grid.storage_tile_array_for_area(area, budget=10)
+
+
 def test_multipolygon_with_a_hole() -> None:
     grid = ChunkGrid(16)
     outer = square_km(11.5, 48.1, 6)

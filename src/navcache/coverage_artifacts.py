@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 from navcache_runtime import InferenceRuntimeError
 from navcache_runtime.integrity import verify_artifact, write_artifact_once
@@ -50,7 +53,7 @@ class CoverageArtifacts(NamedTuple):
 def write_coverage(
     shards: list[ShardResult],
     grid: ChunkGrid,
-    storage_tiles: list[TileId],
+    storage_tiles: Sequence[TileId] | np.ndarray,
     threshold: float,
     out_dir: Path,
     takeoff_lonlat: tuple[float, float],
