@@ -419,9 +419,17 @@ def _measure(quick: bool, full: bool) -> dict[str, Any]:
             for side in sides:
                 sizes.append(_one_size(tmp, side, assets, api_url))
         plan = _plan_only(tmp, plan_side, assets)
-    # Prefect runs every mapped shard at once unless this caps its thread pool (issue 17: memory per shard).
-    workers = os.environ.get("PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS")
-    return {"quick": quick, "full": full, "zoom": ZOOM, "sizes": sizes, "plan_only": plan, "task_workers": workers}
+    # Peak memory follows how many shards are described at once: record the bound the runs worked under.
+    from navcache_flows.provision_sortie import shards_in_flight
+
+    return {
+        "quick": quick,
+        "full": full,
+        "zoom": ZOOM,
+        "sizes": sizes,
+        "plan_only": plan,
+        "shards_in_flight": shards_in_flight(),
+    }
 
 
 # --- report -----------------------------------------------------------------------------------------------
