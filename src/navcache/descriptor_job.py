@@ -32,7 +32,7 @@ from navcache_runtime.layout import SELFTEST_DIR
 from navcache_runtime.preprocessing import Preprocess
 
 from . import progress
-from .descriptors import DescriptorEngine, Preprocessing, ShardResult, describe_shard
+from .descriptors import DescriptorEngine, Preprocessing, ShardResult, bound_malloc_arenas, describe_shard
 from .errors import SelfTestError
 from .imagery import TileSource, open_tile_source, source_version
 from .index import IndexResult
@@ -84,7 +84,9 @@ class DescriptorJob:
         progress_artifact: UUID | None = None,
     ) -> DescriptorJob:
         """The job for the sortie's vpr backbone: its input, output and preprocessing, a batch inside the
-        engine's profile, and the orthophoto's files."""
+        engine's profile, and the orthophoto's files. Bounds the process's malloc arenas before the shard
+        threads start (:func:`~navcache.descriptors.bound_malloc_arenas`)."""
+        bound_malloc_arenas()
         vpr, profile = sortie.vpr, sortie.vpr.profile
         return cls(
             runtime_config=runtime_config,
@@ -119,6 +121,7 @@ def descriptor_engine(job: DescriptorJob) -> DescriptorEngine:
     key = (str(job.engine.path), job.engine.sha256)
     with _engines_lock:
         if key not in _engines:
+            bound_malloc_arenas()  # a Dask worker's first shard: before the engine's threads start
             runtime = build_inference_runtime(job.runtime_config)
             _engines[key] = DescriptorEngine(
                 runtime=runtime,
