@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import os
 import platform
 from pathlib import Path
 from typing import Any, Optional, TypeVar, cast
@@ -31,6 +30,7 @@ from navcache.descriptor_job import DescriptorJob
 from navcache.descriptors import ShardResult
 from navcache.engines import BackboneBuild, EngineResult, backbone_build, compile_in_order
 from navcache.gc import summarise_temps, sweep_orphan_temps
+from navcache.host import shards_in_flight as host_shards_in_flight
 from navcache.index import IndexBudget
 from navcache.lock import cache_lock
 from navcache.run_input import run_name, take_input
@@ -55,41 +55,17 @@ log = logging.getLogger(__name__)
 # engine builds (GPU memory) per companion computer; `navcache-compile` alone caps them fleet-wide.
 COMPILE_TAG = "navcache-compile"
 
-# How many shards the run's own thread pool describes at once (Prefect's PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS,
-# when set, wins): see shards_in_flight.
-SHARDS_IN_FLIGHT_ENV = "NAVCACHE_SHARDS_IN_FLIGHT"
-
 install()  # navcache's own lines in the run log; failures as one readable message (see navcache_tasks.runlog)
 
 
 def shards_in_flight() -> int:
-    """How many describe-shard tasks the flow's thread pool runs at once.
-
-    Each shard in flight holds its own working set (decode threads, prefetched batches, warped windows:
-    ~250 MiB), and Prefect's thread pool is otherwise unbounded, so every mapped shard would run at once and
-    peak memory would grow with the area. One shard already keeps every core busy (ONNX Runtime's threads
-    plus the decode threads); a second overlaps one shard's decoding and writing with the other's
-    inference. Hosts with many cores get a few more (one per 4 cores, at most 4), still a fixed bound.
-
-    Order: Prefect's own ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`` when set (the user's explicit
-    thread-pool size), then ``NAVCACHE_SHARDS_IN_FLIGHT`` (a positive integer), then the host default.
-    """
+    """How many describe-shard tasks the flow's thread pool runs at once: Prefect's own
+    ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`` when set (the user's explicit thread-pool size), else
+    :func:`navcache.host.shards_in_flight` (``$NAVCACHE_SHARDS_IN_FLIGHT`` or the host's default)."""
     prefect_workers = get_current_settings().tasks.runner.thread_pool_max_workers
     if prefect_workers is not None:
         return int(prefect_workers)
-    raw = os.environ.get(SHARDS_IN_FLIGHT_ENV, "").strip()
-    if raw:
-        try:
-            value = int(raw)
-        except ValueError:
-            value = 0
-        if value < 1:
-            raise ValueError(
-                f"{SHARDS_IN_FLIGHT_ENV}={raw!r} is not a positive integer: set it to how many shards to describe at"
-                " once (e.g. 2), or unset it for the host's default"
-            )
-        return value
-    return max(2, min(4, (os.cpu_count() or 1) // 4))
+    return host_shards_in_flight()
 
 
 class ShardThreadPool(ThreadPoolTaskRunner[Any]):

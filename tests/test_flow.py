@@ -129,6 +129,7 @@ def test_shards_in_flight_prefers_prefects_setting_then_navcaches_then_the_host(
 ) -> None:
     from prefect.settings import PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS, temporary_settings
 
+    from navcache.errors import SortieError
     from navcache_flows.provision_sortie import ShardThreadPool, provision_sortie, shards_in_flight
 
     monkeypatch.delenv("NAVCACHE_SHARDS_IN_FLIGHT", raising=False)
@@ -142,7 +143,7 @@ def test_shards_in_flight_prefers_prefects_setting_then_navcaches_then_the_host(
         assert ShardThreadPool(5).duplicate()._max_workers == 5
         for bad in ("0", "-1", "two"):
             monkeypatch.setenv("NAVCACHE_SHARDS_IN_FLIGHT", bad)
-            with pytest.raises(ValueError, match="NAVCACHE_SHARDS_IN_FLIGHT=.* is not a positive integer"):
+            with pytest.raises(SortieError, match="NAVCACHE_SHARDS_IN_FLIGHT=.* is not a positive integer"):
                 shards_in_flight()
     with temporary_settings({PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS: 7}):
         assert shards_in_flight() == 7  # Prefect's own thread-pool setting, when set, wins

@@ -20,11 +20,11 @@ import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from navcache_cli import app
 from navcache.errors import ManifestError
 from navcache.keys import KeyPaths, generate_keypair, load_private_key, load_signer
 from navcache.manifest import make_envelope, sign_manifest
 from navcache.trustroot import edit_root, init_root, root_path, root_status, ship_roots, sign_root
+from navcache_cli import app
 from navcache_runtime.cli import main as onboard_main
 from navcache_runtime.trust import TrustedKeys, keyid_for, legacy_keyid_for, root_store_path
 from navcache_runtime.trustroot import (

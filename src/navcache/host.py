@@ -11,6 +11,8 @@ from pathlib import Path
 
 from navcache_runtime.host import HostProbe, package_version
 
+from .errors import SortieError
+
 log = logging.getLogger(__name__)
 
 
@@ -109,3 +111,33 @@ def probe_host(cache_dir: Path | None = None, probe: HostProbe | None = None) ->
         execution_providers=_execution_providers(),
         free_disk_bytes=free,
     )
+
+
+#: How many shards a provision run describes at once (Prefect's own thread-pool size, when set, wins).
+SHARDS_IN_FLIGHT_ENV = "NAVCACHE_SHARDS_IN_FLIGHT"
+
+
+def shards_in_flight() -> int:
+    """How many shards this host describes at once: ``$NAVCACHE_SHARDS_IN_FLIGHT`` (a positive integer), else
+    the host's default.
+
+    Each shard in flight holds its own working set (decode threads, prefetched batches, warped windows:
+    ~250 MiB), so the bound, not the area, sets peak memory. One shard already keeps every core busy (ONNX
+    Runtime's threads plus the decode threads); a second overlaps one shard's decoding and writing with the
+    other's inference. Hosts with many cores get a few more (one per 4 cores, at most 4), still a fixed bound.
+    A malformed value is refused in preflight (exit 2), before a run starts.
+    """
+    raw = os.environ.get(SHARDS_IN_FLIGHT_ENV, "").strip()
+    if not raw:
+        return max(2, min(4, (os.cpu_count() or 1) // 4))
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SortieError(
+            f"{SHARDS_IN_FLIGHT_ENV}={raw!r} is not a positive integer",
+            where=f"environment {SHARDS_IN_FLIGHT_ENV}",
+            hint="set it to how many shards to describe at once (e.g. 2), or unset it for the host's default",
+        )
+    return value

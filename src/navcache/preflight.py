@@ -49,6 +49,7 @@ from navcache_runtime.trust import TrustedKeysError
 from navcache_runtime.trustroot import TrustRoot, load_trust_anchor
 
 from .errors import ManifestError, NavcacheError, SortieError, SourceError
+from .host import shards_in_flight
 from .imagery import (
     TileSource,
     ground_m_per_px,
@@ -143,6 +144,7 @@ def run_preflight(sortie_path: Path, cache_dir: Path | None = None, *, refuse: b
     sortie = validate_models(sortie)  # may settle the vpr batch profile from the model
     check_keys(sortie)
     check_cache_dir(sortie, from_option=cache_dir is not None)
+    shards_in_flight()  # refuses a malformed $NAVCACHE_SHARDS_IN_FLIGHT now, not when the run starts
     survey = survey_imagery(sortie)
     logger.info("%s", survey.line())
     refusal = coverage_refusal(sortie, survey)

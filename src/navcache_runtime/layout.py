@@ -76,4 +76,3 @@ def index_table_file(build: str) -> str:
 def index_report_file(build: str) -> str:
     """``index/index-{build}.json``: the report of the index ``build``."""
     return f"{INDEX_DIR}/index-{build}.json"
-
