@@ -4,7 +4,6 @@ stand in for pixels that changed."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,6 @@ from PIL import Image
 
 import navcache_runtime as nr
 from navcache.descriptors import (
-    DECODE_THREADS,
     SCAN_VERSION,
     ChunkReader,
     DescriptorEngine,
@@ -279,38 +277,3 @@ def test_a_memo_of_an_older_status_encoding_is_never_read() -> None:
     old = json.dumps({"version": "navcache-scan-v2", "key": key, "rows": rows}).encode()
     assert ScanMemo.from_json(old) is None
     assert ScanMemo.from_json(old.replace(b"navcache-scan-v2", SCAN_VERSION.encode())) is not None
-
-
-@pytest.mark.parametrize("digests", [True, False], ids=["single pass", "scan then re-read"])
-def test_shards_described_at_once_share_the_process_decode_threads_and_match_one_at_a_time(
-    assets: Assets, engine: DescriptorEngine, tmp_path: Path, digests: bool
-) -> None:
-    """Two shards at once in threads of one process give the shards described one at a time, and every
-    round reuses the same decode threads (threads that come and go per shard grow the process's memory)."""
-    from concurrent.futures import ThreadPoolExecutor
-    from functools import partial
-
-    plans = _plans()
-    alone = [_describe(assets, engine, plan, tmp_path / "alone", digests=digests)[0] for plan in plans]
-
-    def decode_threads() -> set[threading.Thread]:
-        return {t for t in threading.enumerate() if t.name.startswith("navcache-decode")}
-
-    seen: list[set[threading.Thread]] = []
-    for round_ in range(2):
-        out = tmp_path / f"together{round_}"
-        with ThreadPoolExecutor(2) as shards:
-            describe = partial(_describe, assets, engine, out=out, digests=digests)
-            together = [result for result, _ in shards.map(describe, plans)]
-        for one, other in zip(alone, together, strict=True):
-            assert (other.key, other.described, other.blank, other.missing) == (
-                one.key,
-                one.described,
-                one.blank,
-                one.missing,
-            )
-            assert np.array_equal(np.load(other.descriptors_path), np.load(one.descriptors_path))
-            assert np.array_equal(np.load(other.table_path), np.load(one.table_path))
-        seen.append(decode_threads())
-    if DECODE_THREADS > 1:  # the pool may grow to its size, but the threads of the first round stay
-        assert seen[0] and seen[0] <= seen[1] and len(seen[1]) <= DECODE_THREADS

@@ -8,13 +8,7 @@ and the preprocessing, so a re-run computes only shards whose tiles, engine or p
 interrupted run resumes: finished shards are complete files, unfinished ones never got a name.
 
 Decoding (and, for a GeoTIFF, warping) a chunk costs more than a small backbone's inference, so each chunk
-is decoded at most once per run, in a background thread that overlaps the engine. The decode threads and the
-background threads are **one pool of each per process** (:func:`_decode_pool`, :func:`_prefetch_pool`), created
-on first use and shared by every shard the process describes, including shards running at once in its
-threads. Threads that live as long as the process keep their malloc arena, their GDAL handles and their
-coordinate transformers; threads made per shard would open fresh ones each time, and glibc would spread the
-shards' allocations over more arenas, so resident memory would grow with the number of shards. Callers close
-the batch iterators (``closing``) so a failing shard hands its threads back at once. When the source can digest
+is decoded at most once per run, in a background thread that overlaps the engine. When the source can digest
 its still-encoded bytes (:meth:`TileSource.raw_digest`), each shard keeps a **scan memo** (a ground-side
 ``.navcache-scan-*`` file next to the shards, never in a manifest): per chunk, the raw digest, the status and
 the pixel content hash the last scan found, plus the shard key. A run then digests the raw bytes, decodes
@@ -37,9 +31,8 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from contextlib import closing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -65,12 +58,8 @@ DESCRIBED, BLANK, MISSING = TileStatus.DESCRIBED, TileStatus.BLANK, TileStatus.M
 STATUS_CODES = frozenset(TileStatus)
 TABLE_DTYPE = np.dtype([("z", "<i4"), ("x", "<i4"), ("y", "<i4"), ("status", "u1")])
 _PREFETCH_BATCHES = 2
-#: Threads decoding chunks, one pool per process shared by its shards (GDAL/Pillow/numpy release the GIL;
-#: more than 4 gains little, and one shard's engine already keeps every core busy).
+#: Threads decoding chunks for one shard (GDAL/Pillow/numpy release the GIL; more than 4 gains little).
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
-#: Background producers (one per shard pass in flight). Passes beyond this wait for a slot, which only
-#: delays them: a producer waits on decode work and on its own consumer, never on another producer.
-PREFETCH_THREADS = 8
 #: Names the memo format and what its rows mean: bump it when pass 1's decisions (blank rule, content hash,
 #: status codes) or the shard rows a memo points at change, so a memo of another format never matches.
 SCAN_VERSION = "navcache-scan-v3"
@@ -327,8 +316,8 @@ def bound_malloc_arenas() -> None:
     OS: at 1e5 tiles, two shards at a time, resident memory grew ~20 MB per shard to 1.5 GB without a
     bound and stayed at 720-790 MiB with two arenas (bench/RESULTS.md, Scale). glibc fixes the limit
     when a process first has more than 8 arenas, so this must run before the threads start: the job
-    (:mod:`navcache.descriptor_job`) and the first decode pool of a process call it. The provisioning
-    library only: the onboard runtime never calls it."""
+    (:mod:`navcache.descriptor_job`) and every shard's decode pool call it. The provisioning library only:
+    the onboard runtime never calls it."""
     global _arenas_bounded
     if _arenas_bounded:
         return
@@ -343,71 +332,29 @@ def bound_malloc_arenas() -> None:
         log.debug("cannot bound malloc arenas: %s", exc)
 
 
-class _ProcessPool:
-    """A thread pool created on first use in each process and kept for its lifetime. A child made by fork
-    inherits the parent's executor without its threads, so a pool is tied to the process that made it."""
-
-    def __init__(self, workers: Callable[[], int], name: str) -> None:
-        self._workers = workers
-        self._name = name
-        self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pid = 0
-
-    def get(self) -> ThreadPoolExecutor:
-        with self._lock:
-            if self._pool is None or self._pid != os.getpid():
-                bound_malloc_arenas()
-                self._pool = ThreadPoolExecutor(self._workers(), thread_name_prefix=self._name)
-                self._pid = os.getpid()
-            return self._pool
-
-
-_decode_threads = _ProcessPool(lambda: DECODE_THREADS, "navcache-decode")
-_prefetch_threads = _ProcessPool(lambda: PREFETCH_THREADS, "navcache-prefetch")
-
-
-def _decode_pool() -> ThreadPoolExecutor:
-    """The process's :data:`DECODE_THREADS` decode threads, shared by every shard it describes."""
-    return _decode_threads.get()
-
-
-def _prefetch_pool() -> ThreadPoolExecutor:
-    """The process's background producers (:func:`_in_background`), shared by every shard it describes."""
-    return _prefetch_threads.get()
-
-
-def _in_background(items: Iterator[T]) -> Generator[T, None, None]:
-    """``items``, produced on a background thread of the process (:func:`_prefetch_pool`) up to
-    _PREFETCH_BATCHES ahead (decoding, warping and preprocessing release the GIL, so they overlap the
-    engine)."""
+def _in_background(items: Iterator[T]) -> Iterator[T]:
+    """``items``, produced in a background thread up to _PREFETCH_BATCHES ahead (decoding, warping and
+    preprocessing release the GIL, so they overlap the engine)."""
     pending: queue.Queue[tuple[T] | BaseException | None] = queue.Queue(maxsize=_PREFETCH_BATCHES)
     stop = threading.Event()
-
-    def offer(got: tuple[T] | BaseException | None) -> bool:
-        """Queue ``got`` unless the consumer stopped: a pool thread must never block on a queue nobody reads."""
-        while not stop.is_set():
-            try:
-                pending.put(got, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
 
     def produce() -> None:
         try:
             for item in items:
-                if not offer((item,)):
+                while not stop.is_set():
+                    try:
+                        pending.put((item,), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
                     return
-            offer(None)
+            pending.put(None)
         except BaseException as exc:  # handed to the consumer, which re-raises it
-            offer(exc)
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:  # a generator left early waits for its decode work here, not at GC
-                close()
+            pending.put(exc)
 
-    worker = _prefetch_pool().submit(produce)
+    worker = threading.Thread(target=produce, name="navcache-decode", daemon=True)
+    worker.start()
     try:
         while True:
             got = pending.get()
@@ -418,34 +365,31 @@ def _in_background(items: Iterator[T]) -> Generator[T, None, None]:
             yield got[0]
     finally:
         stop.set()
-        worker.cancel()  # a producer still queued behind other passes never starts
-        wait([worker], timeout=5)
+        worker.join(timeout=5)
 
 
 def _decoded(items: Sequence[int], work: Callable[[int], T], threads: int) -> Iterator[T]:
     """``work(item)`` for every item, in order, on ``threads`` threads with a bounded lookahead: GDAL's read
     and warp, Pillow's decode and numpy's hashing release the GIL, so decoding scales with cores (measured
-    1.55x on 2 cores) while the engine runs on the consumer side. The threads are the process's
-    (:func:`_decode_pool`); ``threads`` bounds the lookahead. Work still running when the caller stops early
-    is waited for, so nothing reads the source after this returns."""
+    1.55x on 2 cores) while the engine runs on the consumer side."""
     if threads <= 1 or len(items) <= 1:
         yield from map(work, items)
         return
-    pool = _decode_pool()
-    pending: deque[Future[T]] = deque()
-    upcoming = iter(items)
-    try:
+    bound_malloc_arenas()  # before the first decode threads of a process start
+    with ThreadPoolExecutor(threads, thread_name_prefix="navcache-decode") as pool:
+        pending: deque[Future[T]] = deque()
+        upcoming = iter(items)
         for item in islice(upcoming, threads * 4):
             pending.append(pool.submit(work, item))
-        while pending:
-            result = pending.popleft().result()
-            for item in islice(upcoming, 1):
-                pending.append(pool.submit(work, item))
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-        wait(pending)
+        try:
+            while pending:
+                result = pending.popleft().result()
+                for item in islice(upcoming, 1):
+                    pending.append(pool.submit(work, item))
+                yield result
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def _thread_reader(readers: threading.local, source: TileSource, grid: ChunkGrid) -> ChunkReader:
@@ -578,14 +522,12 @@ def describe_shard(
     batches = 0
     if raw is not None:
         scan: list[tuple[TileId, int, str]] = []
-        scanned = _in_background(
+        for indices, batch in _in_background(
             _scan_batches(plan, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan, blank_std)
-        )
-        with closing(scanned):
-            for indices, batch in scanned:
-                fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
-                batches += 1
-                report(len(indices))
+        ):
+            fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
+            batches += 1
+            report(len(indices))
     else:  # no memo possible: scan first, so a stored shard costs no inference
         scan = scan_shard(plan, ChunkReader(source, grid), blank_std)
     key = shard_key(scan, engine.identity, preprocessing)
@@ -654,14 +596,13 @@ def _compute_descriptors(
     todo = [k for k, row in enumerate(rows) if row is None]
     batches = done = 0
     chunks = [described[k][1] for k in todo]
-    reread = _in_background(_reread_batches(chunks, source, grid, preprocessing, engine.batch_size))
-    with closing(reread):
-        for batch in reread:
-            for row in engine.describe(batch).astype(np.float16):
-                rows[todo[done]] = row
-                done += 1
-            batches += 1
-            report(len(batch))
+    reread = _reread_batches(chunks, source, grid, preprocessing, engine.batch_size)
+    for batch in _in_background(reread):
+        for row in engine.describe(batch).astype(np.float16):
+            rows[todo[done]] = row
+            done += 1
+        batches += 1
+        report(len(batch))
     filled = [row for row in rows if row is not None]
     assert len(filled) == len(rows), "every described chunk has a row"
     descriptors = np.stack(filled) if filled else np.zeros((0, 0), np.float16)
