@@ -58,7 +58,7 @@ def area_50km(lat: float = 48.137, lon: float = 11.575, side_m: float = 50_000.0
 
 
 def run(quick: bool) -> Path:
-    from navcache.coverage import coverage_walk
+    from navcache.coverage_walk import coverage_walk
     from navcache_runtime.coverage import COVERAGE_STATUSES, coverage_digest, coverage_digest_arrays
 
     info = print_machine()

@@ -106,7 +106,7 @@ def _rss_mb() -> float:
 def bench_one(n: int, dim: int, directory: Path) -> list[dict[str, Any]]:
     import faiss
 
-    from navcache.index import IndexBudget, build_index, load_report
+    from navcache.index_build import IndexBudget, build_index, load_report
     from navcache_runtime.index import load_index
 
     x = clustered(n, dim)

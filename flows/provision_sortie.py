@@ -30,8 +30,8 @@ from navcache.descriptor_job import DescriptorJob
 from navcache.descriptors import ShardResult
 from navcache.engines import BackboneBuild, EngineResult, backbone_build, compile_in_order
 from navcache.gc import summarise_temps, sweep_orphan_temps
-from navcache.host import shards_in_flight as host_shards_in_flight
-from navcache.index import IndexBudget
+from navcache.host_probe import shards_in_flight as host_shards_in_flight
+from navcache.index_build import IndexBudget
 from navcache.lock import cache_lock
 from navcache.run_input import run_name, take_input
 from navcache.sortie import Sortie
@@ -40,11 +40,11 @@ from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
 from navcache_runtime import RuntimeConfig
 from navcache_runtime.layout import COVERAGE_DIR, DESCRIPTORS_DIR, ENGINES_DIR, INDEX_DIR
 from navcache_tasks import reporting
-from navcache_tasks.coverage import coverage_gate, coverage_task
+from navcache_tasks.coverage_walk import coverage_gate, coverage_task
 from navcache_tasks.descriptors import collect_shards, describe_shard_task
 from navcache_tasks.engines import compile_backbone
-from navcache_tasks.host import probe_host_task
-from navcache_tasks.index import build_index_task
+from navcache_tasks.host_probe import probe_host_task
+from navcache_tasks.index_build import build_index_task
 from navcache_tasks.manifest import sign_manifest_task, verify_task
 from navcache_tasks.runlog import clean_failures, install, raise_if_failed
 from navcache_tasks.selftest import self_test_gate, self_test_task
@@ -61,7 +61,7 @@ install()  # navcache's own lines in the run log; failures as one readable messa
 def shards_in_flight() -> int:
     """How many describe-shard tasks the flow's thread pool runs at once: Prefect's own
     ``PREFECT_TASKS_RUNNER_THREAD_POOL_MAX_WORKERS`` when set (the user's explicit thread-pool size), else
-    :func:`navcache.host.shards_in_flight` (``$NAVCACHE_SHARDS_IN_FLIGHT`` or the host's default)."""
+    :func:`navcache.host_probe.shards_in_flight` (``$NAVCACHE_SHARDS_IN_FLIGHT`` or the host's default)."""
     prefect_workers = get_current_settings().tasks.runner.thread_pool_max_workers
     if prefect_workers is not None:
         return int(prefect_workers)

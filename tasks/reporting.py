@@ -20,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from navcache.coverage_artifacts import CoverageArtifacts
 from navcache.coverage_map import compact_png
 from navcache.engines import EngineRow
-from navcache.index import IndexResult
+from navcache.index_build import IndexResult
 from navcache.selftest import SelfTestResult
 
 

@@ -10,7 +10,7 @@ from prefect.states import State
 
 from navcache.descriptor_job import DescriptorJob, self_test_failure, self_test_for_job
 from navcache.descriptors import ShardResult
-from navcache.index import IndexResult
+from navcache.index_build import IndexResult
 from navcache.selftest import SelfTestResult
 from navcache.sortie import SelfTestConfig
 

@@ -84,8 +84,8 @@ def test_the_coverage_artifact_of_the_largest_noisiest_map_fits_its_event(tmp_pa
     """A 1024 px map of pure noise (no PNG compresses it) and thousands of missing tiles."""
     from prefect import flow
 
-    from navcache.coverage import coverage_walk
     from navcache.coverage_artifacts import CoverageArtifacts
+    from navcache.coverage_walk import coverage_walk
     from navcache.tiles import ChunkGrid, tiles_to_array
     from navcache.types import TileId
     from navcache_tasks.reporting import coverage_report

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from bench import common
 from bench.coverage import reference_coverage_digest, walk_inputs
-from navcache.coverage import coverage_walk
+from navcache.coverage_walk import coverage_walk
 from navcache_runtime.coverage import COVERAGE_STATUSES, coverage_digest, coverage_digest_arrays
 
 REPO = Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import pytest
 import shapely
 from PIL import Image
 
-from navcache.coverage import COLORS, CoverageReport, coverage_walk, map_pixel_of_tile, render_coverage_png
+from navcache.coverage_walk import COLORS, CoverageReport, coverage_walk, map_pixel_of_tile, render_coverage_png
 from navcache.tiles import ChunkGrid, array_to_tiles, tile_bounds
 from navcache.types import TileId
 from navcache_runtime.coverage import coverage_digest
@@ -228,7 +228,8 @@ def test_walk_timing_for_a_million_tiles() -> None:
 def test_one_status_encoding_for_shards_coverage_json_and_the_runtime(report: CoverageReport) -> None:
     """TileStatus is the only encoding: a shard's .tiles.npy, the coverage JSON and the onboard side agree
     (shards once stored blank as 1, the coverage table as 2)."""
-    from navcache import coverage, descriptors
+    from navcache import coverage_walk as coverage
+    from navcache import descriptors
     from navcache_runtime.coverage import COVERAGE_STATUSES, TileStatus
 
     assert [(s.name, s.value) for s in TileStatus] == [("COVERED", 0), ("MISSING", 1), ("BLANK", 2)]

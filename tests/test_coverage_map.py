@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 from shapely.geometry import shape
 
-from navcache.coverage import COLORS, coverage_walk, map_pixel_of_tile
 from navcache.coverage_map import render_coverage_map
+from navcache.coverage_walk import COLORS, coverage_walk, map_pixel_of_tile
 from navcache.imagery import open_tile_source
 from navcache.tiles import ChunkGrid, tiles_to_array
 from tests.support.sorties import Assets, block_tiles, tiles_polygon
@@ -63,7 +63,7 @@ def test_the_map_shows_the_photo_statuses_outline_takeoff_and_a_scale(assets: As
 
 
 def test_the_artifact_bytes_are_the_map_in_the_cache(assets: Assets, tmp_path: Path) -> None:
-    from navcache_tasks.coverage import coverage_task
+    from navcache_tasks.coverage_walk import coverage_task
 
     first, _ = block_tiles()
     grid, _ = _report(first, [])

@@ -14,7 +14,7 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from navcache.errors import ProvisionError  # noqa: E402
-from navcache.index import TABLE_DTYPE, IndexBudget, IndexResult, build_index, load_report  # noqa: E402
+from navcache.index_build import TABLE_DTYPE, IndexBudget, IndexResult, build_index, load_report  # noqa: E402
 from navcache_runtime import verify_artifact  # noqa: E402
 from navcache_runtime.index import (  # noqa: E402
     CacheIndexError,

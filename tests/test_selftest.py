@@ -17,7 +17,7 @@ from shapely.geometry import box
 
 from navcache.descriptors import DESCRIBED, ChunkReader, DescriptorEngine, classify
 from navcache.imagery import open_tile_source
-from navcache.index import build_index
+from navcache.index_build import build_index
 from navcache.selftest import (
     SelfTestConfig,
     SelfTestResult,

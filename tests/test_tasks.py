@@ -10,17 +10,17 @@ from prefect import flow
 
 from navcache.descriptor_job import DescriptorJob
 from navcache.engines import Outcome, backbone_build
-from navcache.host import HostCapabilities
-from navcache.index import IndexBudget
+from navcache.host_probe import HostCapabilities
+from navcache.index_build import IndexBudget
 from navcache.preflight import preflight
 from navcache_flows.provision_sortie import plan_tiles
 from navcache_runtime import RuntimeConfig
 from navcache_runtime.integrity import sidecar_path
-from navcache_tasks.coverage import coverage_task
+from navcache_tasks.coverage_walk import coverage_task
 from navcache_tasks.descriptors import describe_shard_task
 from navcache_tasks.engines import compile_backbone
-from navcache_tasks.host import probe_host_task
-from navcache_tasks.index import build_index_task
+from navcache_tasks.host_probe import probe_host_task
+from navcache_tasks.index_build import build_index_task
 from navcache_tasks.manifest import sign_manifest_task, verify_task
 from tests.support.sorties import Assets, block_tiles, tiles_polygon, write_sortie
 

@@ -560,11 +560,11 @@ def test_operator_mode_rederives_the_coverage_digest(cache: Cache) -> None:
 
 
 def test_operator_mode_reads_the_coverage_module_format(cache: Cache) -> None:
-    # navcache.coverage writes "status_codes" and float percentages; the digest covers tiles only.
+    # navcache.coverage_walk writes "status_codes" and float percentages; the digest covers tiles only.
     tiles = [[17, 1, 1, 0], [17, 1, 2, 2], [17, 2, 1, 1]]
     _, coverage = coverage_table(tiles)
     table = {
-        "format": "navcache.coverage/1",
+        "format": "navcache.coverage_walk/1",
         "percent": 33.3,
         "status_codes": {"0": "covered", "1": "missing", "2": "blank"},
         "tiles": tiles,

@@ -1,7 +1,7 @@
 """The coverage step's artifacts: the coverage table the manifest lists and the map beside it.
 
 :func:`write_coverage` walks the storage tiles over the shards' chunk statuses
-(:func:`navcache.coverage.coverage_walk`) and writes, content-addressed and once:
+(:func:`navcache.coverage_walk.coverage_walk`) and writes, content-addressed and once:
 
 * ``coverage-{h}.json``: the walk's table; ``h`` is 16 hex digits of its own sha256, so a threshold or
   takeoff change makes new files and never rewrites old ones (a manifest may name them);
@@ -27,8 +27,8 @@ import numpy as np
 from navcache_runtime import InferenceRuntimeError
 from navcache_runtime.integrity import verify_artifact, write_artifact_once
 
-from .coverage import CoverageReport, coverage_walk
 from .coverage_map import render_coverage_map
+from .coverage_walk import CoverageReport, coverage_walk
 from .descriptors import ShardResult
 from .imagery import open_tile_source
 from .shard_set import chunk_statuses

@@ -10,7 +10,7 @@ palette PNG, shrunk until it fits a byte budget. Prefect sends an artifact's who
 than that once base64-encoded. :data:`MAX_EMBEDDED_PNG_BYTES` keeps every embedded picture at a third of that
 limit, whatever the sortie's size or the photo's detail.
 
-:func:`navcache.coverage.render_coverage_png` stays the flat, exact-colour map (one colour per tile, for
+:func:`navcache.coverage_walk.render_coverage_png` stays the flat, exact-colour map (one colour per tile, for
 machines and tests); this draws the picture for the crew over the same layout.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .coverage import _BY_PRIORITY, _HEADER_PX, _MIN_WIDTH_PX, _PRIORITY, COLORS, CoverageReport, _layout
+from .coverage_walk import _BY_PRIORITY, _HEADER_PX, _MIN_WIDTH_PX, _PRIORITY, COLORS, CoverageReport, _layout
 from .imagery import TileSource
 from .tiles import lat_to_px, lon_to_px, tile_bounds
 from .types import TileId

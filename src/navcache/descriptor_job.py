@@ -35,7 +35,7 @@ from . import progress
 from .descriptors import DescriptorEngine, Preprocessing, ShardResult, bound_malloc_arenas, describe_shard
 from .errors import SelfTestError
 from .imagery import TileSource, open_tile_source, source_version
-from .index import IndexResult
+from .index_build import IndexResult
 from .selftest import SelfTestResult, ViewMemo, memo_key, remembered, run_self_test
 from .shard_set import described_rows
 from .sortie import SelfTestConfig, Sortie

@@ -10,7 +10,7 @@ and per backbone whether its engine would be reused or built (:func:`navcache.en
 The cache size is an estimate: engines about their ONNX size (an existing engine that would be reused:
 its size), descriptors ``described chunks x dim x 2`` bytes (float16; described chunks = chunks x the
 estimated coverage) plus the shard tables, the index ``vectors x dim x 4`` bytes (exact search; larger
-indexes are compressed to fit :class:`navcache.index.IndexBudget`) plus its tile table.
+indexes are compressed to fit :class:`navcache.index_build.IndexBudget`) plus its tile table.
 """
 
 from __future__ import annotations
@@ -189,8 +189,8 @@ def _size_estimate(
     engines: tuple[EnginePlan, ...], chunks: int, shards: int, described: int, dim: int | None
 ) -> CacheSizeEstimate:
     from .descriptors import TABLE_DTYPE as SHARD_TABLE
-    from .index import TABLE_DTYPE as INDEX_TABLE
-    from .index import IndexBudget
+    from .index_build import TABLE_DTYPE as INDEX_TABLE
+    from .index_build import IndexBudget
 
     width = dim or 0
     descriptors = described * width * 2 + chunks * SHARD_TABLE.itemsize + shards * 2 * _NPY_HEADER

@@ -49,7 +49,7 @@ from navcache_runtime.trust import TrustedKeysError
 from navcache_runtime.trustroot import TrustRoot, load_trust_anchor
 
 from .errors import ManifestError, NavcacheError, SortieError, SourceError
-from .host import shards_in_flight
+from .host_probe import shards_in_flight
 from .imagery import (
     TileSource,
     ground_m_per_px,

@@ -28,7 +28,7 @@ from typing import Any
 from .coverage_artifacts import CoverageArtifacts
 from .descriptors import ShardResult
 from .engines import EngineResult
-from .index import IndexResult
+from .index_build import IndexResult
 from .preflight import ImagerySurvey
 from .selftest import SelfTestResult
 from .sortie import Sortie

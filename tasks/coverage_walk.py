@@ -11,8 +11,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import State
 
-from navcache.coverage import CoverageReport
 from navcache.coverage_artifacts import CoverageArtifacts, write_coverage
+from navcache.coverage_walk import CoverageReport
 from navcache.descriptors import ShardResult
 from navcache.errors import NavcacheError
 from navcache.tiles import ChunkGrid

@@ -12,7 +12,7 @@ onboard verifier re-derives in operator mode.
 
 JSON form (``CoverageReport.to_json``)::
 
-    {"format": "navcache.coverage/1", "zoom": 17,
+    {"format": "navcache.coverage_walk/1", "zoom": 17,
      "counts": {"total": N, "covered": C, "blank": B, "missing": M},
      "percent": 99.2, "threshold": 99.0, "passed": true, "digest": "<sha256 hex>",
      "status_codes": {"0": "covered", "1": "missing", "2": "blank"},
@@ -45,7 +45,7 @@ from .types import TileId
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "navcache.coverage/1"
+FORMAT = "navcache.coverage_walk/1"
 COVERED, MISSING, BLANK = TileStatus.COVERED, TileStatus.MISSING, TileStatus.BLANK
 STATUS_CODES: dict[int, str] = {int(status): status.label for status in TileStatus}
 _JSON_ROWS = 65_536  # tile rows formatted per block by CoverageReport.to_json_bytes

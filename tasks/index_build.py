@@ -1,4 +1,4 @@
-"""The FAISS index build as a Prefect task: :func:`navcache.index.build_index` over the shards' described chunks."""
+"""The FAISS index build as a Prefect task: :func:`navcache.index_build.build_index` over the described chunks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from navcache.descriptors import ShardResult
-from navcache.index import IndexBudget, IndexResult, build_index
+from navcache.index_build import IndexBudget, IndexResult, build_index
 from navcache.shard_set import index_input
 from navcache.tiles import ChunkGrid
 

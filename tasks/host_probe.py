@@ -5,7 +5,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from navcache.host import HostCapabilities, probe_host
+from navcache.host_probe import HostCapabilities, probe_host
 
 
 @task(name="probe-host", cache_policy=NO_CACHE)

@@ -375,7 +375,7 @@ def _faiss() -> Any:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss is a provisioning extra
         raise ProvisionError(
-            "faiss is not installed", where="navcache.index", hint="pip install 'navcache[provision]'"
+            "faiss is not installed", where="navcache.index_build", hint="pip install 'navcache[provision]'"
         ) from exc
     return faiss
 
