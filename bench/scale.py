@@ -99,32 +99,18 @@ def generate_orthophoto(path: Path, bounds: tuple[float, float, float, float], m
     overviews. Written in strips of 256 rows, so memory stays flat whatever the size."""
     import rasterio
     from rasterio.enums import Resampling
-    from rasterio.transform import from_origin
+
+    from tests.support.realistic import degrees_per_px, rgb_geotiff_profile
 
     west, south, east, north = bounds
     lat_c = (south + north) / 2
-    dy = m_per_px / 110_574.0
-    dx = m_per_px / (111_320.0 * math.cos(math.radians(lat_c)))
+    dx, dy = degrees_per_px(m_per_px, lat_c)
     width, height = math.ceil((east - west) / dx), math.ceil((north - south) / dy)
     dx, dy = (east - west) / width, (north - south) / height  # the extent is exactly the sortie's square
     rng = np.random.default_rng(17)
     fields = rng.random((height // 64 + 2, width // 64 + 2), dtype=np.float32)
     detail = rng.random((height // 6 + 2, width // 6 + 2), dtype=np.float32)
-    profile = {
-        "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:4326",
-        "transform": from_origin(west, north, dx, dy),
-        "nodata": NODATA,
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "photometric": "RGB",
-    }
+    profile = rgb_geotiff_profile(width, height, west=west, north=north, dx=dx, dy=dy, nodata=NODATA)
     u = (np.arange(width) + 0.5) / width
     left, right = _border(np.linspace(0, 1, height), 1), _border(np.linspace(0, 1, height), 2)
     top, bottom = _border(u, 3), _border(u, 4)

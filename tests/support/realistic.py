@@ -24,6 +24,33 @@ M_PER_DEG_LAT = 110_574.0
 M_PER_DEG_LON_EQUATOR = 111_320.0
 
 
+def degrees_per_px(m_per_px: float, lat: float) -> tuple[float, float]:
+    """(dx, dy): the longitude and latitude steps of ``m_per_px`` on the ground at latitude ``lat``."""
+    return m_per_px / (M_PER_DEG_LON_EQUATOR * math.cos(math.radians(lat))), m_per_px / M_PER_DEG_LAT
+
+
+def rgb_geotiff_profile(
+    width: int, height: int, *, west: float, north: float, dx: float, dy: float, nodata: int
+) -> dict[str, Any]:
+    """The rasterio profile of a north-up RGB uint8 GeoTIFF in EPSG:4326, tiled 256 x 256, DEFLATE, with
+    ``nodata`` declared: how real orthophotos are delivered."""
+    return {
+        "driver": "GTiff",
+        "width": width,
+        "height": height,
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:4326",
+        "transform": from_origin(west, north, dx, dy),
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+        "photometric": "RGB",
+    }
+
+
 def _smooth(rng: np.random.Generator, height: int, width: int, cells: int) -> np.ndarray:
     """Smooth noise in [0, 1): a coarse random grid resized bilinearly."""
     coarse = rng.random((max(2, height // cells), max(2, width // cells)), dtype=np.float32)
@@ -47,8 +74,7 @@ def coarse_orthophoto(
     centre latitude), textured (fields, lakes), with ``nodata`` (declared in the file) outside a ragged
     ellipse when ``ragged`` and everywhere when ``all_nodata``. Tiled 256 x 256, DEFLATE."""
     lat_c = (south + north) / 2
-    dy = m_per_px / M_PER_DEG_LAT
-    dx = m_per_px / (M_PER_DEG_LON_EQUATOR * math.cos(math.radians(lat_c)))
+    dx, dy = degrees_per_px(m_per_px, lat_c)
     width, height = max(4, math.ceil((east - west) / dx)), max(4, math.ceil((north - south) / dy))
     rng = np.random.default_rng(seed)
     base = _smooth(rng, height, width, 8) * 150 + _smooth(rng, height, width, 2) * 60 + rng.random((height, width)) * 40
@@ -66,21 +92,7 @@ def coarse_orthophoto(
         pixels[:, np.hypot(u, v) > wobble] = nodata
     if all_nodata:
         pixels[:] = nodata
-    profile = {
-        "driver": "GTiff",
-        "width": width,
-        "height": height,
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:4326",
-        "transform": from_origin(west, north, dx, dy),
-        "nodata": nodata,
-        "tiled": True,
-        "blockxsize": 256,
-        "blockysize": 256,
-        "compress": "deflate",
-        "photometric": "RGB",
-    }
+    profile = rgb_geotiff_profile(width, height, west=west, north=north, dx=dx, dy=dy, nodata=nodata)
     with rasterio.open(path, "w", **profile) as dst:
         dst.write(pixels)
     return path
