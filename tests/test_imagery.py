@@ -436,6 +436,24 @@ def test_is_blank() -> None:
     assert is_blank(masked_flat, min_valid_fraction=0.4)
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_is_blank_decides_as_the_plain_definition_near_the_floor(seed: int) -> None:
+    """The subsample shortcut only ever answers sooner: around the contrast floor, with and without nodata,
+    ``is_blank`` agrees with the definition (largest per-channel std of the valid pixels below ``min_std``)."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(8, 300))
+    spread = float(rng.choice([0.5, 1.0, 2.0, 3.0, 8.0, 40.0]))
+    rgb = np.clip(120 + rng.normal(0, spread, (size, size, 3)), 0, 255).astype(np.uint8)
+    if seed % 3 == 0:  # a stripe of texture in one corner, the rest flat: the subsample may miss it
+        rgb[: size // 8, : size // 8] = rng.integers(0, 255, (size // 8, size // 8, 3), dtype=np.uint8)
+    valid = np.ones((size, size), bool) if seed % 2 else rng.random((size, size)) > 0.3
+    tile = Tile(rgb, valid)
+    for min_std in (0.5, 1.0, 2.0, 3.0, 6.0):
+        pixels = rgb[valid].astype(np.float64)
+        expected = valid.mean() < 0.5 or pixels.std(axis=0).max() < min_std
+        assert is_blank(tile, min_std=min_std) == expected, (seed, min_std)
+
+
 def test_tile_content_hash() -> None:
     rgb = np.zeros((8, 8, 3), np.uint8)
     valid = np.ones((8, 8), bool)

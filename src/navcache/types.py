@@ -34,7 +34,7 @@ class Tile:
 
     @property
     def valid_fraction(self) -> float:
-        return float(self.valid.mean()) if self.valid.size else 0.0
+        return np.count_nonzero(self.valid) / self.valid.size if self.valid.size else 0.0
 
 
 Bounds = tuple[float, float, float, float]  # west, south, east, north in degrees (WGS84)
