@@ -62,7 +62,7 @@ _PREFETCH_BATCHES = 2
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Names the memo format and what its rows mean: bump it when pass 1's decisions (blank rule, content hash,
 #: status codes) or the shard rows a memo points at change, so a memo of another format never matches.
-SCAN_VERSION = "navcache-scan-v3"
+SCAN_VERSION = "navcache-scan-v4"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -195,7 +195,7 @@ def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, pre
     digest = hashlib.sha256()
     # The version names the shard format (L2-normalised float16 rows, TileStatus codes in the table): bump it
     # when either changes, so a shard of another format gets another key and is recomputed, never reused.
-    digest.update(f"navcache-shard-v3\n{engine_identity}\n{preprocessing.spec()}\n".encode())
+    digest.update(f"navcache-shard-v4\n{engine_identity}\n{preprocessing.spec()}\n".encode())
     for chunk, status, content in scan:
         digest.update(f"{chunk} {status} {content}\n".encode())
     return digest.hexdigest()
