@@ -20,13 +20,14 @@ never in git; --quick skips it: export + inference take minutes on 2 cores)."""
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from navcache.imagery import content_digest
 
 from .common import interleaved, print_machine, print_table, ratio, write_result
 
@@ -108,7 +109,8 @@ class MemorySource:
         if not self.digests:
             return None  # a source that cannot digest its bytes: scanned first, re-read for the engine
         found = self.tiles.get(tile)
-        return "none" if found is None else hashlib.sha256(found.rgb.tobytes()).hexdigest()
+        # The digest an encoded source takes of its bytes, over the raw pixels (an upper bound on their size).
+        return "none" if found is None else content_digest(memoryview(found.rgb).cast("B"))
 
     def raw_digests(self, tiles: Any) -> list[str] | None:
         digests = [self.raw_digest(t) for t in tiles]
@@ -130,7 +132,7 @@ def bench_model(
     import onnxruntime as ort
 
     import navcache_runtime as nr
-    from navcache.descriptors import DescriptorEngine, describe_shard
+    from navcache.descriptors import DescriptorEngine, describe_shard, describing_config
     from navcache.tiles import ChunkGrid, plan_shards
     from navcache.types import Tile, TileId
     from navcache_runtime.preprocessing import Preprocess
@@ -149,7 +151,9 @@ def bench_model(
 
     def load_engine(**config: Any) -> DescriptorEngine:
         engine_dir = tmp / f"engines-{name}-{len(config)}"
-        runtime = nr.build_inference_runtime({"runtime": "onnx_trt_ep", "engine_dir": str(engine_dir), **config})
+        # As provisioning loads it (navcache.descriptor_job): ORT's threads sleep between batches.
+        settings = nr.RuntimeConfig.from_mapping({"runtime": "onnx_trt_ep", "engine_dir": str(engine_dir), **config})
+        runtime = nr.build_inference_runtime(describing_config(settings))
         entry = runtime.compile_engine(onnx_path, nr.BuildConfig(input_shapes=(profile,)))
         return DescriptorEngine(runtime, runtime.deserialize_engine(entry), "image", "descriptor", entry.sha256, batch)
 

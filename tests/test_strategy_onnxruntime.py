@@ -203,6 +203,36 @@ def test_loading_skips_graph_optimisation(compiled, tiny_model: TinyModel, monke
     assert json.dumps(str(levels[0]))  # the spy really ran
 
 
+@pytest.mark.parametrize("spinning", [True, False])
+def test_intra_op_spinning_reaches_the_session(
+    tiny_model: TinyModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spinning: bool
+) -> None:
+    runtime = _runtime(tmp_path / "engines", intra_op_spinning=spinning)
+    entry = runtime.compile_engine(tiny_model.onnx, tiny_model.build_config())
+    expected = tiny_model.reference(tiny_model.inputs(batch=3))
+    seen = []
+    real = ort.InferenceSession
+
+    def spy(path, options=None, **kwargs):
+        try:
+            seen.append(options.get_session_config_entry("session.intra_op.allow_spinning"))
+        except RuntimeError:  # not set: ORT's default, which spins
+            seen.append("unset")
+        return real(path, options, **kwargs)
+
+    monkeypatch.setattr(ort_strategy.ort, "InferenceSession", spy)
+    handle = runtime.deserialize_engine(entry)
+    assert seen == (["unset"] if spinning else ["0"])
+    out = next(iter(runtime.infer(handle, tiny_model.inputs(batch=3)).values()))
+    np.testing.assert_allclose(out, expected, atol=FP32_ATOL)
+
+
+@pytest.mark.parametrize("key", ["intra_op_spinning", "strict_providers"])
+def test_boolean_settings_are_refused_unless_boolean(tmp_path: Path, key: str) -> None:
+    with pytest.raises(nr.RuntimeConfigError, match=f"{key} must be true or false, got 'no'"):
+        _runtime(tmp_path, **{key: "no"})
+
+
 @pytest.mark.gpu
 def test_cuda_ep_compiles_and_runs_on_the_gpu(tiny_model: TinyModel, tmp_path: Path) -> None:
     if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -32,7 +32,14 @@ from navcache_runtime.layout import SELFTEST_DIR
 from navcache_runtime.preprocessing import Preprocess
 
 from . import progress
-from .descriptors import DescriptorEngine, Preprocessing, ShardResult, bound_malloc_arenas, describe_shard
+from .descriptors import (
+    DescriptorEngine,
+    Preprocessing,
+    ShardResult,
+    bound_malloc_arenas,
+    describe_shard,
+    describing_config,
+)
 from .errors import SelfTestError
 from .imagery import TileSource, open_tile_source, source_version
 from .index_build import IndexResult
@@ -122,7 +129,7 @@ def descriptor_engine(job: DescriptorJob) -> DescriptorEngine:
     with _engines_lock:
         if key not in _engines:
             bound_malloc_arenas()  # a Dask worker's first shard: before the engine's threads start
-            runtime = build_inference_runtime(job.runtime_config)
+            runtime = build_inference_runtime(describing_config(job.runtime_config))
             _engines[key] = DescriptorEngine(
                 runtime=runtime,
                 handle=runtime.deserialize_engine(job.engine),

@@ -110,7 +110,7 @@ __all__ = [
 
 #: The version of the runtime contract (docs/runtime-contract.md) this package implements: semver, bumped
 #: with every change of the public surface (MAJOR: removed or changed, MINOR: added, PATCH: wording only).
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 # The verifier and trust store load lazily: most users of the runtime never verify in-process, and this
 # keeps `import navcache_runtime` (and so the factory's first call) light.

@@ -23,6 +23,9 @@ class RuntimeConfig:
     providers: tuple[str, ...] = ()  # ONNX Runtime EPs to try, in order; () = best available
     strict_providers: bool = False  # a silent ORT provider fallback becomes an error instead of a warning
     intra_op_threads: int = 0  # 0 = the library's default
+    # ONNX Runtime's workers spin-wait between runs: the lowest latency when the engine has the cores to itself.
+    # False lets them sleep, for a process whose other threads need those cores (the ground's decode threads).
+    intra_op_spinning: bool = True
     prewarm_iterations: int = 2
     inductor_cache_dir: Path | None = None  # None = $TORCHINDUCTOR_CACHE_DIR or <engine_dir>/inductor-cache
     compile_failure_threshold: int = 3  # circuit breaker: failed compiles of one source before eager only
@@ -41,6 +44,9 @@ class RuntimeConfig:
         object.__setattr__(self, "providers", tuple(self.providers))
         if not isinstance(self.thermal_poll_hz, (int, float)) or not 0 <= self.thermal_poll_hz <= 100:
             raise RuntimeConfigError(f"thermal_poll_hz must be between 0 and 100, got {self.thermal_poll_hz!r}")
+        for name in ("strict_providers", "intra_op_spinning"):
+            if not isinstance(getattr(self, name), bool):
+                raise RuntimeConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
         for name in ("device_id", "intra_op_threads", "prewarm_iterations"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -180,6 +180,8 @@ class OnnxRuntime(RuntimeBase):
         options.graph_optimization_level = optimization
         if self.config.intra_op_threads:
             options.intra_op_num_threads = self.config.intra_op_threads
+        if not self.config.intra_op_spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.log_severity_level = 3  # errors only; our own log says what matters
         return options
 
