@@ -110,7 +110,7 @@ class MemorySource:
             return None  # a source that cannot digest its bytes: scanned first, re-read for the engine
         found = self.tiles.get(tile)
         # The digest an encoded source takes of its bytes, over the raw pixels (an upper bound on their size).
-        return "none" if found is None else content_digest(memoryview(found.rgb).cast("B"))
+        return "none" if found is None else content_digest(np.ascontiguousarray(found.rgb).data)
 
     def raw_digests(self, tiles: Any) -> list[str] | None:
         digests = [self.raw_digest(t) for t in tiles]

@@ -238,7 +238,7 @@ def tile_content_hash(tile: Tile) -> str:
     if rgb.ndim != 3 or rgb.shape[2] != 3 or valid.shape != rgb.shape[:2]:
         raise ValueError(f"tile arrays have inconsistent shapes: rgb {rgb.shape}, valid {valid.shape}")
     header = f"navcache-tile:{rgb.shape[0]}x{rgb.shape[1]}:".encode()
-    return content_digest(header, memoryview(rgb).cast("B"), memoryview(valid.view(np.uint8)).cast("B"))
+    return content_digest(header, rgb.data, valid.view(np.uint8).data)
 
 
 def read_window(source: TileReader, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
