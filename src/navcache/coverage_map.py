@@ -113,7 +113,9 @@ def compact_png(png: bytes, max_bytes: int = MAX_EMBEDDED_PNG_BYTES) -> bytes:
     while True:
         palette = image.quantize(colors=256, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
         buffer = io.BytesIO()
-        palette.save(buffer, format="PNG", optimize=True)
+        # zlib's default level: a 1000 px coverage map in 0.1 s and 3 % more bytes than level 9 (0.6 s),
+        # which every run, warm ones included, would pay again.
+        palette.save(buffer, format="PNG", compress_level=6)
         if buffer.tell() <= max_bytes:
             return buffer.getvalue()
         width, height = int(width * _SHRINK), int(height * _SHRINK)
