@@ -32,6 +32,11 @@ raw digests of the source tiles under its context, its parameters, the engine an
 re-provision over partly changed imagery renders and describes only the views over the change and re-runs
 the search (milliseconds) for the rest; the figures are those of a run without memos.
 
+**Memory** grows with the area only by the chunks' (x, y) and the index pages a search reads: the health
+figures read the few thousand descriptor rows they compare and stream the shards for the spread
+(:class:`DescriptorRows`), views are rendered and described a batch at a time, and a tile store's decoded
+tiles are kept only while the next views may share them (:data:`RENDER_TILES`).
+
 ``min_recall_at_5`` (``[self_test]`` in the sortie) turns the report into a gate: below it the run fails
 before signing and the previous manifest stays in force. Without it the figures are reported only.
 """
@@ -47,10 +52,11 @@ import logging
 import math
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -78,6 +84,10 @@ DEFAULT_MAX_UPSAMPLING = 4.0
 CONSTANT_OUTPUT_STD = 1e-3
 #: The onboard floor is this fraction of the hits the ground made on the same stored views.
 ONBOARD_FLOOR_FRACTION = 0.8
+#: Decoded storage tiles a renderer keeps for a tile store (XYZ, MBTiles): a view's context is a few tiles
+#: across and a view shares tiles with the views just before it in grid order. 64 tiles of 256 px are 16 MiB;
+#: the views of a wide area share none, and kept all, they held about 2 MiB each.
+RENDER_TILES = 64
 _PAIRS = 2000
 _PREVIEW = 6
 
@@ -169,6 +179,84 @@ class SelfTestResult:
         return block
 
 
+# --------------------------------------------------------------------------------------------- descriptor rows
+
+
+class DescriptorRows(Protocol):
+    """The described chunks' stored descriptors as the self-test reads them: the few rows it compares, and one
+    statistic over all of them. It never needs all N x D floats at once (49 MiB of float32 at 1e5 chunks of
+    128 dims, the temporaries of a standard deviation as much again), so a provision reads them from the
+    shards (:class:`navcache.shard_set.ShardRows`); :class:`ArrayRows` holds them in memory."""
+
+    def __len__(self) -> int: ...
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 ``(len(rows), D)``: the rows numbered ``rows`` (in that order, repeats allowed)."""
+        ...
+
+    def spread(self) -> float:
+        """The largest per-dimension standard deviation over all rows, exactly as
+        ``np.asarray(rows, np.float32).std(axis=0).max()`` computes it."""
+        ...
+
+
+class ArrayRows:
+    """:class:`DescriptorRows` over an ``(N, D)`` array (float32, or float16 as the shards store them)."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self.rows[np.asarray(rows, np.int64)], np.float32)
+
+    def spread(self) -> float:
+        return float(np.asarray(self.rows, np.float32).std(axis=0).max()) if len(self.rows) else 0.0
+
+
+def column_spread(blocks: Callable[[], Iterable[np.ndarray]]) -> float:
+    """:meth:`DescriptorRows.spread` of the rows that ``blocks()`` yields in consecutive ``(n, D)`` blocks,
+    holding one block at a time, and equal to it bit for bit (tested).
+
+    numpy computes a float32 ``std(axis=0)`` as the column sums (row after row, in float32), the mean
+    (divided in float64, stored in float32), the column sums of the squared deviations and their mean; a
+    block's sums continue from the previous block's when that sum is stacked as the block's first row. Two
+    passes, so ``blocks`` is called twice. With D = 1 numpy sums the single contiguous column pairwise
+    instead: those rows (4 bytes each) are gathered and numpy computes it. No rows: 0.0."""
+    count, total = 0, None
+    for block in blocks():
+        rows = np.asarray(block, np.float32)
+        if not len(rows):
+            continue
+        if rows.ndim != 2 or rows.shape[1] < 2:
+            parts = [np.asarray(b, np.float32) for b in blocks()]
+            return ArrayRows(np.concatenate([b for b in parts if len(b)])).spread()
+        count, total = count + len(rows), _column_sums(total, rows)
+    if total is None:
+        return 0.0
+    mean = np.true_divide(total, np.intp(count), out=total, casting="unsafe")
+    squares = None
+    for block in blocks():
+        rows = np.asarray(block, np.float32)
+        if len(rows):
+            deviations = np.subtract(rows, mean)
+            squares = _column_sums(squares, np.square(deviations, out=deviations))
+    assert squares is not None
+    variance = np.true_divide(squares, np.intp(count), out=squares, casting="unsafe")
+    return float(np.sqrt(variance, out=variance).max())
+
+
+def _column_sums(total: np.ndarray | None, rows: np.ndarray) -> np.ndarray:
+    """float32 column sums of ``rows``, continuing ``total`` (the sums of the rows before them)."""
+    if total is None:
+        return np.add.reduce(rows, axis=0)
+    stacked = np.empty((len(rows) + 1, rows.shape[1]), np.float32)
+    stacked[0], stacked[1:] = total, rows
+    return np.add.reduce(stacked, axis=0)
+
+
 # --------------------------------------------------------------------------------------------- sampling
 
 
@@ -212,22 +300,26 @@ class ViewRenderer:
     context around a chunk is read ``levels`` zoom levels coarser (each level halves the pixels). A GeoTIFF
     warps each view's context rectangle at once (:class:`~navcache.imagery.PixelReader`): the views are
     spread over the area, so warping whole tiles or windows for them would warp mostly pixels no view uses.
-    Tile stores (XYZ, MBTiles) mosaic their tiles, kept for the whole self-test (neighbouring views share
-    them)."""
+    Tile stores (XYZ, MBTiles) mosaic their tiles, the last :data:`RENDER_TILES` of them kept (neighbouring
+    views share them)."""
 
     def __init__(self, source: TileSource, grid: ChunkGrid, input_px: int) -> None:
         self.source = source
         self.grid = grid
         fit = max(0, math.floor(math.log2(max(1, grid.chunk_px) / max(1, input_px))))
         self.levels = min(fit, 3, grid.zoom)
-        self._tiles: dict[TileId, Any] = {}
+        self._tiles: OrderedDict[TileId, Any] = OrderedDict()
         self.tile_size = source.tile_size
         self.rendered = 0  # views rendered (the per-view memo's hits are not)
 
     def read_tile(self, tile: TileId) -> Any:
-        if tile not in self._tiles:
-            self._tiles[tile] = self.source.read_tile(tile)
-        return self._tiles[tile]
+        if tile in self._tiles:
+            self._tiles.move_to_end(tile)
+            return self._tiles[tile]
+        found = self._tiles[tile] = self.source.read_tile(tile)
+        if len(self._tiles) > RENDER_TILES:
+            self._tiles.popitem(last=False)
+        return found
 
     def _read(self, zoom: int, x0: int, y0: int, x1: int, y1: int) -> Tile:
         if isinstance(self.source, PixelReader):
@@ -321,7 +413,7 @@ def run_self_test(
     source: TileSource,
     grid: ChunkGrid,
     chunks: np.ndarray,
-    descriptors: np.ndarray,
+    descriptors: np.ndarray | DescriptorRows,
     index: Any,
     table: np.ndarray,
     describe: Callable[[np.ndarray], np.ndarray],
@@ -336,10 +428,11 @@ def run_self_test(
 ) -> SelfTestResult:
     """Run the self-test over the built index (see the module docstring).
 
-    ``chunks`` (N, 2) and ``descriptors`` (N, D) are the described chunks and their stored (normalised)
-    rows; ``index``/``table`` the built FAISS index and its tile table; ``describe`` runs the VPR engine on a
-    preprocessed batch and returns normalised (B, D) rows. ``out_dir`` receives the onboard query set (None:
-    none is written). ``upsampling``/``max_upsampling`` and ``blank_fraction`` only sharpen the finding.
+    ``chunks`` (N, 2) are the described chunks and ``descriptors`` their stored (normalised) rows, an (N, D)
+    array or a :class:`DescriptorRows` that reads the few it needs; ``index``/``table`` the built FAISS index
+    and its tile table; ``describe`` runs the VPR engine on a preprocessed batch and returns normalised (B, D)
+    rows. ``out_dir`` receives the onboard query set (None: none is written). ``upsampling``/``max_upsampling``
+    and ``blank_fraction`` only sharpen the finding.
     ``view_memo`` (see :class:`ViewMemo`) supplies the descriptors of views whose inputs are unchanged and
     remembers this run's; without it every view is rendered and described."""
     started = time.perf_counter()
@@ -362,11 +455,13 @@ def run_self_test(
     exact = np.all(found_xy == targets[:, None, :], axis=2)
     near = np.all(np.abs(found_xy - targets[:, None, :]) <= 1, axis=2)
 
-    random_cos, neighbour_cos = _space_health(chunks, descriptors, config.seed)
-    own = descriptors[picked]
+    rows = ArrayRows(descriptors) if isinstance(descriptors, np.ndarray) else descriptors
+    random_cos, neighbour_cos = _space_health(chunks, rows, config.seed)
+    own = rows.take(picked)
     self_cos = float(np.median(np.sum(query * own, axis=1)))
     collapsed, finding = _finding(
-        descriptors,
+        len(rows),
+        rows.spread() if len(rows) > 1 else 0.0,
         random_cos,
         neighbour_cos,
         self_cos,
@@ -424,33 +519,49 @@ def _describe_all(
     return np.concatenate(rows[1:]) if len(rows) > 1 else rows[0]
 
 
-def _space_health(chunks: np.ndarray, descriptors: np.ndarray, seed: int) -> tuple[float, float]:
-    """Median cosine of random tile pairs and of horizontally/vertically neighbouring tiles."""
-    n = len(descriptors)
-    rows = np.asarray(descriptors, np.float32)
+def _space_health(chunks: np.ndarray, rows: DescriptorRows, seed: int) -> tuple[float, float]:
+    """Median cosine of random tile pairs and of horizontally/vertically neighbouring tiles (at most
+    :data:`_PAIRS` of each, so only those rows are read)."""
+    n = len(rows)
     if n < 2:
         return 1.0, 1.0
     rng = np.random.default_rng([seed, 3])
     i, j = rng.integers(0, n, _PAIRS), rng.integers(0, n, _PAIRS)
     keep = i != j
-    random_cos = float(np.median(np.sum(rows[i[keep]] * rows[j[keep]], axis=1))) if keep.any() else 1.0
-    position = {(int(x), int(y)): k for k, (x, y) in enumerate(chunks)}
-    pairs = [
-        (k, position[(int(x) + dx, int(y) + dy)])
-        for k, (x, y) in enumerate(chunks)
-        for dx, dy in ((1, 0), (0, 1))
-        if (int(x) + dx, int(y) + dy) in position
-    ]
-    if len(pairs) > _PAIRS:
-        pairs = [pairs[k] for k in rng.choice(len(pairs), _PAIRS, replace=False)]
-    if not pairs:
+    a, b = neighbour_pairs(chunks)
+    if len(a) > _PAIRS:
+        chosen = rng.choice(len(a), _PAIRS, replace=False)
+        a, b = a[chosen], b[chosen]
+    i, j = i[keep], j[keep]
+    taken = rows.take(np.concatenate([i, j, a, b]))  # one read of the shards for both medians
+    rows_i, rows_j, rows_a, rows_b = np.split(taken, np.cumsum([len(i), len(j), len(a)]))
+    random_cos = float(np.median(np.sum(rows_i * rows_j, axis=1))) if keep.any() else 1.0
+    if not len(a):
         return random_cos, random_cos
-    a, b = np.asarray(pairs).T
-    return random_cos, float(np.median(np.sum(rows[a] * rows[b], axis=1)))
+    return random_cos, float(np.median(np.sum(rows_a * rows_b, axis=1)))
+
+
+def neighbour_pairs(chunks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(a, b)`` row numbers: each chunk of ``chunks`` ((N, 2) x, y) with the chunk east of it, then with the
+    one south of it, where that one is among them (the last of repeated chunks), in the order of ``chunks``."""
+    xy = np.asarray(chunks, np.int64).reshape(-1, 2)
+    key = xy[:, 0] * (1 << 32) + xy[:, 1]  # one integer per tile coordinate pair: east is + 2**32, south + 1
+    order = np.argsort(key, kind="stable")
+    ordered = key[order]
+    partner = np.full((len(key), 2), -1, np.int64)
+    for column, step in enumerate((1 << 32, 1)):
+        wanted = key + step
+        at = np.searchsorted(ordered, wanted, side="right") - 1
+        found = at >= 0
+        found[found] = ordered[at[found]] == wanted[found]
+        partner[found, column] = order[at[found]]
+    kept = partner.ravel() >= 0
+    return np.repeat(np.arange(len(key)), 2)[kept], partner.ravel()[kept]
 
 
 def _finding(
-    descriptors: np.ndarray,
+    count: int,
+    spread: float,
     random_cos: float,
     neighbour_cos: float,
     self_cos: float,
@@ -459,17 +570,16 @@ def _finding(
     max_upsampling: float | None,
     blank_fraction: float,
 ) -> tuple[bool, str]:
-    spread = float(np.asarray(descriptors, np.float32).std(axis=0).max()) if len(descriptors) > 1 else 0.0
     figures = (
         f"median cosine: random tiles {random_cos:.3f}, neighbours {neighbour_cos:.3f}, view-to-own {self_cos:.3f}"
     )
-    if len(descriptors) > 1 and spread < CONSTANT_OUTPUT_STD:
+    if count > 1 and spread < CONSTANT_OUTPUT_STD:
         return True, (
             f"collapsed descriptor space: the model gives the same descriptor for every tile ({figures}); likely "
             "cause: constant output — check the backbone's output and weights"
         )
-    if len(descriptors) < MIN_CHUNKS_TO_JUDGE:
-        return False, f"too few chunks ({len(descriptors)}) to judge the descriptor space ({figures})"
+    if count < MIN_CHUNKS_TO_JUDGE:
+        return False, f"too few chunks ({count}) to judge the descriptor space ({figures})"
     # How much of the spread between unrelated tiles a view's match with its own tile uses: near 1 in a
     # discriminative space, near 0 (or below) when a perturbed view is as far from its tile as any tile is.
     separation = (self_cos - random_cos) / max(1e-9, 1.0 - random_cos)
@@ -704,7 +814,8 @@ def _views(
     memo: ViewMemo | None,
 ) -> list[DescribedView]:
     """Every view described: from ``memo`` where its inputs are unchanged, else rendered and described
-    (the onboard views' resized pixels described as well)."""
+    (the onboard views' resized pixels described as well), ``batch`` at a time: only the pixels the
+    preview and the onboard set keep outlive their batch."""
     shown = set(preview_rows(len(targets)))
     chunks = [TileId(renderer.grid.zoom, int(x), int(y)) for x, y in targets]
     keys = [memo.key(renderer, c, p) if memo is not None else None for c, p in zip(chunks, params, strict=True)]
@@ -715,26 +826,30 @@ def _views(
         for i, (key, c, p) in enumerate(zip(keys, chunks, params, strict=True))
     ]
     missing = [i for i, v in enumerate(views) if v is None]
-    rendered = {i: renderer.render_at(chunks[i], params[i]) for i in missing}
-    query = _describe_all([rendered[i][0] for i in missing], describe, preprocess, batch)
-    onboard_rows = [i for i in missing if i < onboard_n]
-    stored = {i: preprocess.resized(rendered[i][0]).astype(np.uint8) for i in onboard_rows}
-    onboard = _describe_all([stored[i] for i in onboard_rows], describe, preprocess, batch)
-    onboard_of = dict(zip(onboard_rows, onboard, strict=True))
-    for row, i in enumerate(missing):
-        view, levels = rendered[i]
-        key, full_digest = keys[i], ""
-        if key is not None and levels != renderer.levels:  # read at full resolution: that input counts too
-            full_digest = renderer.input_digest(chunks[i], params[i], 0) or ""
-            key = key if full_digest else None
-        views[i] = DescribedView(
-            key=key,
-            query=query[row],
-            full_digest=full_digest,
-            view=view if i in shown else None,
-            stored=stored.get(i),
-            onboard=onboard_of.get(i),
-        )
+    # The onboard views are the first ones, so the onboard rows of each batch are the same batches a pass over
+    # all of them would make: the engine sees the same inputs, and the descriptors are the same.
+    for start in range(0, len(missing), batch):
+        rows = missing[start : start + batch]
+        rendered = [renderer.render_at(chunks[i], params[i]) for i in rows]
+        pixels = [view for view, _ in rendered]
+        query = _describe_all(pixels, describe, preprocess, batch)
+        stored = {
+            i: preprocess.resized(view).astype(np.uint8) for i, view in zip(rows, pixels, strict=True) if i < onboard_n
+        }
+        onboard = dict(zip(stored, _describe_all(list(stored.values()), describe, preprocess, batch), strict=True))
+        for row, (i, (view, levels)) in enumerate(zip(rows, rendered, strict=True)):
+            key, full_digest = keys[i], ""
+            if key is not None and levels != renderer.levels:  # read at full resolution: that input counts too
+                full_digest = renderer.input_digest(chunks[i], params[i], 0) or ""
+                key = key if full_digest else None
+            views[i] = DescribedView(
+                key=key,
+                query=query[row],
+                full_digest=full_digest,
+                view=view if i in shown else None,
+                stored=stored.get(i),
+                onboard=onboard.get(i),
+            )
     return [v for v in views if v is not None]
 
 

@@ -5,15 +5,20 @@
   re-provision), and an area where no chunk could be described (saying blank apart from missing);
 * :func:`chunk_statuses`: the described and blank chunks as (N, 3) [z, x, y] arrays, the coverage walk's
   fast input form;
-* :func:`described_rows`: (chunk x, y) and descriptor rows of every described chunk, the self-test's input.
+* :func:`described_rows`: (chunk x, y) of every described chunk and their descriptor rows as
+  :class:`ShardRows`, read from the shards when the self-test asks for them: its input.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 
 from .descriptors import BLANK, DESCRIBED, TABLE_DTYPE, ShardResult, load_shard
 from .errors import ProvisionError
+from .selftest import column_spread
 from .tiles import ChunkGrid
 
 
@@ -23,12 +28,7 @@ def index_input(shards: list[ShardResult], grid: ChunkGrid) -> tuple[np.ndarray,
     for shard in shards:
         descriptors, table = load_shard(shard)
         rows = table[table["status"] == DESCRIBED]
-        if len(rows) != len(descriptors):
-            raise ProvisionError(
-                f"shard {shard.descriptors_path.name} is inconsistent: {len(rows)} described "
-                f"chunks but {len(descriptors)} descriptors",
-                hint="delete it and re-provision",
-            )
+        _check_rows(shard, len(rows), len(descriptors))
         if len(rows):
             parts.append(descriptors)
             ids.append(np.stack([rows["z"], rows["x"], rows["y"]], axis=1).astype(np.int64))
@@ -56,13 +56,59 @@ def chunk_statuses(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray]:
     return zxy[rows["status"] == DESCRIBED], zxy[rows["status"] == BLANK]
 
 
-def described_rows(shards: list[ShardResult]) -> tuple[np.ndarray, np.ndarray]:
-    """(chunk x, y) and descriptor rows of every described chunk."""
-    xy, rows = [], []
+def _check_rows(shard: ShardResult, described: int, rows: int) -> None:
+    if described != rows:
+        raise ProvisionError(
+            f"shard {shard.descriptors_path.name} is inconsistent: {described} described chunks but {rows} descriptors",
+            hint="delete it and re-provision",
+        )
+
+
+def described_rows(shards: list[ShardResult]) -> tuple[np.ndarray, ShardRows]:
+    """(chunk x, y) of every described chunk, in shard order, and their descriptor rows (read when asked)."""
+    xy, paths, counts = [], [], []
     for shard in shards:
-        descriptors, table = load_shard(shard)
+        table = np.load(shard.table_path, allow_pickle=False)
         described = table["status"] == DESCRIBED
         if described.any():  # a shard with nothing described (no imagery there) has a shapeless empty array
+            rows = np.load(shard.descriptors_path, mmap_mode="r", allow_pickle=False)  # reads the header only
+            _check_rows(shard, int(described.sum()), len(rows))
             xy.append(np.stack([table["x"][described], table["y"][described]], 1))
-            rows.append(np.asarray(descriptors, np.float32))
-    return np.concatenate(xy), np.concatenate(rows)
+            paths.append(shard.descriptors_path)
+            counts.append(len(rows))
+    return (np.concatenate(xy) if xy else np.zeros((0, 2), np.int32)), ShardRows(paths, counts)
+
+
+class ShardRows:
+    """The descriptor rows of the shards' described chunks, numbered in shard order, read from the shard files
+    when asked (:class:`navcache.selftest.DescriptorRows`): the self-test reads a few thousand rows and one
+    statistic over all of them, a shard at a time, instead of holding every row (at 1e5 chunks, 49 MiB in
+    float32 plus as much again for the statistic's temporaries)."""
+
+    def __init__(self, paths: list[Path], counts: list[int]) -> None:
+        self.paths = paths
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        if len(rows) and not 0 <= int(rows.min()) <= int(rows.max()) < len(self):
+            raise IndexError(f"descriptor rows {rows.min()}..{rows.max()} outside 0..{len(self) - 1}")
+        out: np.ndarray | None = None
+        for path, start, stop in zip(self.paths, self.starts[:-1], self.starts[1:], strict=True):
+            mine = np.flatnonzero((rows >= start) & (rows < stop))
+            if len(mine):
+                block = np.load(path, mmap_mode="r", allow_pickle=False)  # only the pages of those rows are read
+                if out is None:
+                    out = np.empty((len(rows), block.shape[1]), np.float32)
+                out[mine] = block[rows[mine] - start]
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+    def spread(self) -> float:
+        return column_spread(self._blocks)
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        for path in self.paths:
+            yield np.load(path, allow_pickle=False)
