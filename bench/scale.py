@@ -252,20 +252,17 @@ def _child_plan(sortie: str) -> dict[str, Any]:
     """The flow's plan step (library calls only) and ``navcache plan``'s count over the same sortie."""
     from navcache.plan import plan_sortie
     from navcache.preflight import run_preflight
-    from navcache.tiles import plan_shards
+    from navcache_flows.provision_sortie import plan_tiles
 
     spec = run_preflight(Path(sortie)).sortie
     before = _rss_bytes()
     with RssSampler(0.02) as rss:
         started = time.perf_counter()
-        grid = spec.grid
-        chunks = grid.chunks_for_area(spec.area, spec.tiles.budget)
-        storage = grid.storage_tiles_for_area(spec.area)
-        plans = plan_shards(chunks, spec.tiles.shard_block)
+        _, storage, plans = plan_tiles.fn(spec)  # the flow's own step, without the task-run bookkeeping
         flow_plan_s = time.perf_counter() - started
     flow_plan_rss = max(rss.peak_between(0, time.time()), _rss_bytes()) - before
-    counts = (len(chunks), len(storage), len(plans))
-    del chunks, storage, plans
+    counts = (sum(len(plan) for plan in plans), len(storage), len(plans))
+    del storage, plans
     started = time.perf_counter()
     plan = plan_sortie(Path(sortie))
     return {

@@ -36,7 +36,7 @@ from navcache.lock import cache_lock
 from navcache.run_input import run_name, take_input
 from navcache.sortie import Sortie
 from navcache.summary import RunResults
-from navcache.tiles import ChunkGrid, ShardPlan, plan_shards
+from navcache.tiles import ChunkGrid, ShardPlan, plan_shard_array
 from navcache_runtime import RuntimeConfig
 from navcache_runtime.layout import COVERAGE_DIR, DESCRIPTORS_DIR, ENGINES_DIR, INDEX_DIR
 from navcache_tasks import reporting
@@ -95,9 +95,9 @@ def plan_tiles(sortie: Sortie) -> tuple[ChunkGrid, np.ndarray, list[ShardPlan]]:
     an array, not a ``TileId`` per tile), and the shard plans."""
     spec = sortie.tiles
     grid = ChunkGrid(spec.zoom, spec.size, spec.chunk_span, spec.overlap)
-    chunks = grid.chunks_for_area(sortie.area, spec.budget)
+    chunks = grid.chunk_array_for_area(sortie.area, spec.budget)
     storage = grid.storage_tile_array_for_area(sortie.area)
-    return grid, storage, plan_shards(chunks, spec.shard_block)
+    return grid, storage, plan_shard_array(chunks, grid.zoom, spec.shard_block)
 
 
 def _slot_note(tag: str) -> str:
@@ -139,7 +139,7 @@ def _descriptor_job(
     sortie: Sortie, runtime_config: RuntimeConfig, engine: EngineResult, grid: ChunkGrid, plans: list[ShardPlan]
 ) -> DescriptorJob:
     """The vpr engine's job over the planned shards, with the run's progress artifact."""
-    total = sum(len(plan.chunks) for plan in plans)
+    total = sum(len(plan) for plan in plans)
     progress.advance("descriptors", 0, total=total)
     artifact = create_progress_artifact(
         0.0,

@@ -51,5 +51,5 @@ def collect_shards(
     results: list[ShardResult] = []
     for future, plan in zip(futures, plans, strict=True):
         results.append(future.result())
-        counter.add(len(plan.chunks))
+        counter.add(len(plan))
     return results

@@ -19,6 +19,7 @@ from navcache.tiles import (
     array_to_tiles,
     in_grid,
     mercator_bounds,
+    plan_shard_array,
     plan_shards,
     tile_bounds,
     tile_for_lonlat,
@@ -276,13 +277,26 @@ def test_plan_shards_groups_by_block_and_sorts() -> None:
     chunks = [TileId(17, x, y) for x, y in [(70, 3), (5, 5), (64, 0), (63, 63), (5, 5), (0, 64)]]
     plans = plan_shards(chunks, 64)
     assert plans == [
-        ShardPlan(0, 0, (TileId(17, 5, 5), TileId(17, 63, 63))),
-        ShardPlan(0, 1, (TileId(17, 0, 64),)),
-        ShardPlan(1, 0, (TileId(17, 64, 0), TileId(17, 70, 3))),
+        ShardPlan.of(0, 0, (TileId(17, 5, 5), TileId(17, 63, 63))),
+        ShardPlan.of(0, 1, (TileId(17, 0, 64),)),
+        ShardPlan.of(1, 0, (TileId(17, 64, 0), TileId(17, 70, 3))),
     ]
     assert plan_shards([], 8) == []
     with pytest.raises(ValueError, match="several zoom"):
         plan_shards([TileId(1, 0, 0), TileId(2, 0, 0)], 8)
+
+
+def test_a_plan_from_the_area_array_is_the_plan_from_its_tiles_and_stays_compact() -> None:
+    grid = ChunkGrid(17, 256)
+    area = square_km(11.5, 48.1, 6)
+    from_tiles = plan_shards(grid.chunks_for_area(area), 16)
+    from_array = plan_shard_array(grid.chunk_array_for_area(area), grid.zoom, 16)
+    assert from_array == from_tiles and len(from_array) > 4
+    assert [p.chunks for p in from_array] == [p.chunks for p in from_tiles]
+    assert all(p.xy.dtype == np.int32 and p.xy.shape == (len(p), 2) for p in from_array)
+    assert sum(p.xy.nbytes for p in from_array) == 8 * sum(len(p) for p in from_array)
+    other = ShardPlan.of(from_array[0].block_x, from_array[0].block_y, from_array[0].chunks[:-1])
+    assert other != from_array[0] and len({*from_array, *from_tiles}) == len(from_array)
 
 
 def test_plan_shards_is_stable_when_chunks_are_added_elsewhere() -> None:

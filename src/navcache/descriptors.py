@@ -195,11 +195,11 @@ def classify(tile: Tile | None, blank_std: float = DEFAULT_BLANK_STD) -> TileSta
 
 
 def scan_shard(
-    plan: ShardPlan, reader: ChunkReader, blank_std: float = DEFAULT_BLANK_STD
+    chunks: Sequence[TileId], reader: ChunkReader, blank_std: float = DEFAULT_BLANK_STD
 ) -> list[tuple[TileId, int, str]]:
     """Pass 1 for a source without raw digests: (chunk, status, content hash) for every chunk."""
     rows: list[tuple[TileId, int, str]] = []
-    for chunk in plan.chunks:
+    for chunk in chunks:
         tile = reader.read(chunk)
         rows.append((chunk, classify(tile, blank_std), tile_content_hash(tile) if tile is not None else "-"))
     return rows
@@ -249,12 +249,12 @@ def _is_hex64(text: object) -> bool:
     return isinstance(text, str) and len(text) == 64 and set(text) <= _HEX
 
 
-def chunk_raw_digests(plan: ShardPlan, source: TileSource, grid: ChunkGrid) -> list[str] | None:
+def chunk_raw_digests(chunks: Sequence[TileId], source: TileSource, grid: ChunkGrid) -> list[str] | None:
     """Per chunk, a digest of the encoded source bytes of its storage tiles (no decoding); None when the
     source cannot digest its bytes. A chunk that is one storage tile has that tile's digest."""
     if grid.is_storage_grid:
-        return source.raw_digests(plan.chunks)
-    per_chunk = [grid.storage_tiles_of_chunk(chunk) for chunk in plan.chunks]
+        return source.raw_digests(chunks)
+    per_chunk = [grid.storage_tiles_of_chunk(chunk) for chunk in chunks]
     tiles = list(dict.fromkeys(t for chunk_tiles in per_chunk for t in chunk_tiles))
     raw = source.raw_digests(tiles)
     if raw is None:
@@ -268,7 +268,7 @@ def chunk_raw_digests(plan: ShardPlan, source: TileSource, grid: ChunkGrid) -> l
 
 def memo_path(
     out_dir: Path,
-    plan: ShardPlan,
+    chunks: Sequence[TileId],
     source: TileSource,
     grid: ChunkGrid,
     engine_identity: str,
@@ -276,12 +276,12 @@ def memo_path(
     blank_std: float = DEFAULT_BLANK_STD,
 ) -> Path:
     """One memo per shard plan, engine, preprocessing, blank rule and source format: rows align with
-    ``plan.chunks`` (a memo's statuses hold only for the blank rule that decided them)."""
+    ``chunks``, the plan's (a memo's statuses hold only for the blank rule that decided them)."""
     ident = hashlib.sha256(
         f"{SCAN_VERSION}\n{source.raw_identity()}\n{grid!r}\n{engine_identity}\n{prep.spec()}\n".encode()
     )
     ident.update(f"blank_std={blank_std!r}\n".encode())
-    ident.update(";".join(str(c) for c in plan.chunks).encode())
+    ident.update(";".join(str(c) for c in chunks).encode())
     return out_dir / f"{SCAN_MEMO_PREFIX}{ident.hexdigest()[:40]}"
 
 
@@ -454,7 +454,7 @@ def _reread_batches(
 
 
 def _scan_batches(
-    plan: ShardPlan,
+    chunks: Sequence[TileId],
     source: TileSource,
     grid: ChunkGrid,
     raw: Sequence[str],
@@ -470,9 +470,9 @@ def _scan_batches(
     whose content ``known`` lacks. Those are the chunks the shard needs computed unless its key turns out to
     be stored already (only if imagery reverts to an earlier version), so decoding each chunk once beats
     reading the shard twice. Chunks whose raw digest matches the memo take its row without decoding."""
-    rows: list[tuple[TileId, int, str] | None] = [None] * len(plan.chunks)
+    rows: list[tuple[TileId, int, str] | None] = [None] * len(chunks)
     todo = []
-    for i, chunk in enumerate(plan.chunks):
+    for i, chunk in enumerate(chunks):
         if memo is not None and memo.rows[i][0] == raw[i]:
             rows[i] = (chunk, memo.rows[i][1], memo.rows[i][2])
         else:
@@ -480,7 +480,7 @@ def _scan_batches(
     readers = threading.local()
 
     def examine(i: int) -> tuple[int, int, str, np.ndarray | None]:
-        tile = _thread_reader(readers, source, grid).read(plan.chunks[i])
+        tile = _thread_reader(readers, source, grid).read(chunks[i])
         status = classify(tile, blank_std)
         content = tile_content_hash(tile) if tile is not None else "-"
         wanted = tile is not None and status == DESCRIBED and content not in known
@@ -488,7 +488,7 @@ def _scan_batches(
 
     def wanted_frames() -> Iterator[tuple[int, np.ndarray]]:
         for i, status, content, frame in _decoded(todo, examine, DECODE_THREADS):
-            rows[i] = (plan.chunks[i], status, content)
+            rows[i] = (chunks[i], status, content)
             if frame is not None:
                 yield i, frame
 
@@ -526,11 +526,12 @@ def describe_shard(
         if on_batch is not None and n:
             on_batch(n)
 
-    raw = chunk_raw_digests(plan, source, grid)
+    chunks = plan.chunks  # the shard's TileIds, made once here and let go with the shard
+    raw = chunk_raw_digests(chunks, source, grid)
     memo_file = (
-        memo_path(out_dir, plan, source, grid, engine.identity, preprocessing, blank_std) if raw is not None else None
+        memo_path(out_dir, chunks, source, grid, engine.identity, preprocessing, blank_std) if raw is not None else None
     )
-    memo = _read_memo(memo_file, len(plan.chunks)) if memo_file is not None else None
+    memo = _read_memo(memo_file, len(chunks)) if memo_file is not None else None
     # The previous shard's rows matter only where raw bytes moved (an unchanged shard is checked once, below).
     moved = memo is None or raw is None or any(row[0] != r for row, r in zip(memo.rows, raw, strict=True))
     known = _previous_rows(out_dir, memo) if memo is not None and moved else {}
@@ -539,13 +540,13 @@ def describe_shard(
     if raw is not None:
         scan: list[tuple[TileId, int, str]] = []
         for indices, batch in _in_background(
-            _scan_batches(plan, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan, blank_std)
+            _scan_batches(chunks, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan, blank_std)
         ):
             fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
             batches += 1
             report(len(indices))
     else:  # no memo possible: scan first, so a stored shard costs no inference
-        scan = scan_shard(plan, ChunkReader(source, grid), blank_std)
+        scan = scan_shard(chunks, ChunkReader(source, grid), blank_std)
     key = shard_key(scan, engine.identity, preprocessing)
     desc_path, table_path = shard_paths(out_dir, key)
     counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_CODES}
@@ -557,11 +558,11 @@ def describe_shard(
         )
         batches, inferred = batches + more_batches, inferred + more_inferred
         _write_shard(desc_path, table_path, descriptors, scan)
-    report(len(plan.chunks) - reported)
+    report(len(chunks) - reported)
     if memo_file is not None and raw is not None:
         remembered = ScanMemo(key, tuple((r, s, c) for r, (_, s, c) in zip(raw, scan, strict=True)))
         # Remember only what this run read: a source edited while the shard was scanned digests differently.
-        if remembered != memo and chunk_raw_digests(plan, source, grid) == raw:
+        if remembered != memo and chunk_raw_digests(chunks, source, grid) == raw:
             _write_memo(memo_file, remembered)
     return ShardResult(
         block,

@@ -393,29 +393,69 @@ def _merge_intervals(row: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> tuple[n
 # --- shards -----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ShardPlan:
-    """The chunks of one descriptor shard: a ``block x block`` square of the chunk grid."""
+    """The chunks of one descriptor shard: a ``block x block`` square of the chunk grid, held as an
+    ``(n, 2)`` int32 array of chunk (x, y), sorted (8 bytes a chunk: a 1e6-chunk plan is 8 MB, where a
+    ``TileId`` per chunk held for the whole run was ~0.5 GB)."""
 
     block_x: int
     block_y: int
-    chunks: tuple[TileId, ...]
+    zoom: int
+    xy: np.ndarray
+
+    @classmethod
+    def of(cls, block_x: int, block_y: int, chunks: Sequence[TileId]) -> ShardPlan:
+        """A plan of the given chunks, in the given order (all at one zoom)."""
+        zooms = {c.z for c in chunks}
+        if len(zooms) > 1:
+            raise ValueError(f"chunks from several zoom levels {sorted(zooms)} cannot share a shard plan")
+        zoom = zooms.pop() if zooms else 0
+        return cls(block_x, block_y, zoom, tiles_to_array(chunks).astype(np.int32).reshape(-1, 2))
+
+    @property
+    def chunks(self) -> tuple[TileId, ...]:
+        """The chunks as ``TileId``s, built on every access: a shard's work takes them once and lets them go."""
+        return tuple(array_to_tiles(self.xy, self.zoom))
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, ShardPlan):
+            return NotImplemented
+        same_block = (self.block_x, self.block_y, self.zoom) == (other.block_x, other.block_y, other.zoom)
+        return same_block and np.array_equal(self.xy, other.xy)
+
+    def __hash__(self) -> int:
+        return hash((self.block_x, self.block_y, self.zoom, self.xy.tobytes()))
+
+    def __repr__(self) -> str:
+        return f"ShardPlan(block=({self.block_x}, {self.block_y}), zoom={self.zoom}, chunks={len(self)})"
 
 
 def plan_shards(chunks: Iterable[TileId], block: int) -> list[ShardPlan]:
     """Group chunks by ``(x // block, y // block)``; shards sorted by block, chunks sorted, duplicates
     dropped. Membership depends only on a chunk's own position, so adding chunks elsewhere never moves
     a chunk to another shard (shard keys stay stable across re-plans)."""
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise ValueError(f"block must be a positive integer, got {block!r}")
     items = list(chunks)
     if not items:
+        _check_block(block)
         return []
     zooms = {t.z for t in items}
     if len(zooms) > 1:
         raise ValueError(f"chunks from several zoom levels {sorted(zooms)} cannot share a shard plan")
     (zoom,) = zooms
-    xy = tiles_to_array(items)
+    return plan_shard_array(tiles_to_array(items), zoom, block)
+
+
+def plan_shard_array(xy: np.ndarray, zoom: int, block: int) -> list[ShardPlan]:
+    """:func:`plan_shards` for an ``(N, 2)`` array of chunk (x, y) at ``zoom`` (what
+    :meth:`ChunkGrid.chunk_array_for_area` returns): no ``TileId`` is made."""
+    _check_block(block)
+    xy = np.asarray(xy, dtype=np.int64).reshape(-1, 2)
+    if not len(xy):
+        return []
     bx, by = xy[:, 0] // block, xy[:, 1] // block
     order = np.lexsort((xy[:, 1], xy[:, 0], by, bx))
     xy, bx, by = xy[order], bx[order], by[order]
@@ -423,8 +463,14 @@ def plan_shards(chunks: Iterable[TileId], block: int) -> list[ShardPlan]:
     fresh[1:] = np.any(xy[1:] != xy[:-1], axis=1)  # drop duplicates (they sort next to each other)
     xy, bx, by = xy[fresh], bx[fresh], by[fresh]
     cut = np.flatnonzero((np.diff(bx) != 0) | (np.diff(by) != 0)) + 1
+    compact = xy.astype(np.int32)  # chunk indices are below 2**MAX_ZOOM = 2**30
     plans = []
     for part in np.split(np.arange(len(xy)), cut):
         k = int(part[0])
-        plans.append(ShardPlan(int(bx[k]), int(by[k]), tuple(array_to_tiles(xy[part], zoom))))
+        plans.append(ShardPlan(int(bx[k]), int(by[k]), zoom, compact[part[0] : part[-1] + 1].copy()))
     return plans
+
+
+def _check_block(block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block must be a positive integer, got {block!r}")
