@@ -27,7 +27,7 @@ from prefect.utilities.annotations import quote
 
 from navcache import progress
 from navcache.descriptor_job import DescriptorJob
-from navcache.descriptors import ShardResult
+from navcache.descriptors import ShardResult, bound_malloc_arenas
 from navcache.engines import BackboneBuild, EngineResult, backbone_build, compile_in_order
 from navcache.gc import summarise_temps, sweep_orphan_temps
 from navcache.host_probe import shards_in_flight as host_shards_in_flight
@@ -50,6 +50,9 @@ from navcache_tasks.runlog import clean_failures, install, raise_if_failed
 from navcache_tasks.selftest import self_test_gate, self_test_task
 
 log = logging.getLogger(__name__)
+
+# Before Prefect starts this process's threads: glibc only stops *new* malloc arenas (see the function).
+bound_malloc_arenas()
 
 # Tag on every compile task run: `prefect concurrency-limit create navcache-compile:<hostname> 1` caps
 # engine builds (GPU memory) per companion computer; `navcache-compile` alone caps them fleet-wide.

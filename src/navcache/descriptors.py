@@ -330,10 +330,11 @@ def bound_malloc_arenas() -> None:
     user set ``MALLOC_ARENA_MAX``). glibc gives threads up to 8 arenas per core, and a thread's freed
     decode buffers, warped windows and engine batches stay in its arena, fragmented, not returned to the
     OS: at 1e5 tiles, two shards at a time, resident memory grew ~20 MB per shard to 1.5 GB without a
-    bound and stayed at 720-790 MiB with two arenas (bench/RESULTS.md, Scale). glibc fixes the limit
-    when a process first has more than 8 arenas, so this must run before the threads start: the job
-    (:mod:`navcache.descriptor_job`) and every shard's decode pool call it. The provisioning library only:
-    the onboard runtime never calls it."""
+    bound and stayed at 720-790 MiB with two arenas (bench/RESULTS.md, Scale). The bound only stops new
+    arenas: called once Prefect's threads have made theirs, a flow run still ended with 8 (measured with
+    ``malloc_info``), so the flow module calls it when it is imported, before any thread starts; the job
+    (:mod:`navcache.descriptor_job`) and every shard's decode pool call it again for processes that never
+    import the flow (a Dask worker). The provisioning library only: the onboard runtime never calls it."""
     global _arenas_bounded
     if _arenas_bounded:
         return
