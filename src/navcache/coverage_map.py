@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from .coverage_walk import _BY_PRIORITY, _HEADER_PX, _MIN_WIDTH_PX, _PRIORITY, COLORS, CoverageReport, _layout
-from .imagery import TileSource
+from .imagery import TileSource, read_pixels
 from .tiles import lat_to_px, lon_to_px, tile_bounds
 from .types import TileId
 
@@ -131,7 +131,9 @@ def _thumbnail(
     source: TileSource | None, zoom: int, x0: int, y0: int, width_t: int, height_t: int, size: tuple[int, int]
 ) -> np.ndarray | None:
     """The orthophoto under the map's tiles, resized to ``size``: read at the highest zoom whose tiles over the
-    extent number at most MAX_BACKGROUND_TILES (a large area is read at a lower zoom, never tile by tile)."""
+    extent number at most MAX_BACKGROUND_TILES (a large area is read at a lower zoom, never tile by tile), as
+    one pixel rectangle (:func:`navcache.imagery.read_pixels`: a GeoTIFF warps just that, keeping no warped
+    windows; a tile store mosaics its tiles). Nodata is white."""
     if source is None:
         return None
     level = zoom
@@ -141,31 +143,17 @@ def _thumbnail(
         if count <= MAX_BACKGROUND_TILES:
             break
         level -= 1
-    k = zoom - level
-    bx0, by0 = x0 >> k, y0 >> k
-    bx1, by1 = (x0 + width_t - 1) >> k, (y0 + height_t - 1) >> k
-    ts = source.tile_size
-    mosaic = np.full(((by1 - by0 + 1) * ts, (bx1 - bx0 + 1) * ts, 3), 255, np.uint8)
-    found = False
-    for by in range(by0, by1 + 1):
-        for bx in range(bx0, bx1 + 1):
-            try:
-                tile = source.read_tile(TileId(level, bx, by))
-            except Exception:  # a picture, not a check: an unreadable tile stays white
-                tile = None
-            if tile is None:
-                continue
-            found = True
-            pixels = np.where(tile.valid[..., None], tile.rgb, 255).astype(np.uint8)
-            mosaic[(by - by0) * ts : (by - by0 + 1) * ts, (bx - bx0) * ts : (bx - bx0 + 1) * ts] = pixels
-    if not found:
-        return None
-    # Crop to the map's storage-tile extent (in level-`level` pixels), then resize to the map.
-    step = ts / (1 << k)
-    left, top = (x0 - (bx0 << k)) * step, (y0 - (by0 << k)) * step
+    step = source.tile_size / (1 << (zoom - level))  # level-`level` pixels per map tile
+    left, top = x0 * step, y0 * step
     box = (int(left), int(top), math.ceil(left + width_t * step), math.ceil(top + height_t * step))
-    image = Image.fromarray(mosaic, "RGB").crop(box).resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(image)
+    try:
+        photo = read_pixels(source, level, *box)
+    except Exception:  # a picture, not a check: the map is drawn without the photo underneath
+        return None
+    if not photo.valid.any():
+        return None
+    pixels = np.where(photo.valid[..., None], photo.rgb, 255).astype(np.uint8)
+    return np.asarray(Image.fromarray(pixels, "RGB").resize(size, Image.Resampling.BILINEAR))
 
 
 def _grid_lines(draw: ImageDraw.ImageDraw, cells_w: int, cells_h: int, scale: int, reduce: int) -> None:
