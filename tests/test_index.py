@@ -5,7 +5,7 @@ import json
 import math
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +224,32 @@ def test_same_inputs_and_seed_give_byte_identical_files(tmp_path: Path) -> None:
     assert first.table_path.read_bytes() == second.table_path.read_bytes()
     reseeded = build(corpus, tmp_path / "c", exact_max_n=1000, seed=1)
     assert reseeded.index_path.read_bytes() != first.index_path.read_bytes()
+
+
+def test_a_build_from_the_same_inputs_reuses_the_verified_index_and_anything_else_builds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import navcache.index_build as index_build
+
+    corpus = clustered(5000, 64, seed=11)
+    first = build(corpus, tmp_path, exact_max_n=1000)
+    assert first.index_type.startswith("IVF")
+    assert load_report(first.report_path)["inputs_sha256"]
+    trained = []
+    real = index_build._build_and_measure
+    monkeypatch.setattr(index_build, "_build_and_measure", lambda *a, **k: trained.append(1) or real(*a, **k))
+
+    reused = build(corpus, tmp_path, exact_max_n=1000)
+    assert replace(reused, build_s=first.build_s) == first and trained == []  # same inputs: no training
+    build(corpus, tmp_path, exact_max_n=1000, recall_sample=300)  # another budget: built
+    assert len(trained) == 1
+    changed = Corpus(corpus.x.copy(), corpus.ids, corpus.bounds)
+    changed.x[7] = changed.x[8]
+    assert build(changed, tmp_path, exact_max_n=1000).index_path != first.index_path and len(trained) == 2
+    first.index_path.write_bytes(first.index_path.read_bytes()[:-8])  # damaged: rebuilt, never reused
+    again = build(corpus, tmp_path, exact_max_n=1000)
+    assert len(trained) == 3 and again.index_path == first.index_path
+    verify_artifact(again.index_path)
 
 
 def test_every_artifact_is_written_atomically_with_a_verifying_sidecar(ivf: IndexResult) -> None:
