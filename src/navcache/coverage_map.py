@@ -130,18 +130,23 @@ def compact_png(png: bytes, max_bytes: int = MAX_EMBEDDED_PNG_BYTES) -> bytes:
 def _thumbnail(
     source: TileSource | None, zoom: int, x0: int, y0: int, width_t: int, height_t: int, size: tuple[int, int]
 ) -> np.ndarray | None:
-    """The orthophoto under the map's tiles, resized to ``size``: read at the highest zoom whose tiles over the
-    extent number at most MAX_BACKGROUND_TILES (a large area is read at a lower zoom, never tile by tile), as
-    one pixel rectangle (:func:`navcache.imagery.read_pixels`: a GeoTIFF warps just that, keeping no warped
-    windows; a tile store mosaics its tiles). Nodata is white."""
+    """The orthophoto under the map's tiles, resized to ``size``: read at the coarsest zoom still at least as
+    fine as the map, over at most MAX_BACKGROUND_TILES of its tiles (a large area is read at a lower zoom, never
+    tile by tile), as one pixel rectangle (:func:`navcache.imagery.read_pixels`: a GeoTIFF warps just that,
+    keeping no warped windows; a tile store mosaics its tiles). Nodata is white."""
     if source is None:
         return None
-    level = zoom
-    while level > 0:
+
+    def tiles_at(level: int) -> int:
         k = zoom - level
-        count = (((x0 + width_t - 1) >> k) - (x0 >> k) + 1) * (((y0 + height_t - 1) >> k) - (y0 >> k) + 1)
-        if count <= MAX_BACKGROUND_TILES:
-            break
+        return (((x0 + width_t - 1) >> k) - (x0 >> k) + 1) * (((y0 + height_t - 1) >> k) - (y0 >> k) + 1)
+
+    def as_fine_as_the_map(level: int) -> bool:
+        step = source.tile_size / (1 << (zoom - level))
+        return width_t * step >= size[0] and height_t * step >= size[1]
+
+    level = zoom
+    while level > 0 and (tiles_at(level) > MAX_BACKGROUND_TILES or as_fine_as_the_map(level - 1)):
         level -= 1
     step = source.tile_size / (1 << (zoom - level))  # level-`level` pixels per map tile
     left, top = x0 * step, y0 * step
