@@ -24,6 +24,7 @@ from rich.table import Table
 from rich.text import Text
 
 from navcache import progress
+from navcache.descriptors import bound_malloc_arenas
 from navcache.errors import CacheLockedError, ExitCode, NavcacheError, ProvisionError
 from navcache.summary import ProvisionSummary
 
@@ -486,6 +487,7 @@ app.command("serve")(serve)
 
 
 def main() -> None:
+    bound_malloc_arenas()  # first, before any thread (Prefect's, the progress bars') makes its own arena
     try:
         app()
     except KeyboardInterrupt:
