@@ -332,9 +332,10 @@ def bound_malloc_arenas() -> None:
     OS: at 1e5 tiles, two shards at a time, resident memory grew ~20 MB per shard to 1.5 GB without a
     bound and stayed at 720-790 MiB with two arenas (bench/RESULTS.md, Scale). The bound only stops new
     arenas: called once Prefect's threads have made theirs, a flow run still ended with 8 (measured with
-    ``malloc_info``), so the flow module calls it when it is imported, before any thread starts; the job
-    (:mod:`navcache.descriptor_job`) and every shard's decode pool call it again for processes that never
-    import the flow (a Dask worker). The provisioning library only: the onboard runtime never calls it."""
+    ``malloc_info``), so the command line's ``main`` and the flow module (when imported) call it before any
+    thread starts; the job (:mod:`navcache.descriptor_job`) and every shard's decode pool call it again for
+    processes that never import the flow (a Dask worker). The provisioning library only: the onboard runtime
+    never calls it."""
     global _arenas_bounded
     if _arenas_bounded:
         return
