@@ -186,14 +186,15 @@ def is_blank(
     pixels = tile.rgb.reshape(-1, 3) if all_valid else tile.rgb[tile.valid]
     # Per-channel variance from a 256-bin histogram: exact for uint8 and ~20x cheaper than a column-wise
     # std over a float copy (this runs for every chunk of every provision).
-    for channel in range(3):
-        counts = np.bincount(pixels[:, channel], minlength=256).astype(np.float64)
-        n = counts.sum()
-        mean = counts @ _LEVELS / n
-        variance = max(0.0, counts @ _LEVELS_SQUARED / n - mean * mean)
-        if variance >= min_std * min_std:
-            return False
-    return True
+    return all(_variance(pixels[:, channel]) < min_std * min_std for channel in range(3))
+
+
+def _variance(values: np.ndarray) -> float:
+    """The variance of uint8 ``values``, from their 256-bin histogram (exact for uint8)."""
+    counts = np.bincount(values, minlength=256).astype(np.float64)
+    n = len(values)
+    mean = counts @ _LEVELS / n
+    return max(0.0, float(counts @ _LEVELS_SQUARED / n - mean * mean))
 
 
 def _clearly_textured(tile: Tile, all_valid: bool, min_std: float) -> bool:
@@ -210,12 +211,9 @@ def _clearly_textured(tile: Tile, all_valid: bool, min_std: float) -> bool:
     for channel in range(3):
         plane = tile.rgb[::step, ::step, channel]
         sample = plane.ravel() if picked is None else plane[picked]
-        n = len(sample)
-        if n < 2:
+        if len(sample) < 2:
             return False
-        counts = np.bincount(sample, minlength=256).astype(np.float64)
-        mean = counts @ _LEVELS / n
-        if (counts @ _LEVELS_SQUARED / n - mean * mean) * n >= floor:
+        if _variance(sample) * len(sample) >= floor:
             return True
     return False
 
@@ -1107,7 +1105,7 @@ class GeoTiffSource(_SourceBase):
         finite = np.isfinite(px).all(axis=1) & np.isfinite(py).all(axis=1)
         left, right, bottom, top = px.min(axis=1), px.max(axis=1), py.min(axis=1), py.max(axis=1)
         # The four corners through the inverse geotransform, vectorised (the same products and sums, in the
-        # same order, as ``Affine @ (x, y)``: bit-identical windows, ~5x faster for a shard's boxes).
+        # same order, as ``Affine @ (x, y)``: bit-identical windows, ~2x faster for a shard's boxes).
         inv = self._inverse
         xs4 = np.stack([left, left, right, right], axis=1)
         ys4 = np.stack([bottom, top, bottom, top], axis=1)
