@@ -404,15 +404,6 @@ class ShardPlan:
     zoom: int
     xy: np.ndarray
 
-    @classmethod
-    def of(cls, block_x: int, block_y: int, chunks: Sequence[TileId]) -> ShardPlan:
-        """A plan of the given chunks, in the given order (all at one zoom)."""
-        zooms = {c.z for c in chunks}
-        if len(zooms) > 1:
-            raise ValueError(f"chunks from several zoom levels {sorted(zooms)} cannot share a shard plan")
-        zoom = zooms.pop() if zooms else 0
-        return cls(block_x, block_y, zoom, tiles_to_array(chunks).astype(np.int32).reshape(-1, 2))
-
     @property
     def chunks(self) -> tuple[TileId, ...]:
         """The chunks as ``TileId``s, built on every access: a shard's work takes them once and lets them go."""
