@@ -21,6 +21,7 @@ never in git; --quick skips it: export + inference take minutes on 2 cores)."""
 from __future__ import annotations
 
 import tempfile
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,9 @@ class MemorySource:
     def raw_digests(self, tiles: Any) -> list[str] | None:
         digests = [self.raw_digest(t) for t in tiles]
         return None if None in digests else digests  # type: ignore[return-value]
+
+    def reading(self) -> AbstractContextManager[None]:
+        return nullcontext()
 
     def close(self) -> None:
         pass

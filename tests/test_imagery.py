@@ -782,6 +782,39 @@ def test_warped_windows_stay_within_their_budget(rasters: dict[str, Raster], mon
         # Windows dropped and warped again give the very same tiles.
         for tile in reversed(tiles):
             assert _same_tile(source.read_tile(tile), first[tile]), tile
+        # Two shards reading at once keep a working set each; closing their scopes gives the memory back.
+        with source.reading(), source.reading():
+            for tile in tiles:
+                source.read_tile(tile)
+            assert budget < cache._bytes <= 2 * budget
+        assert cache._bytes <= budget
+
+
+def test_readers_reading_at_once_do_not_evict_each_others_windows() -> None:
+    from navcache.imagery import _Window, _WindowCache, _WindowGrid
+
+    size = 1 << 20
+    grid = _WindowGrid(17, 0, 0, 4, 16, 256)
+    cache: _WindowCache[str] = _WindowCache(2 * size)  # one reader's working set: two windows
+    renders: list[str] = []
+
+    def render(key: str) -> _Window:
+        renders.append(key)
+        return _Window(grid, {None: ((0, 0, 1, 1), np.zeros(size, np.uint8))})
+
+    def interleaved() -> None:  # two readers, each cycling over its own two windows
+        for _ in range(5):
+            for key in ("a1", "b1", "a2", "b2"):
+                cache.get(key, lambda key=key: render(key))
+
+    interleaved()
+    assert len(renders) == 20  # one bound for both: each evicts the other's windows, every read warps again
+    renders.clear()
+    cache.clear()
+    with cache.reader(), cache.reader():
+        interleaved()
+        assert sorted(renders) == ["a1", "a2", "b1", "b2"]  # each warped once
+    assert cache._bytes <= 2 * size and len(cache._windows) == 2  # back to one bound
 
 
 @pytest.mark.parametrize("crs_key", ["utm", "wgs84"])

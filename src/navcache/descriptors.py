@@ -517,7 +517,23 @@ def describe_shard(
 ) -> ShardResult:
     """Compute (or reuse) the descriptors of one shard. ``on_batch(n)`` is told as chunks are done; over one
     call the ``n`` add up to the shard's chunk count. ``blank_std`` is the blank rule's contrast floor
-    (``[orthophoto] blank_std``); the statuses it decides are part of the shard key."""
+    (``[orthophoto] blank_std``); the statuses it decides are part of the shard key. The shard reads inside
+    its own :meth:`~navcache.imagery.TileSource.reading` scope, so shards described at once keep a working set
+    each."""
+    with source.reading():
+        return _describe_shard(plan, source, grid, engine, preprocessing, out_dir, on_batch, blank_std)
+
+
+def _describe_shard(
+    plan: ShardPlan,
+    source: TileSource,
+    grid: ChunkGrid,
+    engine: DescriptorEngine,
+    preprocessing: Preprocess,
+    out_dir: Path,
+    on_batch: Callable[[int], None] | None,
+    blank_std: float,
+) -> ShardResult:
     started = time.perf_counter()
     block = (plan.block_x, plan.block_y)
     reported = 0

@@ -38,6 +38,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -94,8 +95,10 @@ _MESH_ERROR = 0.125
 #: column (64 tiles at the default shard block) touches only four of them. 64 tiles per source read and
 #: resample make their set-up (dataset reads, projected mesh, Pillow images) a few percent of the work.
 WINDOW_TILES: tuple[int, int] = (4, 16)
-#: Warped windows a GeoTIFF source keeps (RGBA, 256 KiB per 256-px tile): six 4 x 16 windows, so one shard
-#: column's four and the next window of each decode thread stay while the column moves east.
+#: Warped windows a GeoTIFF source keeps per reader scope (:meth:`TileSource.reading`, one per shard being
+#: described; RGBA, 256 KiB per 256-px tile): six 4 x 16 windows, so one shard column's four and the next
+#: window of each decode thread stay while the column moves east. With one bound for two shards at once, each
+#: evicted the other's windows: 2.3x the warps of a 1e4-tile cold run (bench/RESULTS.md, Scale).
 WINDOW_CACHE_BYTES = 96 << 20
 #: GDAL's raster block cache, set when the first GeoTIFF source opens (unless GDAL_CACHEMAX is set in the
 #: environment). GDAL's default is 5 % of RAM (6 GB on a 128 GB host), which a large area fills with blocks
@@ -151,6 +154,12 @@ class TileSource(TileReader, Protocol):
     def raw_digests(self, tiles: Sequence[TileId]) -> list[str] | None:
         """:meth:`raw_digest` of many tiles at once (a GeoTIFF plans their windows in one vectorised
         transform); None when any is unknown."""
+        ...
+
+    def reading(self) -> AbstractContextManager[None]:
+        """A scope in which one consumer (a shard's decode threads) reads many tiles in order. A source that
+        keeps a bounded working set (a GeoTIFF's warped windows) keeps one per open scope, so consumers
+        reading at once do not evict each other's; outside any scope it keeps one."""
         ...
 
     def close(self) -> None: ...
@@ -375,6 +384,10 @@ class _SourceBase:
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
+
+    def reading(self) -> AbstractContextManager[None]:
+        """:meth:`TileSource.reading`: nothing to keep per reader (tile stores decode each tile alone)."""
+        return nullcontext()
 
     def __enter__(self) -> Self:
         return self
@@ -617,8 +630,9 @@ K = TypeVar("K", bound=Hashable)
 
 
 class _WindowCache(Generic[K]):
-    """Warped windows by key, least recently used dropped past ``max_bytes`` (the newest always stays). A
-    window several threads ask for at once is warped by the first; the others wait for it."""
+    """Warped windows by key, least recently used dropped past ``max_bytes`` per open reader scope
+    (:meth:`reader`; one bound when none is open; the newest window always stays). A window several threads
+    ask for at once is warped by the first; the others wait for it."""
 
     def __init__(self, max_bytes: int) -> None:
         self._max_bytes = max_bytes
@@ -626,6 +640,26 @@ class _WindowCache(Generic[K]):
         self._windows: OrderedDict[K, _Window] = OrderedDict()
         self._pending: dict[K, Future[_Window]] = {}
         self._bytes = 0
+        self._readers = 0
+
+    @contextmanager
+    def reader(self) -> Iterator[None]:
+        """One more reader's working set kept while the scope is open (:meth:`TileSource.reading`)."""
+        with self._lock:
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._readers -= 1
+                self._trim()
+
+    def _trim(self) -> None:
+        """Drop the least recently used windows past the bound (the lock held)."""
+        bound = self._max_bytes * max(1, self._readers)
+        while self._bytes > bound and len(self._windows) > 1:
+            _, dropped = self._windows.popitem(last=False)
+            self._bytes -= dropped.nbytes
 
     def get(self, key: K, render: Callable[[], _Window]) -> _Window:
         with self._lock:
@@ -650,9 +684,7 @@ class _WindowCache(Generic[K]):
             del self._pending[key]
             self._windows[key] = window
             self._bytes += window.nbytes
-            while self._bytes > self._max_bytes and len(self._windows) > 1:
-                _, dropped = self._windows.popitem(last=False)
-                self._bytes -= dropped.nbytes
+            self._trim()
         pending.set_result(window)
         return window
 
@@ -1028,6 +1060,10 @@ class GeoTiffSource(_SourceBase):
         if self._read_plan(tile) is None:
             return None
         return self._window(tile).cut(tile, (None,), first_valid=False)
+
+    def reading(self) -> AbstractContextManager[None]:
+        """:meth:`TileSource.reading`: one more reader's warped windows kept while the scope is open."""
+        return self._windows.reader()
 
     def _window(self, tile: TileId) -> _Window:
         grid = _WindowGrid.of(tile, self.tile_size, self._window_shape)
@@ -1563,6 +1599,10 @@ class GeoTiffMosaicSource(_SourceBase):
                     if plan is not None:
                         found[tile].append(int(k))
         return [tuple(sorted(found.get(t, ()))) for t in tiles]
+
+    def reading(self) -> AbstractContextManager[None]:
+        """:meth:`TileSource.reading`: one more reader's warped windows kept while the scope is open."""
+        return self._windows.reader()
 
     def read_tile(self, tile: TileId) -> Tile | None:
         cover = self._cover([tile])[0]

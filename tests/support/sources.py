@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 from navcache.imagery import TileSource
@@ -26,6 +27,9 @@ class CountingSource:
 
     def raw_identity(self) -> str:
         return self.inner.raw_identity()
+
+    def reading(self) -> AbstractContextManager[None]:
+        return self.inner.reading()
 
     def raw_digest(self, tile: TileId) -> str | None:
         return self.inner.raw_digest(tile) if self.digests else None
