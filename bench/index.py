@@ -11,8 +11,9 @@ the indexes taking turns in blocks of 20 queries so a neighbour's load spike hit
 also measured at the sweep step below its chosen nprobe, to show what one step less would cost in recall.
 
 One faiss thread throughout (builds included), so the figures do not depend on how many neighbours compete
-for the cores; the system load average is printed with the table. Sizes: N = 1e5 at dim 256 (``--quick``,
-which CI runs) and, in the full run, N = 1e5 and 1e6 at dims 256 and 384.
+for the cores; the system load average is printed with the table. Sizes: N = 6e4 at dim 128 (``--quick``,
+which CI runs: the smallest N past ``exact_max_n``, so an IVF is built) and, in the full run, N = 1e5 and 1e6 at
+dims 256 and 384 (the issue's goal is at N = 1e5).
 
 ``autofaiss`` (what the issue names as the user's alternative) is not installed here and pins numpy<2, which
 conflicts with the tested set (numpy 2.4.6); a hand-written IVF with autofaiss's usual nlist rule
@@ -38,7 +39,7 @@ LATENCY_QUERIES = 200
 LATENCY_BLOCK = 20
 K = 10
 THREADS = 1
-QUICK_CONFIGS = [(100_000, 256)]
+QUICK_CONFIGS = [(60_000, 128)]
 FULL_CONFIGS = [(100_000, 256), (100_000, 384), (1_000_000, 256), (1_000_000, 384)]
 
 

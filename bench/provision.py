@@ -186,7 +186,7 @@ def _measure(quick: bool) -> dict[str, Any]:
     from navcache.sortie import TileSpec
     from tests.support.sorties import CENTER_LAT, CENTER_LON, make_assets, write_sortie
 
-    repeat = 2 if quick else 3
+    repeat = 1 if quick else 3
     side = 10 if quick else 44
     with tempfile.TemporaryDirectory(prefix="navcache-bench-prov-") as tmp_name:
         tmp = Path(tmp_name)

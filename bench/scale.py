@@ -17,7 +17,7 @@ extent is the sortie's square, so gdal2tiles cuts the same tiles. Per size, in o
 * **plan only** at a larger size: the flow's plan step (chunk enumeration, storage tiles, shard plans) and
   ``navcache plan``'s count, wall time and the peak RSS they add, in a fresh process.
 
-Sizes: ``--quick`` a 12 x 12 sortie and a 1e5-tile plan (well under a minute, for CI); the default 100 x 100
+Sizes: ``--quick`` a 12 x 12 sortie and a 1e4-tile plan (well under a minute, for CI); the default 100 x 100
 (1e4 tiles) and a 1e6-tile plan; ``--full`` adds 316 x 316 (1e5 tiles). Goals (issue 17): peak RSS ≤ 1 GB at
 1e5 tiles, incremental ≤ 5 % of cold at the full size.
 """
@@ -392,7 +392,7 @@ def _measure(quick: bool, full: bool) -> dict[str, Any]:
     from tests.support.sorties import make_assets
 
     sides = [12] if quick else [100, 316] if full else [100]
-    plan_side = 316 if quick else 1000
+    plan_side = 100 if quick else 1000
     sizes = []
     with tempfile.TemporaryDirectory(prefix="navcache-bench-scale-") as tmp_name:
         tmp = Path(tmp_name)

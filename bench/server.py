@@ -83,7 +83,7 @@ def _timed_cli(args: list[str], env: dict[str, str], tty: bool) -> tuple[float, 
 
 
 def _measure(quick: bool) -> dict[str, Any]:
-    repeat = 2 if quick else 5
+    repeat = 1 if quick else 5
     with tempfile.TemporaryDirectory(prefix="navcache-bench-server-") as tmp:
         root = Path(tmp)
         demo = root / "x" / "demo"  # the demo sortie's cache_dir ../../cache/demo lands in root/cache
