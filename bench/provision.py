@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import print_machine, print_table, ratio, sha256_files, write_result
+from .common import bench_assets, prefect_api, print_machine, print_table, ratio, sha256_files, write_result
 
 GOAL_WARM = 1.5  # not set by the issue in numbers: "little more than hashing the cache"
 GOAL_INCREMENTAL = 0.05
@@ -179,20 +179,17 @@ def _bare_parts(sortie_path: Path, cache: Path, repeat: int) -> dict[str, float]
 
 
 def _measure(quick: bool) -> dict[str, Any]:
-    from prefect.testing.utilities import prefect_test_harness
-
     import navcache_flows.provision_sortie  # noqa: F401  imported before timing, like the bare parts' libraries
     from navcache.demo import generate_orthophoto
     from navcache.sortie import TileSpec
-    from tests.support.sorties import CENTER_LAT, CENTER_LON, make_assets, write_sortie
+    from tests.support.sorties import CENTER_LAT, CENTER_LON, write_sortie
 
     repeat = 1 if quick else 3
     side = 10 if quick else 44
     with tempfile.TemporaryDirectory(prefix="navcache-bench-prov-") as tmp_name:
         tmp = Path(tmp_name)
         os.environ.setdefault("PREFECT_LOGGING_LEVEL", "ERROR")
-        os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no network here; it only logs errors
-        assets = make_assets(tmp / "assets")
+        assets = bench_assets(tmp / "assets")
         if not quick:  # 5 km x 5 km (84 MB) so the area can hold 44 x 44 z18 tiles
             ortho = tmp / "ortho-5km.tif"
             generate_orthophoto(ortho, center_lat=CENTER_LAT, center_lon=CENTER_LON, size_m=5000)
@@ -202,7 +199,7 @@ def _measure(quick: bool) -> dict[str, Any]:
         sortie = write_sortie(tmp / "bench.toml", assets, area=area, cache_dir=cache, threshold=90.0)
         # The product's default shard size (the test suite's sorties use 8 to get several shards).
         sortie.write_text(sortie.read_text().replace("shard_block = 8", f"shard_block = {TileSpec.shard_block}"))
-        with prefect_test_harness(server_startup_timeout=120):
+        with prefect_api():
             overhead = _noop_overhead(repeat)
             cold_s, cold = _provision(sortie)
             warm = [_provision(sortie)[0] for _ in range(repeat)]

@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from .common import print_machine, print_table, ratio, write_result
+from .common import bench_assets, prefect_api, print_machine, print_table, ratio, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 ZOOM = 17
@@ -386,19 +386,13 @@ def _plan_only(tmp: Path, side: int, assets: Any) -> dict[str, Any]:
 
 
 def _measure(quick: bool, full: bool) -> dict[str, Any]:
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    from tests.support.sorties import make_assets
-
     sides = [12] if quick else [100, 316] if full else [100]
     plan_side = 100 if quick else 1000
     sizes = []
     with tempfile.TemporaryDirectory(prefix="navcache-bench-scale-") as tmp_name:
         tmp = Path(tmp_name)
-        assets = make_assets(tmp / "assets")
-        with prefect_test_harness(server_startup_timeout=180):
-            api_url = PREFECT_API_URL.value()
+        assets = bench_assets(tmp / "assets")
+        with prefect_api() as api_url:
             for side in sides:
                 sizes.append(_one_size(tmp, side, assets, api_url))
         plan = _plan_only(tmp, plan_side, assets)

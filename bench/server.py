@@ -4,7 +4,8 @@ local server from ``navcache server start`` (after), and the first-output latenc
 starting the command to its first byte on stderr, at a terminal (a pseudo-terminal here) and in a pipe.
 
 The demo's assets are copied from examples/demo/generated when present (else generated), provisioned once
-cold; the server gets a throwaway home (``XDG_DATA_HOME`` in the run's temp dir) and is stopped at the end.
+cold through the server; the server gets a throwaway home (``XDG_DATA_HOME`` in the run's temp dir) and is
+stopped before the ephemeral runs. ``--quick`` measures the server's side only.
 Goal (issue 15): warm re-provision ≤ 3 s with the server running; first line ≤ 1 s in either case."""
 
 from __future__ import annotations
@@ -83,7 +84,12 @@ def _timed_cli(args: list[str], env: dict[str, str], tty: bool) -> tuple[float, 
 
 
 def _measure(quick: bool) -> dict[str, Any]:
+    """The server's side first (started, then the cold demo through it and the warm runs), then, unless
+    ``quick``, the same warm runs on an ephemeral API once the server is stopped. ``quick`` (CI) leaves the
+    ephemeral side out: each of its runs starts an API of its own (17 s here), which is what the server is
+    for; the full run measures both."""
     repeat = 1 if quick else 5
+    kinds = ("server",) if quick else ("server", "ephemeral")
     with tempfile.TemporaryDirectory(prefix="navcache-bench-server-") as tmp:
         root = Path(tmp)
         demo = root / "x" / "demo"  # the demo sortie's cache_dir ../../cache/demo lands in root/cache
@@ -93,11 +99,9 @@ def _measure(quick: bool) -> dict[str, Any]:
             shutil.copytree(REPO / "examples" / "demo" / "generated", demo / "generated")
         env = _env(root / "data")
         sortie = str(demo / "sortie.toml")
-        _, cold_s, status, _ = _timed_cli(["demo", "--dir", str(demo)], env, tty=False)
-        assert status == 0, f"the cold demo provision failed (exit {status})"
 
-        rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in ("ephemeral", "server")}
-        pipe_first: dict[str, list[float]] = {k: [] for k in ("ephemeral", "server")}
+        rows: dict[str, list[tuple[float, float, float]]] = {k: [] for k in kinds}
+        pipe_first: dict[str, list[float]] = {k: [] for k in kinds}
 
         def warm(kind: str) -> None:
             for _ in range(repeat):
@@ -106,27 +110,28 @@ def _measure(quick: bool) -> dict[str, Any]:
                 rows[kind].append((first, wall, progress))
             pipe_first[kind].append(_timed_cli(["provision", sortie], env, tty=False)[0])
 
-        warm("ephemeral")
         _, server_start_s, code, _ = _timed_cli(["server", "start"], env, tty=False)
         assert code == 0, "navcache server start failed"
         try:
+            _, cold_s, status, _ = _timed_cli(["demo", "--dir", str(demo)], env, tty=False)
+            assert status == 0, f"the cold demo provision failed (exit {status})"
             warm("server")
         finally:
             _timed_cli(["server", "stop"], env, tty=False)
+        if "ephemeral" in kinds:
+            warm("ephemeral")
     med = {k: [float(np.median([sample[i] for sample in v])) for i in range(3)] for k, v in rows.items()}
     return {
         "repeat": repeat,
         "cold_demo_s": cold_s,
         "server_start_s": server_start_s,
-        "ephemeral": {
-            "first_line_tty_s": med["ephemeral"][0],
-            "warm_wall_s": med["ephemeral"][1],
-            "progress_tty_s": med["ephemeral"][2],
-        },
-        "server": {
-            "first_line_tty_s": med["server"][0],
-            "warm_wall_s": med["server"][1],
-            "progress_tty_s": med["server"][2],
+        **{
+            kind: {
+                "first_line_tty_s": med[kind][0],
+                "warm_wall_s": med[kind][1],
+                "progress_tty_s": med[kind][2],
+            }
+            for kind in kinds
         },
         "first_line_pipe_s": {k: float(np.median(v)) for k, v in pipe_first.items()},
         "samples": {k: [list(s) for s in v] for k, v in rows.items()},
@@ -136,23 +141,18 @@ def _measure(quick: bool) -> dict[str, Any]:
 def run(quick: bool) -> Path:
     info = print_machine()
     data = _measure(quick)
-    eph, srv = data["ephemeral"], data["server"]
-    rows = [
-        [
-            "warm re-provision, ephemeral API (before)",
-            eph["warm_wall_s"],
-            eph["first_line_tty_s"],
-            data["first_line_pipe_s"]["ephemeral"],
-            eph["progress_tty_s"],
-        ],
-        [
-            "warm re-provision, local server (after)",
-            srv["warm_wall_s"],
-            srv["first_line_tty_s"],
-            data["first_line_pipe_s"]["server"],
-            srv["progress_tty_s"],
-        ],
-    ]
+    labels = {
+        "ephemeral": "warm re-provision, ephemeral API (before)",
+        "server": "warm re-provision, local server (after)",
+    }
+    rows = []
+    for kind, label in labels.items():
+        if kind not in data:
+            rows.append([label, "full run only", "", "", ""])
+            continue
+        row = data[kind]
+        pipe = data["first_line_pipe_s"][kind]
+        rows.append([label, row["warm_wall_s"], row["first_line_tty_s"], pipe, row["progress_tty_s"]])
     print_table(
         f"navcache provision of the demo, CLI wall clock (median of {data['repeat']})",
         [
@@ -164,9 +164,10 @@ def run(quick: bool) -> Path:
         ],
         rows,
     )
-    print(f"server start {data['server_start_s']:.1f} s (once); cold demo {data['cold_demo_s']:.1f} s")
-    warm_met = srv["warm_wall_s"] <= GOAL_WARM_SERVER_S
-    first_met = max(eph["first_line_tty_s"], srv["first_line_tty_s"]) <= GOAL_FIRST_LINE_S
+    cold = data["cold_demo_s"]
+    print(f"server start {data['server_start_s']:.1f} s (once); cold demo through the server {cold:.1f} s")
+    warm_met = data["server"]["warm_wall_s"] <= GOAL_WARM_SERVER_S
+    first_met = max(data[k]["first_line_tty_s"] for k in labels if k in data) <= GOAL_FIRST_LINE_S
     print(f"warm with the server ≤ {GOAL_WARM_SERVER_S} s: {'met' if warm_met else 'MISSED'}")
     print(f"first line at a terminal ≤ {GOAL_FIRST_LINE_S} s: {'met' if first_met else 'MISSED'}")
     return write_result("server", {**data, "cores": info["cores"]})

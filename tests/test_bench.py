@@ -164,3 +164,28 @@ def test_coverage_table_bytes_equal_json_dumps_of_the_report(n: int) -> None:
     xy = np.column_stack((60_000 + np.arange(n) % 300, 40_000 + np.arange(n) // 300))
     report = coverage_walk(ChunkGrid(17), xy, xy[rng.random(n) < 0.7], xy[rng.random(n) < 0.2], 50.0)
     assert report.to_json_bytes() == json.dumps(report.to_json(), separators=(",", ":")).encode()
+
+
+def test_bench_assets_are_made_once_per_process_and_copied_for_each_benchmark(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.support import sorties
+
+    made: list[Path] = []
+
+    def make_small_assets(root: Path) -> sorties.Assets:  # the same layout as make_assets, bytes instead of models
+        made.append(root)
+        paths = [root / name for name in ("ortho.tif", "models/vpr.onnx", "models/local.onnx", "keys/k", "keys/t")]
+        for path in paths:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(path.name.encode())
+        return sorties.Assets(root, *paths)
+
+    monkeypatch.setattr(sorties, "make_assets", make_small_assets)
+    monkeypatch.setattr(common, "_assets", None)
+    first = common.bench_assets(tmp_path / "a")
+    first.ortho.write_bytes(b"changed by the first benchmark")
+    second = common.bench_assets(tmp_path / "b")
+    assert len(made) == 1
+    assert second.root == tmp_path / "b" and second.vpr_onnx == tmp_path / "b" / "models" / "vpr.onnx"
+    assert second.ortho.read_bytes() == b"ortho.tif" and second.trusted_keys.read_bytes() == b"t"
