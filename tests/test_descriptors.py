@@ -89,6 +89,7 @@ def test_an_unchanged_shard_is_reused_without_decoding_a_tile(
     assert len(_memo_entries(tmp_path)) == 1
     warm, warm_source = _describe(assets, engine, plan, tmp_path)
     assert warm_source.reads == []
+    assert warm_source.digested == []  # the GeoTIFF blocks the memo names digest the same: no tile is planned
     assert not warm.computed and warm.batches == 0
     assert (warm.key, warm.descriptors_path, warm.described, warm.blank, warm.missing) == (
         cold.key,
@@ -151,7 +152,9 @@ def test_editing_imagery_under_one_shard_rescans_only_that_shard(
     first_again, first_source = _describe(assets, engine, first_plan, out, ortho=ortho)
     second_again, second_source = _describe(assets, engine, second_plan, out, ortho=ortho)
     assert first_source.reads == [] and first_again.key == before[0].key
+    assert first_source.digested == []  # none of the blocks its memo names moved
     assert second_source.reads and second_again.computed and second_again.key != before[1].key
+    assert set(second_source.digested) == set(second_plan.chunks)  # a block moved: every tile digested again
     # Only chunks over the rewritten source blocks were decoded, and only changed pixels ran the engine.
     assert set(second_source.reads) < set(second_plan.chunks)
     assert 1 <= second_again.inferred < second_again.described

@@ -684,6 +684,28 @@ def test_geotiff_raw_digest_covers_overviews_for_decimated_reads(tmp_path: Path,
         assert _same_tile(before[high][1], after[high][1])
 
 
+def test_geotiff_inputs_digest_moves_with_the_blocks_its_tiles_read_and_only_with_them(
+    tmp_path: Path, rasters: dict[str, Raster]
+) -> None:
+    tif = tmp_path / "edited.tif"
+    tif.write_bytes(rasters["utm"].path.read_bytes())
+    edited, _ = marker_tile_and_pixel(*next(iter(MARKERS.values())), 19)
+    with GeoTiffSource(tif) as source:
+        near = [edited]
+        far = [t for t in tiles_of(source, 19) if abs(t.x - edited.x) > 3 or abs(t.y - edited.y) > 3]
+        found = {name: source.raw_digests_and_inputs(tiles) for name, tiles in (("near", near), ("far", far))}
+        assert all(f is not None and f[1] for f in found.values())
+        assert source.raw_digests_and_inputs(near) == found["near"]  # the same digests as raw_digests gives
+        assert found["near"][0] == source.raw_digests(near)
+        before = {name: source.inputs_digest(f[1]) for name, f in found.items() if f is not None}
+        assert source.inputs_digest(["not-a-block"]) is None and source.inputs_digest(["9:0:0"]) is None
+    _edit_patch(tif, next(iter(MARKERS.values())))
+    with GeoTiffSource(tif) as source:
+        after = {name: source.inputs_digest(f[1]) for name, f in found.items() if f is not None}
+        assert after["near"] != before["near"] and after["far"] == before["far"]
+        assert source.raw_digests(far) == found["far"][0]  # the far tiles' own digests did not move either
+
+
 def test_geotiff_raw_digest_refuses_when_it_cannot_locate_every_byte(tmp_path: Path) -> None:
     internal = write_raster(tmp_path / "internal.tif", "EPSG:32632", pixel=(0.5, 0.5), mask="internal")
     tile, _ = marker_tile_and_pixel(*CENTER, 18)

@@ -52,7 +52,7 @@ from navcache_runtime.integrity import SCAN_MEMO_PREFIX, atomic_write_bytes
 from navcache_runtime.preprocessing import Preprocess
 
 from .errors import ProvisionError
-from .imagery import TileSource, is_blank, tile_content_hash
+from .imagery import DigestsItsInputs, TileSource, is_blank, tile_content_hash
 from .tiles import ChunkGrid, ShardPlan
 from .types import Tile, TileId
 
@@ -68,7 +68,7 @@ _PREFETCH_BATCHES = 2
 DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
 #: Names the memo format and what its rows mean: bump it when pass 1's decisions (blank rule, content hash,
 #: status codes) or the shard rows a memo points at change, so a memo of another format never matches.
-SCAN_VERSION = "navcache-scan-v4"
+SCAN_VERSION = "navcache-scan-v5"
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -218,13 +218,24 @@ def shard_key(scan: Sequence[tuple[TileId, int, str]], engine_identity: str, pre
 @dataclass(frozen=True)
 class ScanMemo:
     """What the last scan of one shard found: the shard key and, per chunk in plan order, (raw digest,
-    status, pixel content hash)."""
+    status, pixel content hash); for a source that names its encoded inputs (:class:`DigestsItsInputs`),
+    the inputs those raw digests covered and their digest."""
 
     key: str
     rows: tuple[tuple[str, int, str], ...]
+    inputs: tuple[str, ...] = ()
+    inputs_digest: str = ""
 
     def to_json(self) -> bytes:
-        return json.dumps({"version": SCAN_VERSION, "key": self.key, "rows": self.rows}).encode()
+        return json.dumps(
+            {
+                "version": SCAN_VERSION,
+                "key": self.key,
+                "rows": self.rows,
+                "inputs": self.inputs,
+                "inputs_digest": self.inputs_digest,
+            }
+        ).encode()
 
     @classmethod
     def from_json(cls, data: bytes, n_chunks: int | None = None) -> ScanMemo | None:
@@ -234,6 +245,8 @@ class ScanMemo:
             raw = json.loads(data)
             key = raw["key"]
             rows = tuple((str(d), int(s), str(c)) for d, s, c in raw["rows"])
+            inputs = tuple(str(name) for name in raw.get("inputs", ()))
+            inputs_digest = raw.get("inputs_digest", "")
         except (ValueError, KeyError, TypeError):
             return None
         if raw.get("version") != SCAN_VERSION or not _is_hex64(key):
@@ -242,7 +255,9 @@ class ScanMemo:
             return None
         if any(status not in STATUS_CODES for _, status, _ in rows):
             return None
-        return cls(key, rows)
+        if not (inputs_digest == "" or _is_hex64(inputs_digest)):
+            return None
+        return cls(key, rows, inputs, inputs_digest)
 
 
 def _is_hex64(text: object) -> bool:
@@ -252,18 +267,44 @@ def _is_hex64(text: object) -> bool:
 def chunk_raw_digests(chunks: Sequence[TileId], source: TileSource, grid: ChunkGrid) -> list[str] | None:
     """Per chunk, a digest of the encoded source bytes of its storage tiles (no decoding); None when the
     source cannot digest its bytes. A chunk that is one storage tile has that tile's digest."""
+    found = _chunk_raw_digests(chunks, source, grid, with_inputs=False)
+    return None if found is None else found[0]
+
+
+def _chunk_raw_digests(
+    chunks: Sequence[TileId], source: TileSource, grid: ChunkGrid, with_inputs: bool
+) -> tuple[list[str], tuple[str, ...] | None] | None:
+    """:func:`chunk_raw_digests` and, ``with_inputs`` from a :class:`DigestsItsInputs` source, the inputs
+    they cover (else None)."""
+
+    def tile_digests(tiles: Sequence[TileId]) -> tuple[list[str], tuple[str, ...] | None] | None:
+        if with_inputs and isinstance(source, DigestsItsInputs):
+            return source.raw_digests_and_inputs(tiles)
+        digests = source.raw_digests(tiles)
+        return None if digests is None else (digests, None)
+
     if grid.is_storage_grid:
-        return source.raw_digests(chunks)
+        return tile_digests(chunks)
     per_chunk = [grid.storage_tiles_of_chunk(chunk) for chunk in chunks]
     tiles = list(dict.fromkeys(t for chunk_tiles in per_chunk for t in chunk_tiles))
-    raw = source.raw_digests(tiles)
-    if raw is None:
+    found = tile_digests(tiles)
+    if found is None:
         return None
-    by_tile = dict(zip(tiles, raw, strict=True))
-    return [
+    by_tile = dict(zip(tiles, found[0], strict=True))
+    digests = [
         hashlib.sha256("".join(f"{t}={by_tile[t]};" for t in chunk_tiles).encode()).hexdigest()
         for chunk_tiles in per_chunk
     ]
+    return digests, found[1]
+
+
+def _inputs_unchanged(memo: ScanMemo | None, source: TileSource) -> bool:
+    """True when the memo names the inputs of its raw digests and they still digest the same: every chunk's
+    raw digest is then the memo's, without planning or digesting a tile (an unchanged shard of a warm or
+    incremental run)."""
+    if memo is None or not memo.inputs_digest or not isinstance(source, DigestsItsInputs):
+        return False
+    return source.inputs_digest(memo.inputs) == memo.inputs_digest
 
 
 def memo_path(
@@ -545,11 +586,18 @@ def _describe_shard(
             on_batch(n)
 
     chunks = plan.chunks  # the shard's TileIds, made once here and let go with the shard
-    raw = chunk_raw_digests(chunks, source, grid)
-    memo_file = (
-        memo_path(out_dir, chunks, source, grid, engine.identity, preprocessing, blank_std) if raw is not None else None
-    )
+    memo_file: Path | None = memo_path(out_dir, chunks, source, grid, engine.identity, preprocessing, blank_std)
     memo = _read_memo(memo_file, len(chunks)) if memo_file is not None else None
+    inputs: tuple[str, ...] | None = None
+    if _inputs_unchanged(memo, source):
+        assert memo is not None
+        raw: list[str] | None = [row[0] for row in memo.rows]
+        inputs = memo.inputs
+    else:
+        found = _chunk_raw_digests(chunks, source, grid, with_inputs=True)
+        raw, inputs = (None, None) if found is None else found
+    if raw is None:  # no memo without raw digests
+        memo_file = memo = None
     # The previous shard's rows matter only where raw bytes moved (an unchanged shard is checked once, below).
     moved = memo is None or raw is None or any(row[0] != r for row, r in zip(memo.rows, raw, strict=True))
     known = _previous_rows(out_dir, memo) if memo is not None and moved else {}
@@ -577,8 +625,10 @@ def _describe_shard(
         batches, inferred = batches + more_batches, inferred + more_inferred
         _write_shard(desc_path, table_path, descriptors, scan)
     report(len(chunks) - reported)
-    if memo_file is not None and raw is not None:
-        remembered = ScanMemo(key, tuple((r, s, c) for r, (_, s, c) in zip(raw, scan, strict=True)))
+    if memo_file is not None and raw is not None and moved:  # unmoved, the scan is the memo's rows and key
+        inputs_digest = source.inputs_digest(inputs) if inputs and isinstance(source, DigestsItsInputs) else None
+        rows = tuple((r, s, c) for r, (_, s, c) in zip(raw, scan, strict=True))
+        remembered = ScanMemo(key, rows, inputs or (), inputs_digest or "")
         # Remember only what this run read: a source edited while the shard was scanned digests differently.
         if remembered != memo and chunk_raw_digests(chunks, source, grid) == raw:
             _write_memo(memo_file, remembered)

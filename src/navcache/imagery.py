@@ -171,6 +171,21 @@ class TileSource(TileReader, Protocol):
     ) -> None: ...
 
 
+@runtime_checkable
+class DigestsItsInputs(Protocol):
+    """A source whose raw digests are a function of a few encoded inputs it can name (a GeoTIFF's blocks): a
+    re-provision checks those inputs once per shard instead of planning and digesting every tile again."""
+
+    def raw_digests_and_inputs(self, tiles: Sequence[TileId]) -> tuple[list[str], tuple[str, ...]] | None:
+        """:meth:`TileSource.raw_digests` and the names of every encoded input they cover; None as there."""
+        ...
+
+    def inputs_digest(self, inputs: Sequence[str]) -> str | None:
+        """One digest of the named inputs' current bytes (and the source's raw identity): equal digests mean
+        equal raw digests for every tile those inputs were named for. None when the source cannot tell."""
+        ...
+
+
 def empty_tile(height: int, width: int) -> Tile:
     return Tile(rgb=np.zeros((height, width, 3), np.uint8), valid=np.zeros((height, width), bool))
 
@@ -1215,6 +1230,25 @@ class GeoTiffSource(_SourceBase):
             for plan in self._read_plans(tiles)
         ]
 
+    def raw_digests_and_inputs(self, tiles: Sequence[TileId]) -> tuple[list[str], tuple[str, ...]] | None:
+        """:class:`DigestsItsInputs`: the inputs are the file's blocks (and its overviews) under the tiles'
+        windows. A VRT's digests are not (its sources are digested whole): None."""
+        blocks = self._blocks
+        if not isinstance(blocks, _TiffBlocks) or not blocks.unchanged():
+            return None
+        used: set[str] = set()
+        digests = [
+            NO_TILE_DIGEST if plan is None else blocks.digest(self._digest_window(plan), plan[3], used)
+            for plan in self._read_plans(tiles)
+        ]
+        return digests, tuple(sorted(used))
+
+    def inputs_digest(self, inputs: Sequence[str]) -> str | None:
+        blocks = self._blocks
+        if not isinstance(blocks, _TiffBlocks) or not blocks.unchanged():
+            return None
+        return blocks.inputs_digest(inputs)
+
     def _digest_window(self, plan: _ReadPlan) -> Window:
         """The source pixels a tile's warped pixels may depend on: its read window, widened by the reach of
         the kernels of its window's warp (one more source pixel for the transformer's approximation; two
@@ -1332,6 +1366,10 @@ class _VrtSources:
         pass  # holds no handle
 
 
+#: The name :meth:`_TiffBlocks.digest` gives the overviews among a tile's inputs.
+_OVERVIEWS_INPUT = "overviews"
+
+
 class _TiffBlocks:
     """Digests of a single-file GeoTIFF's still-encoded blocks, so a re-provision can tell which tiles'
     source pixels changed without decoding and warping them (GDAL rewrites only the blocks an edit
@@ -1416,7 +1454,9 @@ class _TiffBlocks:
             self._overview_digest = digest.digest()
         return self._overview_digest
 
-    def digest(self, window: Window, with_overviews: bool) -> str:
+    def digest(self, window: Window, with_overviews: bool, used: set[str] | None = None) -> str:
+        """The digest of every block under ``window`` (and of the overviews when ``with_overviews``); the
+        names of those inputs are added to ``used`` when given (:meth:`inputs_digest` reads them)."""
         ds = self._handles.get(str(self.path))
         digest = hashlib.sha256(f"window:{window.col_off}:{window.row_off}:{window.width}:{window.height}".encode())
         for band in self._bands:
@@ -1426,8 +1466,30 @@ class _TiffBlocks:
             for row in range(r0 // block_h, (r1 - 1) // block_h + 1):
                 for col in range(c0 // block_w, (c1 - 1) // block_w + 1):
                     digest.update(self._block(ds, band, col, row))
+                    if used is not None:
+                        used.add(f"{band}:{col}:{row}")
         if with_overviews:
             digest.update(self._overviews(ds))
+            if used is not None:
+                used.add(_OVERVIEWS_INPUT)
+        return digest.hexdigest()
+
+    def inputs_digest(self, inputs: Sequence[str]) -> str | None:
+        """:meth:`DigestsItsInputs.inputs_digest` over names :meth:`digest` gave; None for a name it never
+        gives (a memo of another format)."""
+        ds = self._handles.get(str(self.path))
+        digest = hashlib.sha256(f"inputs:{self.identity}\n".encode())
+        for name in inputs:
+            if name == _OVERVIEWS_INPUT:
+                digest.update(self._overviews(ds))
+                continue
+            try:
+                band, col, row = (int(part) for part in name.split(":"))
+            except ValueError:
+                return None
+            if band not in self._bands:
+                return None
+            digest.update(self._block(ds, band, col, row))
         return digest.hexdigest()
 
     def close(self) -> None:
