@@ -547,3 +547,25 @@ def test_a_rebuild_never_rewrites_files_an_older_manifest_names(tmp_path: Path) 
     moved = bounds + 1.0  # same vectors, other tiles: a new table must not take the old name
     third = build_index(vectors, ids, moved, tmp_path)
     assert third.table_path != first.table_path and third.report_path != first.report_path
+
+
+def test_sweep_steps_screened_on_a_few_queries_choose_what_measuring_every_query_chooses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import navcache.index_build as index_build
+
+    corpus = terrain(20_000, 64)  # needs several probes: the steps below the chosen one are screened out
+    screened = build(corpus, tmp_path / "screened", exact_max_n=2000)
+    screen = index_build._SCREEN_QUERIES
+    monkeypatch.setattr(index_build, "_SCREEN_QUERIES", 10**9)
+    every = build(corpus, tmp_path / "every", exact_max_n=2000)
+    sweeps = [load_report(r.report_path)["trials"][-1]["nprobe_sweep"] for r in (screened, every)]
+    assert [s["nprobe"] for s in sweeps[0]] == [s["nprobe"] for s in sweeps[1]]
+    assert sweeps[0][-1] == sweeps[1][-1] and sweeps[0][-1]["queries"] == 1000  # the chosen step, on every query
+    passed_over = [s for s in sweeps[0] if s["queries"] == screen]
+    assert passed_over and all(s["recall_at_10_lower_95"] < 0.95 for s in passed_over)
+    assert all(s["queries"] == 1000 for s in sweeps[1])
+    assert (
+        hashlib.sha256(screened.index_path.read_bytes()).digest()
+        == hashlib.sha256(every.index_path.read_bytes()).digest()
+    )
