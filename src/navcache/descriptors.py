@@ -15,7 +15,9 @@ the pixel content hash the last scan found, plus the shard key. A run then diges
 only chunks whose raw digest moved (none on a warm run, all on a cold one), and feeds the described ones
 whose content the previous shard lacks straight to the engine; the other rows are copied from the previous
 shard. The key is the same pixel-content key as without a memo, so the memo only ever saves work. A source
-without raw digests is scanned first and re-read only for a shard that must be computed.
+that names the encoded inputs of its raw digests (a GeoTIFF's blocks: :class:`~navcache.imagery.DigestsItsInputs`)
+has them in the memo too, and a run whose inputs digest the same takes the memo's raw digests without planning
+a tile. A source without raw digests is scanned first and re-read only for a shard that must be computed.
 """
 
 from __future__ import annotations
