@@ -564,89 +564,76 @@ def describe_shard(
     its own :meth:`~navcache.imagery.TileSource.reading` scope, so shards described at once keep a working set
     each."""
     with source.reading():
-        return _describe_shard(plan, source, grid, engine, preprocessing, out_dir, on_batch, blank_std)
+        started = time.perf_counter()
+        block = (plan.block_x, plan.block_y)
+        reported = 0
 
+        def report(n: int) -> None:
+            nonlocal reported
+            reported += n
+            if on_batch is not None and n:
+                on_batch(n)
 
-def _describe_shard(
-    plan: ShardPlan,
-    source: TileSource,
-    grid: ChunkGrid,
-    engine: DescriptorEngine,
-    preprocessing: Preprocess,
-    out_dir: Path,
-    on_batch: Callable[[int], None] | None,
-    blank_std: float,
-) -> ShardResult:
-    started = time.perf_counter()
-    block = (plan.block_x, plan.block_y)
-    reported = 0
-
-    def report(n: int) -> None:
-        nonlocal reported
-        reported += n
-        if on_batch is not None and n:
-            on_batch(n)
-
-    chunks = plan.chunks  # the shard's TileIds, made once here and let go with the shard
-    memo_file: Path | None = memo_path(out_dir, chunks, source, grid, engine.identity, preprocessing, blank_std)
-    memo = _read_memo(memo_file, len(chunks)) if memo_file is not None else None
-    inputs: tuple[str, ...] | None = None
-    if _inputs_unchanged(memo, source):
-        assert memo is not None
-        raw: list[str] | None = [row[0] for row in memo.rows]
-        inputs = memo.inputs
-    else:
-        found = _chunk_raw_digests(chunks, source, grid, with_inputs=True)
-        raw, inputs = (None, None) if found is None else found
-    if raw is None:  # no memo without raw digests
-        memo_file = memo = None
-    # The previous shard's rows matter only where raw bytes moved (an unchanged shard is checked once, below).
-    moved = memo is None or raw is None or any(row[0] != r for row, r in zip(memo.rows, raw, strict=True))
-    known = _previous_rows(out_dir, memo) if memo is not None and moved else {}
-    fresh: dict[int, np.ndarray] = {}
-    batches = 0
-    if raw is not None:
-        scan: list[tuple[TileId, int, str]] = []
-        for indices, batch in _in_background(
-            _scan_batches(chunks, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan, blank_std)
-        ):
-            fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
-            batches += 1
-            report(len(indices))
-    else:  # no memo possible: scan first, so a stored shard costs no inference
-        scan = scan_shard(chunks, ChunkReader(source, grid), blank_std)
-    key = shard_key(scan, engine.identity, preprocessing)
-    desc_path, table_path = shard_paths(out_dir, key)
-    counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_CODES}
-    computed = not _is_complete(desc_path, table_path)
-    inferred = len(fresh)
-    if computed:
-        descriptors, more_batches, more_inferred = _compute_descriptors(
-            scan, known, fresh, source, grid, engine, preprocessing, report, block
+        chunks = plan.chunks  # the shard's TileIds, made once here and let go with the shard
+        memo_file = memo_path(out_dir, chunks, source, grid, engine.identity, preprocessing, blank_std)
+        memo = _read_memo(memo_file, len(chunks))
+        inputs: tuple[str, ...] | None = None
+        if _inputs_unchanged(memo, source):
+            assert memo is not None
+            raw: list[str] | None = [row[0] for row in memo.rows]
+            inputs = memo.inputs
+        else:
+            found = _chunk_raw_digests(chunks, source, grid, with_inputs=True)
+            raw, inputs = (None, None) if found is None else found
+        if raw is None:  # a source that cannot digest its bytes keeps no memo
+            memo = None
+        # The previous shard's rows matter only where raw bytes moved (an unchanged shard is checked once, below).
+        moved = memo is None or raw is None or any(row[0] != r for row, r in zip(memo.rows, raw, strict=True))
+        known = _previous_rows(out_dir, memo) if memo is not None and moved else {}
+        fresh: dict[int, np.ndarray] = {}
+        batches = 0
+        if raw is not None:
+            scan: list[tuple[TileId, int, str]] = []
+            for indices, batch in _in_background(
+                _scan_batches(chunks, source, grid, raw, memo, known, preprocessing, engine.batch_size, scan, blank_std)
+            ):
+                fresh.update(zip(indices, engine.describe(batch).astype(np.float16), strict=True))
+                batches += 1
+                report(len(indices))
+        else:  # no memo possible: scan first, so a stored shard costs no inference
+            scan = scan_shard(chunks, ChunkReader(source, grid), blank_std)
+        key = shard_key(scan, engine.identity, preprocessing)
+        desc_path, table_path = shard_paths(out_dir, key)
+        counts = {s: sum(1 for _, status, _ in scan if status == s) for s in STATUS_CODES}
+        computed = not _is_complete(desc_path, table_path)
+        inferred = len(fresh)
+        if computed:
+            descriptors, more_batches, more_inferred = _compute_descriptors(
+                scan, known, fresh, source, grid, engine, preprocessing, report, block
+            )
+            batches, inferred = batches + more_batches, inferred + more_inferred
+            _write_shard(desc_path, table_path, descriptors, scan)
+        report(len(chunks) - reported)
+        if raw is not None and moved:  # unmoved, the scan is the memo's rows and key
+            inputs_digest = source.inputs_digest(inputs) if inputs and isinstance(source, DigestsItsInputs) else None
+            rows = tuple((r, s, c) for r, (_, s, c) in zip(raw, scan, strict=True))
+            remembered = ScanMemo(key, rows, inputs or (), inputs_digest or "")
+            # Remember only what this run read: a source edited while the shard was scanned digests differently.
+            if remembered != memo and chunk_raw_digests(chunks, source, grid) == raw:
+                _write_memo(memo_file, remembered)
+        return ShardResult(
+            block,
+            key,
+            desc_path,
+            table_path,
+            counts[DESCRIBED],
+            counts[BLANK],
+            counts[MISSING],
+            computed=computed,
+            seconds=time.perf_counter() - started,
+            batches=batches,
+            inferred=inferred,
         )
-        batches, inferred = batches + more_batches, inferred + more_inferred
-        _write_shard(desc_path, table_path, descriptors, scan)
-    report(len(chunks) - reported)
-    if memo_file is not None and raw is not None and moved:  # unmoved, the scan is the memo's rows and key
-        inputs_digest = source.inputs_digest(inputs) if inputs and isinstance(source, DigestsItsInputs) else None
-        rows = tuple((r, s, c) for r, (_, s, c) in zip(raw, scan, strict=True))
-        remembered = ScanMemo(key, rows, inputs or (), inputs_digest or "")
-        # Remember only what this run read: a source edited while the shard was scanned digests differently.
-        if remembered != memo and chunk_raw_digests(chunks, source, grid) == raw:
-            _write_memo(memo_file, remembered)
-    return ShardResult(
-        block,
-        key,
-        desc_path,
-        table_path,
-        counts[DESCRIBED],
-        counts[BLANK],
-        counts[MISSING],
-        computed=computed,
-        seconds=time.perf_counter() - started,
-        batches=batches,
-        inferred=inferred,
-    )
 
 
 def _previous_rows(out_dir: Path, memo: ScanMemo) -> dict[str, np.ndarray]:
