@@ -281,8 +281,10 @@ def _chunk_raw_digests(
 
     def tile_digests(tiles: Sequence[TileId]) -> tuple[list[str], tuple[str, ...] | None] | None:
         if with_inputs and isinstance(source, DigestsItsInputs):
-            return source.raw_digests_and_inputs(tiles)
-        digests = source.raw_digests(tiles)
+            found = source.raw_digests_and_inputs(tiles)
+            if found is not None:
+                return found
+        digests = source.raw_digests(tiles)  # a source that cannot name its inputs may still digest them
         return None if digests is None else (digests, None)
 
     if grid.is_storage_grid:

@@ -177,7 +177,8 @@ class DigestsItsInputs(Protocol):
     re-provision checks those inputs once per shard instead of planning and digesting every tile again."""
 
     def raw_digests_and_inputs(self, tiles: Sequence[TileId]) -> tuple[list[str], tuple[str, ...]] | None:
-        """:meth:`TileSource.raw_digests` and the names of every encoded input they cover; None as there."""
+        """:meth:`TileSource.raw_digests` and the names of every encoded input they cover; None when it cannot
+        name them (a GeoTIFF over a VRT), though :meth:`TileSource.raw_digests` may still digest the tiles."""
         ...
 
     def inputs_digest(self, inputs: Sequence[str]) -> str | None:
